@@ -1,0 +1,10 @@
+"""UCF-101 class-conditional generation (17 frames, 128x128, fps 8), 700m transformer.
+
+  python -m nbp_jax.main --config=configs/ucf101_700m.py --workdir=/path/to/workdir --mode=train
+"""
+
+from nbp_jax import config_lib
+
+
+def get_config():
+  return config_lib.task_config('ucf101', '700m')

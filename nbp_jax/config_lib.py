@@ -1,0 +1,386 @@
+"""Shared config pieces: model sizes, tokenizer sizes, task presets, and validation.
+
+Every file in `configs/` is a thin `get_config()` over `task_config(task, size)`; nothing is copied between
+them. A config is checked once at start by `validate(config, mode)`, which raises `ConfigError` with a
+one-line message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import')
+
+# Transformer sizes. The paper's three (official_nbp.md) plus small ones for CPU tests, demo and benchmarks.
+MODEL_SIZES = {
+    'micro': dict(num_layers=2, num_heads=2, emb_dim=32),
+    'tiny': dict(num_layers=4, num_heads=4, emb_dim=128),
+    'small': dict(num_layers=8, num_heads=8, emb_dim=512),
+    '100m': dict(num_layers=12, num_heads=12, emb_dim=768),
+    '700m': dict(num_layers=24, num_heads=16, emb_dim=1536),
+    '1b': dict(num_layers=24, num_heads=32, emb_dim=2048),
+    '3b': dict(num_layers=32, num_heads=32, emb_dim=3072),
+}
+
+# Video tokenizer sizes. 'official' is the released MAGVIT-v2-style tokenizer (official_nbp.md, 370.4M params):
+# encoder stages of widths 128*(1,2,2,4), 4 residual units each, then 4 more at the widest; down-sampling
+# (1,2,2), (2,2,2), (2,2,2) after the first three stages; the decoder mirrors it.
+TOKENIZER_SIZES = {
+    'micro': dict(channels=8, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=4),
+    'tiny': dict(channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=8),
+    'official': dict(channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=4, num_groups=32),
+}
+
+# Learning rates of the released K600 scripts, per size.
+K600_LEARNING_RATES = {'700m': 1e-3, '1b': 5e-4, '3b': 2e-4}
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical parameter/activation axis -> mesh axes. FSDP shards every large parameter along `embed`; tensor
+# parallelism splits heads and the MLP; the batch is split over both data and fsdp.
+DEFAULT_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('vocab', 'tensor'),
+    ('length', None),
+    ('layers', None),
+    ('conv_in', None),
+    ('conv_out', 'fsdp'),
+)
+
+
+class ConfigError(ValueError):
+  """A config field is wrong; the message names the field and the fix."""
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """Transformer hyperparameters (official architecture: pre-LN, q/k/v with bias, GELU MLP 4d)."""
+  if size not in MODEL_SIZES:
+    raise ConfigError(f'model.size={size!r} is unknown; pick one of {sorted(MODEL_SIZES)}.')
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.update(MODEL_SIZES[size])
+  c.mlp_ratio = 4
+  c.dropout = 0.1
+  c.max_positions = 5120
+  # 'xla' (materialised mask, works everywhere), 'cudnn' (jax.nn.dot_product_attention), 'splash' (TPU Pallas).
+  c.attention = 'xla'
+  # Compute dtype; parameters and optimizer state stay float32. 'auto' = bfloat16 on accelerators, float32 on CPU.
+  c.dtype = 'auto'
+  c.param_dtype = 'float32'
+  c.remat = False
+  return c
+
+
+def tokenizer_config(size: str) -> ml_collections.ConfigDict:
+  """Video tokenizer hyperparameters (causal 3D CNN + FSQ)."""
+  if size not in TOKENIZER_SIZES:
+    raise ConfigError(f'tokenizer.size={size!r} is unknown; pick one of {sorted(TOKENIZER_SIZES)}.')
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.update(TOKENIZER_SIZES[size])
+  # Per stage: down-sample time by 2 after this stage? (space is halved after every stage but the last).
+  c.temporal_downsample = (False, True, True)
+  c.num_mid_blocks = c.num_res_blocks
+  c.kernel_size = 3
+  c.fsq_levels = (8, 8, 8, 5, 5, 5)
+  c.checkpoint = ''  # a workdir or orbax checkpoint of a trained tokenizer, used by tokenize/sample/eval
+  # Training (`--mode=train_tokenizer`).
+  c.recon_loss = 'l1'
+  c.recon_weight = 1.0
+  c.perceptual_weight = 0.1
+  c.adversarial_weight = 0.1
+  c.discriminator_start_step = 5000
+  c.discriminator_channels = 64
+  c.lecam_weight = 0.0
+  c.lr = 1e-4
+  c.discriminator_lr = 1e-4
+  c.warmup_steps = 1000
+  c.num_steps = 100_000
+  c.batch_size = 64
+  return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Fields shared by every task; `task_config` fills in the task and size."""
+  c = ml_collections.ConfigDict()
+  c.name = 'default'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'  # 'synthetic', 'ucf101' or 'k600'
+  c.data.raw_dir = ''  # the user's own folder of videos, read by --mode=prepare_data
+  c.data.dir = ''  # prepared array_record dataset; '' = WORKDIR/data
+  c.data.tokenized_dir = ''  # pre-tokenized codes (--mode=tokenize); '' = WORKDIR/tokens
+  c.data.use_tokenized = True  # False: encode clips with the tokenizer on the fly at every step
+  c.data.num_frames = 17
+  c.data.resolution = 128
+  c.data.fps = 16
+  c.data.num_classes = 0  # 0 = unconditional
+  c.data.batch_size = 64  # global, over all hosts
+  c.data.worker_count = 0  # grain worker processes per host (0 = in-process)
+  c.data.clips_per_video = 1  # prepare_data: how many 17-frame clips to cut from each video
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_train = 512
+  c.data.synthetic.num_val = 64
+  c.data.synthetic.num_classes = 4
+  c.data.synthetic.seed = 0
+
+  c.tokenizer = tokenizer_config('official')
+  c.model = model_config('tiny')
+
+  c.nbp = ml_collections.ConfigDict()
+  c.nbp.block_shape = (1, 1, 16)  # (t, h, w) tokens of one block; (1, 1, 1) is next-token prediction
+  c.nbp.condition = 'none'  # 'class' (a class-label prefix) or 'none'
+  c.nbp.first_block = 'none'  # 'bov' (a begin-of-video block), 'hybrid' (token by token) or 'none'
+  c.nbp.context_frames = 0  # video frames given at sampling time (frame prediction); 0 = generate all
+  c.nbp.cond_drop_prob = 0.0  # class prefix replaced by a learned null embedding (for classifier-free guidance)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 10_000
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.01  # on matrices only
+  c.optim.grad_clip = 1.0
+  c.optim.grad_accum_steps = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 100_000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.num_eval_batches = 8
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 5000
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 16
+  c.sample.batch_size = 8
+  c.sample.temperature = 1.0
+  c.sample.top_k = 16000
+  c.sample.top_p = 0.9
+  c.sample.cfg_scale = 1.0  # 1.0 = no guidance
+  c.sample.greedy = False
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 10_000
+  c.eval.batch_size = 16
+  c.eval.fvd_num_frames = 16  # the release scores the first 16 of 17 frames
+  c.eval.fvd_resize = 0  # resize to this square size before the I3D resize (64 for K600); 0 = keep
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+  c.mesh.axis_rules = DEFAULT_AXIS_RULES
+
+  c.export = ml_collections.ConfigDict()
+  c.export.dtype = 'float32'
+  c.import_ = ml_collections.ConfigDict()
+  c.import_.checkpoint = ''  # official .ckpt / .pt / .safetensors
+  c.import_.llama_tokenizer = ''  # LLaMA-2 tokenizer.model, for the UCF-101 class prompts
+  return c
+
+
+def task_config(task: str, size: str) -> ml_collections.ConfigDict:
+  """A paper preset: task in {'ucf101', 'k600', 'demo'} at a model size from MODEL_SIZES."""
+  c = default_config()
+  c.name = f'{task}_{size}'
+  c.model = model_config(size)
+  if task == 'ucf101':
+    # Class-conditional generation; official hybrid start (first row token by token): 95 steps per clip.
+    c.data.source = 'ucf101'
+    c.data.fps = 8
+    c.data.num_classes = 101
+    c.data.batch_size = 256
+    c.nbp.condition = 'class'
+    c.nbp.first_block = 'hybrid'
+    c.nbp.cond_drop_prob = 0.1
+    c.optim.lr = 6e-4
+    c.optim.warmup_steps = 5_000
+    c.train.num_steps = 100_000
+    c.eval.num_samples = 10_000
+  elif task == 'k600':
+    # Trained unconditionally from the first token; at test time 5 frames (2 latent frames) are given.
+    c.data.source = 'k600'
+    c.data.fps = 16
+    c.data.batch_size = 64
+    c.nbp.condition = 'none'
+    c.nbp.first_block = 'none'
+    c.nbp.context_frames = 5
+    c.optim.lr = K600_LEARNING_RATES.get(size, 1e-3)
+    c.optim.warmup_steps = 10_000
+    # 77 epochs of ~392k clips at batch 64 (the paper's main result).
+    c.train.num_steps = 470_000
+    c.eval.num_samples = 50_000
+    c.eval.fvd_resize = 64
+  elif task == 'demo':
+    # Everything tiny, on synthetic videos, on CPU in minutes.
+    c.data.source = 'synthetic'
+    c.data.num_frames = 17
+    c.data.resolution = 32
+    c.data.fps = 8
+    c.data.num_classes = 4
+    c.data.batch_size = 8
+    c.data.synthetic.num_train = 256
+    c.data.synthetic.num_val = 32
+    c.data.synthetic.num_classes = 4
+    c.tokenizer = tokenizer_config('tiny')
+    c.tokenizer.batch_size = 8
+    c.tokenizer.num_steps = 300
+    c.tokenizer.warmup_steps = 30
+    c.tokenizer.lr = 1e-3
+    c.tokenizer.discriminator_start_step = 200
+    c.tokenizer.perceptual_weight = 0.0
+    c.nbp.block_shape = (1, 1, 4)
+    c.nbp.condition = 'class'
+    c.nbp.first_block = 'bov'
+    c.nbp.context_frames = 5
+    c.nbp.cond_drop_prob = 0.1
+    c.model.dropout = 0.0
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 20
+    c.train.num_steps = 300
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.num_eval_batches = 2
+    c.train.checkpoint_every = 100
+    c.train.sample_every = 0
+    c.sample.num_samples = 8
+    c.sample.batch_size = 8
+    c.sample.top_k = 0
+    c.sample.top_p = 1.0
+    c.eval.num_samples = 32
+    c.eval.batch_size = 8
+  else:
+    raise ConfigError(f'task {task!r} is unknown; pick one of ucf101, k600, demo.')
+  return c
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Derived quantities (one place, so stages agree).
+
+
+def temporal_factor(tok: ml_collections.ConfigDict) -> int:
+  return 2 ** sum(bool(x) for x in tok.temporal_downsample)
+
+
+def spatial_factor(tok: ml_collections.ConfigDict) -> int:
+  return 2 ** len(tok.temporal_downsample)
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(t, h, w) of the code grid for the configured clip: 17x128x128 -> (5, 16, 16)."""
+  ft, fs = temporal_factor(config.tokenizer), spatial_factor(config.tokenizer)
+  t = 1 + (config.data.num_frames - 1) // ft
+  return (t, config.data.resolution // fs, config.data.resolution // fs)
+
+
+def codebook_size(tok: ml_collections.ConfigDict) -> int:
+  return math.prod(tok.fsq_levels)
+
+
+def context_latent_frames(config: ml_collections.ConfigDict) -> int:
+  """Latent frames covered by `nbp.context_frames` video frames (5 frames -> 2 latent frames)."""
+  n = config.nbp.context_frames
+  return 0 if n <= 0 else 1 + (n - 1) // temporal_factor(config.tokenizer)
+
+
+def resolve_dtype(name: str, platform: str | None = None) -> str:
+  """'auto' -> 'bfloat16' on accelerators, 'float32' on CPU."""
+  if name != 'auto':
+    return name
+  if platform is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    platform = jax.default_backend()
+  return 'float32' if platform == 'cpu' else 'bfloat16'
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
+  """Checks the config once at start; raises ConfigError naming the field and the fix."""
+  _require(mode in MODES, f'--mode={mode!r} is unknown; pick one of {", ".join(MODES)}.')
+  m, tok, d, nbp = config.model, config.tokenizer, config.data, config.nbp
+
+  _require(m.emb_dim % m.num_heads == 0,
+           f'model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}; '
+           f'choose heads that divide the width (e.g. {_divisors_near(m.emb_dim, m.num_heads)}).')
+  _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
+  _require(m.attention in ('xla', 'cudnn', 'splash'),
+           f"model.attention={m.attention!r} is unknown; pick 'xla', 'cudnn' or 'splash'.")
+  _require(m.dtype in ('auto', 'float32', 'bfloat16'),
+           f"model.dtype={m.dtype!r} is unknown; pick 'auto', 'float32' or 'bfloat16'.")
+
+  ft, fs = temporal_factor(tok), spatial_factor(tok)
+  _require(len(tok.channel_multipliers) == len(tok.temporal_downsample) + 1,
+           f'tokenizer.channel_multipliers has {len(tok.channel_multipliers)} stages but '
+           f'tokenizer.temporal_downsample describes {len(tok.temporal_downsample)} down-samplings; '
+           'give one more multiplier than down-samplings.')
+  for i, mult in enumerate(tok.channel_multipliers):
+    _require((tok.channels * mult) % tok.num_groups == 0,
+             f'tokenizer.num_groups={tok.num_groups} does not divide stage {i} width {tok.channels * mult}; '
+             'change tokenizer.num_groups or tokenizer.channels.')
+  _require((d.num_frames - 1) % ft == 0,
+           f'data.num_frames={d.num_frames} is not 1 + a multiple of {ft}; use e.g. {1 + ft * 4} frames.')
+  _require(d.resolution % fs == 0,
+           f'data.resolution={d.resolution} is not divisible by {fs}; use a multiple of {fs} (e.g. 128).')
+  _require(d.source in ('synthetic', 'ucf101', 'k600'),
+           f"data.source={d.source!r} is unknown; pick 'synthetic', 'ucf101' or 'k600'.")
+  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
+
+  grid = latent_shape(config)
+  block = tuple(nbp.block_shape)
+  _require(len(block) == 3 and all(b > 0 for b in block),
+           f'nbp.block_shape={block} must be three positive ints (t, h, w), e.g. (1, 1, 16).')
+  _require(all(g % b == 0 for g, b in zip(grid, block)),
+           f'nbp.block_shape={block} does not tile the latent grid {grid} '
+           f'(data.num_frames={d.num_frames}, data.resolution={d.resolution}); '
+           f'each of (t, h, w) must divide the grid, e.g. (1, 1, {grid[2]}) or (1, {grid[1]}, {grid[2]}).')
+  _require(nbp.condition in ('class', 'none'), f"nbp.condition={nbp.condition!r} must be 'class' or 'none'.")
+  _require(nbp.condition == 'none' or d.num_classes > 0,
+           "nbp.condition='class' needs data.num_classes > 0; set it or use nbp.condition='none'.")
+  _require(nbp.first_block in ('bov', 'hybrid', 'none'),
+           f"nbp.first_block={nbp.first_block!r} must be 'bov', 'hybrid' or 'none'.")
+  _require(0.0 <= nbp.cond_drop_prob < 1.0, f'nbp.cond_drop_prob={nbp.cond_drop_prob} must be in [0, 1).')
+  ctx = context_latent_frames(config)
+  _require(ctx < grid[0], f'nbp.context_frames={nbp.context_frames} leaves no latent frame to generate '
+           f'(grid has {grid[0]}); use fewer context frames.')
+  _require(ctx % block[0] == 0, f'nbp.context_frames={nbp.context_frames} covers {ctx} latent frames, '
+           f'not a whole number of blocks of nbp.block_shape[0]={block[0]}; change one of them.')
+  num_tokens = math.prod(grid)
+  # Prefix + at most one extra block for the first block's start; the exact count is the layout's.
+  _require(num_tokens + math.prod(block) + 16 <= m.max_positions,
+           f'{num_tokens} tokens per clip do not fit model.max_positions={m.max_positions}; '
+           'raise it or use shorter/smaller clips.')
+
+  mesh = tuple(config.mesh.shape)
+  _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1,
+           f'mesh.shape={mesh} must give 3 sizes for {MESH_AXES} with at most one -1.')
+
+  needs_raw = mode == 'prepare_data' and d.source != 'synthetic'
+  if needs_raw:
+    _require(bool(d.raw_dir), f'data.raw_dir is empty; pass --config.data.raw_dir=/path/to/your/{d.source} folder.')
+    _require(os.path.isdir(d.raw_dir),
+             f'data.raw_dir={d.raw_dir!r} does not exist; point --config.data.raw_dir at your local '
+             f'{d.source} folder (this project never downloads datasets).')
+  if mode == 'train' and d.source != 'synthetic' and d.dir:
+    _require(os.path.isdir(d.dir), f'data.dir={d.dir!r} does not exist; run --mode=prepare_data first or fix the path.')
+
+
+def _divisors_near(width: int, heads: int) -> str:
+  divs = [h for h in range(1, width + 1) if width % h == 0 and h <= 4 * max(heads, 1)]
+  divs.sort(key=lambda h: abs(h - heads))
+  return ', '.join(str(h) for h in sorted(divs[:3]))
