@@ -1,0 +1,45 @@
+"""The contract between a model stage (transformer, tokenizer) and the shared trainer.
+
+A stage builds a `Task` from the config; `nbp_jax.trainer` trains any `Task` with the same loop, sharding,
+checkpointing and logging. Nothing here depends on a particular model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import optax
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+# (params, batch, rng, train) -> (scalar loss, {metric name: scalar}).
+LossFn = Callable[[PyTree, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the trainer needs to train one model.
+
+  Attributes:
+    name: short name used in logs and checkpoint metadata ('nbp', 'tokenizer').
+    init_params: rng -> params. Leaves may be boxed with flax logical axis names
+      (`nn.LogicallyPartitioned`); the trainer turns those names into mesh shardings by the config's rules.
+    loss_fn: pure, jittable; `train=False` disables dropout and anything stochastic that is not sampling.
+    make_optimizer: optional override of the default optax chain built from `config.optim`
+      (e.g. the tokenizer's separate generator/discriminator optimizers via `optax.multi_transform`).
+    flops_per_example: training FLOPs (forward + backward) for one example, for the MFU estimate; 0 = unknown.
+    tokens_per_example: tokens one example contributes to the loss, for tokens/s; 0 = unknown.
+    prepare_batch: optional jittable map from the data pipeline's batch to the loss's batch (e.g. encode
+      video to codes on the fly); identity when None.
+    write_samples: optional host-side callback (params, step, workdir) that writes sample videos/grids.
+  """
+  name: str
+  init_params: Callable[[jax.Array], PyTree]
+  loss_fn: LossFn
+  make_optimizer: Optional[Callable[[], optax.GradientTransformation]] = None
+  flops_per_example: float = 0.0
+  tokens_per_example: int = 0
+  prepare_batch: Optional[Callable[[Batch], Batch]] = None
+  write_samples: Optional[Callable[[PyTree, int, str], None]] = None
