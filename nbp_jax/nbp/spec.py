@@ -1,0 +1,77 @@
+"""`Spec`: the static description of one NBP model (transformer sizes + block layout + id layout), from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import ml_collections
+
+from nbp_jax import config_lib
+from nbp_jax.nbp.layout import BlockLayout, Vocab
+from nbp_jax.nbp.transformer import TransformerConfig
+
+ID_LAYOUTS = ('native', 'official_k600', 'official_ucf')
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Everything static about a model; hashable, so jitted functions take it as a static argument."""
+  model: TransformerConfig
+  layout: BlockLayout
+  vocab: Vocab
+
+  def with_block_shape(self, block_shape: Sequence[int]) -> 'Spec':
+    """Same model and ids, another block shape (e.g. (1, 1, 1) to decode token by token)."""
+    return dataclasses.replace(self, layout=dataclasses.replace(self.layout, block_shape=tuple(block_shape)))
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count (from shapes; no allocation)."""
+    m = self.model
+    d, f = m.emb_dim, m.mlp_ratio * m.emb_dim
+    per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+    return m.num_layers * per_layer + 2 * m.vocab_size * d + m.max_positions * d + 2 * d + m.prefix_len * d
+
+
+def spec_from_config(config: ml_collections.ConfigDict, *, block_shape: Optional[Sequence[int]] = None,
+                     dtype: Optional[str] = None) -> Spec:
+  """Builds the Spec of `config` (model.*, nbp.*, data.*, tokenizer.fsq_levels); errors name the field."""
+  m, nbp = config.model, config.nbp
+  id_layout = nbp.get('id_layout', 'native')
+  block_shape = tuple(block_shape or nbp.block_shape)
+  block_len = block_shape[0] * block_shape[1] * block_shape[2]
+  codebook = config_lib.codebook_size(config.tokenizer)
+  num_classes = config.data.num_classes if nbp.condition == 'class' else 0
+  if id_layout == 'native':
+    vocab = Vocab.native(codebook, first_block=nbp.first_block, block_len=block_len, num_classes=num_classes)
+  elif id_layout == 'official_k600':
+    if nbp.condition != 'none' or nbp.first_block != 'none' or codebook != 64000:
+      raise config_lib.ConfigError("nbp.id_layout='official_k600' is the released unconditional K600 model: it "
+                                   "needs nbp.condition='none', nbp.first_block='none' and FSQ levels (8,8,8,5,5,5).")
+    vocab = Vocab.official_k600()
+  elif id_layout == 'official_ucf':
+    rows = tuple(nbp.get('class_prefix_ids', ()))
+    if nbp.condition != 'class' or nbp.first_block != 'hybrid' or block_len != 16 or codebook != 64000:
+      raise config_lib.ConfigError("nbp.id_layout='official_ucf' is the released UCF-101 model: it needs "
+                                   "nbp.condition='class', nbp.first_block='hybrid', 16-token blocks and FSQ "
+                                   "levels (8,8,8,5,5,5).")
+    if len(rows) != num_classes:
+      raise config_lib.ConfigError(f'nbp.class_prefix_ids has {len(rows)} rows for data.num_classes={num_classes}; '
+                                   'run --mode=import with --config.import_.llama_tokenizer=/path/tokenizer.model '
+                                   'to write the class prompts.')
+    vocab = Vocab.official_ucf(rows)
+  else:
+    raise config_lib.ConfigError(f'nbp.id_layout={id_layout!r} is unknown; pick one of {ID_LAYOUTS}.')
+
+  layout = BlockLayout(config_lib.latent_shape(config), block_shape, prefix_len=vocab.prefix_len,
+                       first_block=nbp.first_block)
+  if layout.seq_len > m.max_positions:
+    raise config_lib.ConfigError(f'{layout.seq_len} input positions do not fit model.max_positions='
+                                 f'{m.max_positions}; raise it or use shorter clips.')
+  model = TransformerConfig(
+      vocab_size=vocab.vocab_size, num_layers=m.num_layers, num_heads=m.num_heads, emb_dim=m.emb_dim,
+      mlp_ratio=m.mlp_ratio, max_positions=m.max_positions, prefix_len=vocab.prefix_len, dropout=m.dropout,
+      dtype=dtype or config_lib.resolve_dtype(m.dtype), param_dtype=m.param_dtype, attention=m.attention,
+      scan_layers=bool(m.get('scan_layers', True)), remat=bool(m.remat))
+  return Spec(model=model, layout=layout, vocab=vocab)

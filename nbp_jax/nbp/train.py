@@ -1,0 +1,94 @@
+"""The teacher-forced objective and the `Task` the shared trainer consumes.
+
+Batch: {'codes': int32 [B, t, h, w], 'label': int32 [B] (class-conditional only)}. The codes are put in block-major
+order, the input is [prefix, start block, z...] without its last L ids (layout.py), and the loss is the
+cross-entropy of the video targets only: prefix outputs are not scored, and the softmax runs over the video ids
+(the only ids ever sampled), so the head's other columns are neither computed nor trained.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.transformer import Transformer
+from nbp_jax.task import Task
+
+
+def init_params(spec: Spec, rng: jax.Array):
+  """rng -> params with logical axis names (flax `LogicallyPartitioned` boxes)."""
+  layout = spec.layout
+  ids = jnp.zeros((1, layout.seq_len), jnp.int32)
+  return Transformer(spec.model).init({'params': rng}, ids, layout.block_ids(np.arange(layout.seq_len)))['params']
+
+
+def logits_fn(spec: Spec, params, batch, rng: Optional[jax.Array] = None, train: bool = False,
+              cond_drop_prob: float = 0.0):
+  """Teacher-forced logits of the scored positions.
+
+  Returns:
+    (logits [B, T, C] float32 over the video ids, targets [B, T] int32 video codes), T = layout.num_targets.
+  """
+  layout, vocab, cfg = spec.layout, spec.vocab, spec.model
+  codes = layout.grid_to_seq(batch['codes'].astype(jnp.int32))
+  b = codes.shape[0]
+  prefix = vocab.prefix_ids(batch.get('label'), b)
+  ids = layout.input_ids(prefix, codes, vocab)
+  targets, _ = layout.targets(codes)
+  p = layout.prefix_len
+  null_cond = None
+  rngs = {}
+  if train:
+    rng, drop_rng = jax.random.split(rng)
+    rngs = {'dropout': drop_rng}
+    if cfg.prefix_len and cond_drop_prob > 0:
+      null_cond = jax.random.bernoulli(rng, cond_drop_prob, (b,))
+  logits = Transformer(cfg).apply({'params': nn.meta.unbox(params)}, ids, layout.block_ids(np.arange(ids.shape[1])),
+                                  null_cond=null_cond, train=train, out_slice=(p, layout.seq_len),
+                                  vocab_slice=vocab.video_slice, rngs=rngs)
+  return logits, targets[:, p:]
+
+
+def loss_fn(spec: Spec, params, batch, rng: jax.Array, train: bool = True, cond_drop_prob: float = 0.0):
+  """-> (mean cross-entropy over video targets, {'loss', 'accuracy', 'top5_accuracy', 'perplexity'})."""
+  logits, targets = logits_fn(spec, params, batch, rng, train, cond_drop_prob)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  loss = ce.mean()
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  metrics = {
+      'loss': loss,
+      'accuracy': (top5[..., 0] == targets).mean(),
+      'top5_accuracy': (top5 == targets[..., None]).any(-1).mean(),
+      'perplexity': jnp.exp(loss),
+  }
+  return loss, metrics
+
+
+def flops_per_example(spec: Spec) -> float:
+  """Training FLOPs (forward + backward = 3x forward) of one clip: matmuls + attention scores."""
+  m, layout = spec.model, spec.layout
+  d, s = m.emb_dim, layout.seq_len
+  per_token = m.num_layers * (4 * d * d + 2 * m.mlp_ratio * d * d)  # q, k, v, proj + MLP multiply-adds
+  head = layout.num_targets * d * spec.vocab.codebook_size
+  # QK^T and AV: 2 * s^2 * d multiply-adds per layer; about half the pairs are visible (block-causal).
+  attn = m.num_layers * 2 * s * s * d * 0.5
+  return float(3 * 2 * (per_token * s + head + attn))
+
+
+def make_task(config: ml_collections.ConfigDict) -> Task:
+  """The NBP transformer as a trainer Task."""
+  spec = spec_from_config(config)
+  drop = float(config.nbp.cond_drop_prob)
+
+  def task_loss(params, batch, rng, train):
+    return loss_fn(spec, params, batch, rng, train, drop if train else 0.0)
+
+  return Task(name='nbp', init_params=lambda rng: init_params(spec, rng), loss_fn=task_loss,
+              flops_per_example=flops_per_example(spec), tokens_per_example=spec.layout.num_targets)

@@ -1,0 +1,266 @@
+"""Decoder-only transformer (Flax linen) with the official NBP architecture and a preallocated KV cache.
+
+Pre-LN blocks (x += Attn(LN1(x)); x += MLP(LN2(x))), separate query/key/value/proj Dense layers with bias, exact
+(erf) GELU MLP of width 4d, learned absolute position embeddings (zero-init), final LayerNorm and an untied
+bias-free head; dropout on the embeddings and both residual branches; N(0, 0.02) init (official_nbp.md).
+
+Parameter names follow the official state dict so the import is a rename plus a transpose of Linear weights:
+
+  official (under `transformer.`)          here (`params/...`)
+  tok_emb.weight [V, d]                    tok_emb/embedding [V, d]
+  pos_emb [1, 5120, d]                     pos_emb [5120, d]
+  uncond_embedding [P, d]                  uncond_embedding [P, d]            (only with a class prefix)
+  blocks.{i}.ln1/ln2.{weight,bias}         blocks/ln1/{scale,bias}            ([layers, ...] when scanned;
+  blocks.{i}.attn.{query,key,value,proj}   blocks/attn/{query,...}/{kernel,bias}  blocks_{i}/... otherwise)
+  blocks.{i}.mlp.0.{weight,bias}           blocks/mlp/fc1/{kernel,bias}
+  blocks.{i}.mlp.2.{weight,bias}           blocks/mlp/fc2/{kernel,bias}
+  ln_f.{weight,bias}                       ln_f/{scale,bias}
+  head.weight [V, d]                       head/kernel [d, V]
+
+(`official_name` maps a path to its key.) Every parameter carries logical axis names from
+config_lib.DEFAULT_AXIS_RULES.
+
+The model is layout-agnostic: callers pass block ids for queries and keys and attention applies
+`key_block <= query_block` (attention.py). `__call__` is the training forward (whole sequence, no cache);
+`decode` runs a group of new positions at an offset against a cache [layers, B, heads, max_len, head_dim], writing
+their K/V with `lax.dynamic_update_slice` (the prefill is a decode call at offset 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nbp_jax.nbp import attention as attention_lib
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_ZEROS = nn.initializers.zeros_init()
+_ONES = nn.initializers.ones_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static transformer hyperparameters (hashable: usable as a jit static argument)."""
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  emb_dim: int
+  mlp_ratio: int = 4
+  max_positions: int = 5120
+  prefix_len: int = 0  # rows of the learned null-condition embedding (0 = no class prefix)
+  dropout: float = 0.0
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+  attention: str = 'xla'
+  scan_layers: bool = True
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.emb_dim // self.num_heads
+
+
+class KVCache(NamedTuple):
+  """Preallocated keys and values, each [layers, B, heads, max_len, head_dim] in the compute dtype."""
+  k: jax.Array
+  v: jax.Array
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
+  """Zero cache for `length` positions."""
+  shape = (cfg.num_layers, batch_size, cfg.num_heads, length, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(_INIT, axes),
+                  bias_init=nn.with_logical_partitioning(_ZEROS, (axes[1],)))
+
+
+def _layer_norm(cfg: TransformerConfig, name: Optional[str] = None) -> nn.LayerNorm:
+  # PyTorch's default eps, as the released checkpoints were trained with it.
+  return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(_ONES, ('embed',)),
+                      bias_init=nn.with_logical_partitioning(_ZEROS, ('embed',)))
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention; with a cache, writes this group's K/V at `offset` and attends to the cache."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, layer, q_block, k_block, offset, cache: Optional[KVCache]):
+    cfg = self.cfg
+    b, t, _ = x.shape
+
+    def heads(y):  # [B, T, H*D] -> [B, H, T, D]
+      return y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+
+    q = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'query')(x))
+    k = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'key')(x))
+    v = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'value')(x))
+    if cache is not None:
+      at = (layer, 0, 0, offset, 0)
+      cache = KVCache(lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                      lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
+      k = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
+      v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+    y = attention_lib.attention(q, k, v, q_block, k_block, impl=cfg.attention)
+    y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.emb_dim)
+    return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(y), cache
+
+
+class MLP(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h = _dense(cfg.mlp_ratio * cfg.emb_dim, ('embed', 'mlp'), cfg, 'fc1')(x)
+    h = nn.gelu(h, approximate=False)  # exact erf GELU, as torch.nn.GELU()
+    return _dense(cfg.emb_dim, ('mlp', 'embed'), cfg, 'fc2')(h)
+
+
+class Block(nn.Module):
+  """One pre-LN block. carry = (x [B, T, d], cache or None); returns (carry, None) so it can be scanned."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, carry, layer, q_block, k_block, offset, deterministic: bool):
+    cfg = self.cfg
+    x, cache = carry
+    h, cache = SelfAttention(cfg, name='attn')(_layer_norm(cfg, 'ln1')(x), layer, q_block, k_block, offset, cache)
+    x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    h = MLP(cfg, name='mlp')(_layer_norm(cfg, 'ln2')(x))
+    x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    return (x, cache), None
+
+
+class Head(nn.Module):
+  """Untied, bias-free output projection; `vocab_slice` computes only some columns (e.g. the video ids)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, vocab_slice: Optional[tuple[int, int]] = None):
+    cfg = self.cfg
+    kernel = self.param('kernel', nn.with_logical_partitioning(_INIT, ('embed', 'vocab')),
+                        (cfg.emb_dim, cfg.vocab_size), cfg.param_dtype)
+    if vocab_slice is not None:
+      kernel = kernel[:, vocab_slice[0]:vocab_slice[1]]
+    return jnp.einsum('btd,dv->btv', x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Transformer(nn.Module):
+  """The NBP transformer; see the module docstring for the two entry points."""
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            embedding_init=nn.with_logical_partitioning(_INIT, ('vocab', 'embed')))
+    self.pos_emb = self.param('pos_emb', nn.with_logical_partitioning(_ZEROS, ('length', 'embed')),
+                              (cfg.max_positions, cfg.emb_dim), cfg.param_dtype)
+    if cfg.prefix_len:
+      self.uncond_embedding = self.param('uncond_embedding', nn.with_logical_partitioning(_INIT, (None, 'embed')),
+                                         (cfg.prefix_len, cfg.emb_dim), cfg.param_dtype)
+    block = Block
+    if cfg.remat:
+      # deterministic (argument 6, counting self) is a Python bool: static for the rematerialised function.
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=(6,))
+    if cfg.scan_layers:
+      # One compiled layer body for any depth; params get a leading 'layers' axis.
+      self.blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg)
+    else:
+      self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
+    self.ln_f = _layer_norm(cfg)
+    self.head = Head(cfg)
+    self.drop = nn.Dropout(cfg.dropout)
+
+  def _embed(self, ids, offset, null_cond, deterministic):
+    cfg = self.cfg
+    t = ids.shape[1]
+    x = self.tok_emb(ids)
+    if cfg.prefix_len and null_cond is not None:
+      # Condition dropout / the unconditional half of CFG: prefix rows -> the learned null embedding.
+      pos = offset + jnp.arange(t)
+      uncond = jnp.take(self.uncond_embedding, jnp.clip(pos, 0, cfg.prefix_len - 1), axis=0).astype(x.dtype)
+      use = null_cond[:, None, None] & (pos < cfg.prefix_len)[None, :, None]
+      x = jnp.where(use, uncond[None], x)
+    x = x + lax.dynamic_slice_in_dim(self.pos_emb, offset, t, axis=0).astype(x.dtype)[None]
+    return self.drop(x, deterministic=deterministic)
+
+  def _blocks(self, x, q_block, k_block, offset, cache, deterministic):
+    cfg = self.cfg
+    if cfg.scan_layers:
+      (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.num_layers), q_block, k_block, offset, deterministic)
+    else:
+      for i, blk in enumerate(self.blocks):
+        (x, cache), _ = blk((x, cache), i, q_block, k_block, offset, deterministic)
+    return x, cache
+
+  def __call__(self, ids, block_ids, *, null_cond=None, train: bool = False,
+               out_slice: Optional[tuple[int, int]] = None, vocab_slice: Optional[tuple[int, int]] = None):
+    """Training forward over a whole sequence.
+
+    Args:
+      ids: [B, T] int32 input ids (positions 0..T-1).
+      block_ids: [T] int32 block id of each position (prefix -1); position q sees k iff block[k] <= block[q].
+      null_cond: [B] bool, rows whose prefix is replaced by the null embedding (None = none).
+      train: enables dropout (needs the 'dropout' rng).
+      out_slice: (start, stop) positions to project to logits (default all).
+      vocab_slice: (lo, hi) head columns to compute (default all V).
+    Returns:
+      logits [B, stop - start, hi - lo] float32.
+    """
+    x = self._embed(ids, 0, null_cond, not train)
+    x, _ = self._blocks(x, block_ids, block_ids, 0, None, not train)
+    if out_slice is not None:
+      x = x[:, out_slice[0]:out_slice[1]]
+    return self.head(self.ln_f(x), vocab_slice)
+
+  def decode(self, ids, offset, cache: KVCache, q_block, k_block, *, null_cond=None, last: Optional[int] = None,
+             vocab_slice: Optional[tuple[int, int]] = None):
+    """Prefill or one decoding step: run `ids` at positions offset.. against the cache (no dropout).
+
+    Args:
+      ids: [B, g] int32 new ids at input positions offset..offset+g-1.
+      offset: int32 scalar (may be traced).
+      cache: KVCache with max_len = len(k_block); this group's K/V are written at `offset`.
+      q_block: [g] int32 block ids of the new positions; k_block: [max_len] block ids of the cache positions.
+      null_cond: [B] bool (see __call__).
+      last: project only the last `last` positions (default all g).
+      vocab_slice: (lo, hi) head columns.
+    Returns:
+      (logits [B, last, hi - lo] float32, updated cache).
+    """
+    x = self._embed(ids, offset, null_cond, True)
+    x, cache = self._blocks(x, q_block, k_block, offset, cache, True)
+    if last is not None:
+      x = x[:, x.shape[1] - last:]
+    return self.head(self.ln_f(x), vocab_slice), cache
+
+
+def official_name(path: tuple[str, ...]) -> str:
+  """Flax param path (without the leading 'params') -> official state-dict key (scanned: '{i}' for the layer).
+
+  E.g. ('blocks', 'attn', 'query', 'kernel') -> 'transformer.blocks.{i}.attn.query.weight' (transpose it).
+  """
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'embedding': 'weight'}
+  head, rest = path[0], list(path[1:])
+  if head == 'pos_emb' or head == 'uncond_embedding':
+    return f'transformer.{head}'
+  if head.startswith('blocks'):
+    layer = head.split('_')[1] if '_' in head else '{i}'
+    if rest[:1] == ['mlp']:
+      rest = ['mlp', {'fc1': '0', 'fc2': '2'}[rest[1]]] + rest[2:]
+    return '.'.join(['transformer', 'blocks', layer] + rest[:-1] + [leaf[rest[-1]]])
+  return '.'.join(['transformer', head] + rest[:-1] + [leaf[rest[-1]]])
