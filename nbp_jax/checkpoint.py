@@ -1,0 +1,330 @@
+"""Checkpoints: orbax CheckpointManager over WORKDIR/checkpoints/<step>/{params, train_state, data, config}.
+
+  params       the model parameters (restored alone by `restore_params` for sample/eval/export)
+  train_state  {'opt_state', 'step', 'rng'}
+  data         the grain iterator state, one JSON file per process (each host reads its own shard)
+  config       the run's config as JSON (also written to WORKDIR/config.json), so later modes need only --workdir
+
+Saves are asynchronous and atomic (written to a temporary directory, renamed when complete), so a run killed at
+any moment leaves only complete checkpoints behind. The manager keeps the last `keep` checkpoints plus the best
+by validation loss. A checkpoint that cannot be read is reported by name, moved aside to `<step>.corrupt`, and
+the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+BEST_METRIC = 'val_loss'
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint was written by another config (a parameter's shape or the parameter set differs)."""
+
+
+class _IteratorState:
+  """A frozen snapshot of a data iterator's state, in the shape grain's orbax handler expects.
+
+  grain's handler writes `get_state()` of a non-DatasetIterator as bytes; snapshotting at save time (rather than
+  handing over the live iterator) keeps an asynchronous save from racing the prefetching pipeline.
+  """
+
+  def __init__(self, state: Optional[bytes] = None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return self.state
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _snapshot(it: Any) -> _IteratorState:
+  state = it.get_state()
+  return _IteratorState(state if isinstance(state, bytes) else json.dumps(state).encode())
+
+
+def _apply_snapshot(it: Any, snap: _IteratorState) -> None:
+  state = snap.state
+  if isinstance(it, grain.DatasetIterator):
+    state = json.loads(state)
+  it.set_state(state)
+
+
+def is_checkpointable(it: Any) -> bool:
+  return hasattr(it, 'get_state') and hasattr(it, 'set_state')
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _tuplify(x):
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  return x
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Inverse of config_to_dict; JSON lists become tuples again, as the config files write them."""
+  return ml_collections.ConfigDict(_tuplify(d))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run in `workdir` was started with (WORKDIR/config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir!r} is not a training workdir '
+                            '(train first with --mode=train, or pass --config).')
+  with open(path) as f:
+    return config_from_dict(json.load(f))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json, written by process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def _keystr(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
+  return {_keystr(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape')}
+
+
+def check_shapes(saved: PyTree, wanted: PyTree, what: str, where: str) -> None:
+  """Raises CheckpointMismatchError naming the first parameter whose shape (or presence) differs."""
+  s, w = _shapes(saved), _shapes(wanted)
+  fix = ('It was written by another config: resume with the config it was trained with (WORKDIR/config.json) '
+         'or start a fresh --workdir.')
+  for name in sorted(w):
+    if name not in s:
+      raise CheckpointMismatchError(f'{where}: {what} {name!r} (shape {w[name]}) is missing from the checkpoint. '
+                                    + fix)
+    if s[name] != w[name]:
+      raise CheckpointMismatchError(f'{where}: {what} {name!r} has shape {s[name]} in the checkpoint but '
+                                    f'{w[name]} in this config. ' + fix)
+  extra = sorted(set(s) - set(w))
+  if extra:
+    raise CheckpointMismatchError(f'{where}: the checkpoint has {what} {extra[0]!r} (shape {s[extra[0]]}) that this '
+                                  'config does not have. ' + fix)
+
+
+def _item_handlers() -> dict[str, Any]:
+  return {
+      'params': ocp.StandardCheckpointHandler(),
+      'train_state': ocp.StandardCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler(),
+  }
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints under WORKDIR/checkpoints (call on every process)."""
+
+  def __init__(self, workdir: str, *, save_every: int = 1000, keep: int = 3, keep_best: bool = True,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.save_every = save_every
+    policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
+    if keep_best:
+      # reverse=True sorts descending, so the kept tail is the lowest validation loss.
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                                                    keep_checkpoints_without_metrics=False))
+    self._options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,  # partial saves of a killed run
+        read_only=read_only,
+        create=not read_only,
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(1),  # the trainer decides when
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+    )
+    self._manager = self._make_manager()
+
+  def _make_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=self._options)
+
+  # ------------------------------------------------------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def best_step(self) -> Optional[int]:
+    best, best_val = None, None
+    for step in self.all_steps():
+      m = self._manager.metrics(step)
+      if m and BEST_METRIC in m and (best_val is None or m[BEST_METRIC] < best_val):
+        best, best_val = step, m[BEST_METRIC]
+    return best
+
+  def save(self, step: int, params: PyTree, train_state: PyTree, data_iter: Any = None,
+           config: Optional[ml_collections.ConfigDict] = None, metrics: Optional[dict[str, float]] = None) -> bool:
+    """Starts an asynchronous save of step `step`; returns False if that step is already saved."""
+    if step in self._manager.all_steps():
+      return False
+    items = dict(params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state))
+    if data_iter is not None and is_checkpointable(data_iter):
+      items['data'] = grain.checkpoint.CheckpointSave(_snapshot(data_iter))
+    if config is not None:
+      items['config'] = ocp.args.JsonSave(config_to_dict(config))
+    metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # ------------------------------------------------------------------------------------------------------------
+  def _quarantine(self, step: int, error: Exception) -> None:
+    """Moves an unreadable checkpoint aside (so a later save of that step does not collide) and says so."""
+    src = self.step_dir(step)
+    logging.error('Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and using the previous one.',
+                  src, type(error).__name__, str(error).splitlines()[0][:300], src)
+    print(f'Checkpoint {src} is unreadable ({type(error).__name__}); moved it to {src}.corrupt and '
+          'using the previous checkpoint.', flush=True)
+    if jax.process_index() == 0:
+      dst = src + '.corrupt'
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f'{src}.corrupt{n}', n + 1
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantine_checkpoint_{step}')
+    self._manager.reload()
+
+  def _check_step(self, step: int, abstract_params: PyTree, abstract_train_state: Optional[PyTree]) -> None:
+    md = self._manager.item_metadata(step)
+    where = f'checkpoint {self.step_dir(step)}'
+    if md is None or md.get('params') is None:
+      raise FileNotFoundError(f'{where} has no readable params metadata')
+    check_shapes(md['params'].tree, abstract_params, 'parameter', where)
+    if abstract_train_state is not None:
+      ts = md.get('train_state')
+      if ts is None:
+        raise FileNotFoundError(f'{where} has no readable train_state metadata')
+      check_shapes(ts.tree, abstract_train_state, 'optimizer-state entry', where)
+
+  def restore(self, abstract_params: PyTree, abstract_train_state: PyTree,
+              data_iter: Any = None) -> Optional[tuple[int, PyTree, PyTree]]:
+    """Restores the latest readable checkpoint onto the shardings in the abstract trees.
+
+    Args:
+      abstract_params, abstract_train_state: jax.ShapeDtypeStruct trees with `.sharding` set (any mesh: a
+        checkpoint written on 8 devices restores onto 1).
+      data_iter: if given, its state is set to the state saved with the checkpoint.
+    Returns:
+      (step, params, train_state), or None when there is no checkpoint (a fresh run).
+    Raises:
+      CheckpointMismatchError: the checkpoint belongs to another config (not retried on older checkpoints).
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        self._check_step(step, abstract_params, abstract_train_state)
+        items = dict(params=ocp.args.StandardRestore(abstract_params),
+                     train_state=ocp.args.StandardRestore(abstract_train_state))
+        has_data = os.path.isdir(os.path.join(self.step_dir(step), 'data'))
+        snap = _IteratorState()
+        if data_iter is not None and is_checkpointable(data_iter):
+          if has_data:
+            items['data'] = grain.checkpoint.CheckpointRestore(snap)
+          else:
+            logging.warning('Checkpoint %s has no data-iterator state; the data pipeline starts from the '
+                            'beginning.', self.step_dir(step))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      if 'data' in items:
+        _apply_snapshot(data_iter, snap)
+      logging.info('Restored checkpoint %s', self.step_dir(step))
+      return step, restored['params'], restored['train_state']
+    return None
+
+
+def _abstract_from_metadata(tree: PyTree, sharding_for: Any) -> PyTree:
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding_for(m)), tree,
+      is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+
+
+def restore_params(workdir: str, step: Optional[int] = None, *, shardings: Optional[PyTree] = None,
+                   mesh: Optional[jax.sharding.Mesh] = None, best: bool = False) -> tuple[PyTree, int]:
+  """Parameters of a training run, for the sample/eval/export modes. Returns (params, step).
+
+  Args:
+    workdir: the training workdir (or a directory holding `checkpoints/`).
+    step: which checkpoint; default the latest (or the best by validation loss when `best`).
+    shardings: a tree of shardings matching the params (e.g. from `parallel.logical_shardings`) to restore
+      straight onto a mesh; default: replicated over `mesh`, or on the first local device when no mesh is given.
+  """
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    if step is None:
+      step = ckpt.best_step() if best else None
+      step = step if step is not None else ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
+    if step not in ckpt.all_steps():
+      raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
+    md = ckpt._manager.item_metadata(step)  # pylint: disable=protected-access
+    tree = md['params'].tree
+    if shardings is not None:
+      abstract = jax.tree_util.tree_map(
+          lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=s), tree, shardings,
+          is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+    else:
+      if mesh is not None:
+        default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      else:
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = _abstract_from_metadata(tree, lambda m: default)
+    restored = ckpt._manager.restore(  # pylint: disable=protected-access
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    return restored['params'], step
+  finally:
+    ckpt.close()

@@ -1,0 +1,119 @@
+"""Scalar metrics to TensorBoard (event files in WORKDIR) and WORKDIR/metrics.jsonl; MFU bookkeeping.
+
+Only process 0 writes; on other processes the writer is a no-op, so callers need no `if process_index == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Optional
+
+import jax
+
+METRICS_FILE = 'metrics.jsonl'
+
+# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets; TPU per chip).
+PEAK_FLOPS = (
+    ('TPU v2', 45e12),
+    ('TPU v3', 123e12),
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),
+    ('TPU v6 lite', 918e12),
+    ('TPU v6e', 918e12),
+    ('TPU7x', 2307e12),
+    ('NVIDIA H100', 989e12),
+    ('NVIDIA H200', 989e12),
+    ('NVIDIA H800', 989e12),
+    ('NVIDIA GH200', 989e12),
+    ('NVIDIA B200', 2250e12),
+    ('NVIDIA A100', 312e12),
+    ('NVIDIA A800', 312e12),
+    ('NVIDIA L4', 121e12),
+    ('NVIDIA A10', 125e12),
+)
+
+
+def peak_flops_per_device(device: Optional[jax.Device] = None, override_tflops: float = 0.0) -> float:
+  """Peak FLOP/s of one device; 0.0 when unknown (CPU), in which case no MFU is reported."""
+  if override_tflops:
+    return float(override_tflops) * 1e12
+  device = device or jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  for prefix, flops in PEAK_FLOPS:
+    if kind.startswith(prefix):
+      return flops
+  return 0.0
+
+
+def mfu(flops_per_example: float, examples_per_s: float, num_devices: int, peak_per_device: float) -> float:
+  """Model FLOPs utilisation in [0, 1]; NaN when the task's FLOPs or the device's peak is unknown."""
+  if flops_per_example <= 0 or peak_per_device <= 0:
+    return math.nan
+  return flops_per_example * examples_per_s / (num_devices * peak_per_device)
+
+
+class MetricWriter:
+  """TensorBoard + metrics.jsonl writer (one JSON object per logged step, always with 'step')."""
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops metrics.jsonl lines of steps > `step` (written after the checkpoint a resumed run restarts from),
+    so the file reads as one uninterrupted run."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)['step'] <= step:
+            kept.append(line if line.endswith('\n') else line + '\n')
+        except (ValueError, KeyError):
+          continue  # a line cut short by a kill
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    record = {'step': int(step)}
+    record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl (for tests and notebooks)."""
+  out = []
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    for line in f:
+      if line.strip():
+        out.append(json.loads(line))
+  return out

@@ -1,0 +1,448 @@
+r"""The training loop shared by every stage: trains any `nbp_jax.task.Task` on a device mesh.
+
+  state = trainer.train(config, workdir, task, train_data, eval_data)
+
+One jitted step (explicit in/out shardings, donated state): gradients accumulated over
+`config.optim.grad_accum_steps` micro-batches by a `lax.scan`, then one optax update (clip by global norm, AdamW
+with weight decay on matrices only, linear warmup from 0 then cosine to 0). Parameters and optimizer state are
+created already sharded (`jax.eval_shape(init)` -> logical axis names -> mesh shardings -> `jax.jit(init,
+out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard, WORKDIR/metrics.jsonl and a progress bar;
+checkpoints (with the data-iterator state) to WORKDIR/checkpoints. A killed run resumes from the latest complete
+checkpoint and repeats the same loss sequence; SIGTERM saves at the next step boundary and returns; a non-finite
+loss stops training without saving the bad state.
+
+Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
+config.data.batch_size / jax.process_count()): a grain DatasetIterator / DataLoaderIterator (its state is
+checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoader) or a callable returning one.
+`eval_data` is iterated afresh at every evaluation (an iterable, or a callable returning an iterator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import metrics as metrics_lib
+from nbp_jax import parallel
+from nbp_jax.parallel import sharding as sharding_lib
+from nbp_jax.task import Task
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf; training stopped and the bad state was not saved."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `rng` is a raw uint32[2] key; dropout keys are folded from it per step."""
+  step: jax.Array  # int32 scalar: optimizer updates done
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup 0 -> optim.lr over optim.warmup_steps, then cosine to 0 at `num_steps`.
+
+  lr(s) = lr * s / W for s < W;  lr * (1 + cos(pi * (s - W) / (T - W))) / 2 for W <= s <= T.
+  """
+  warmup = int(min(max(optim.warmup_steps, 0), num_steps))
+  decay = max(int(num_steps) - warmup, 1)
+  warm = optax.linear_schedule(0.0, optim.lr, max(warmup, 1))
+  cos = optax.cosine_decay_schedule(optim.lr, decay, alpha=0.0)
+  if warmup == 0:
+    return cos
+  return optax.join_schedules([warm, cos], [warmup])
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True for matrices (ndim >= 2: dense/conv kernels, embeddings); False for biases and norm scales."""
+  return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   num_steps: Optional[int] = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The default chain from config.optim: clip_by_global_norm -> AdamW(b1, b2, masked decay) with the schedule."""
+  o = config.optim
+  schedule = learning_rate_schedule(o, config.train.num_steps if num_steps is None else num_steps)
+  chain = []
+  if o.grad_clip and o.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(o.grad_clip))
+  chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*chain), schedule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded state.
+
+
+@dataclasses.dataclass
+class Setup:
+  """The mesh and shardings one run uses (also handy for the benchmark and for tests)."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: Optional[optax.Schedule]
+  abstract_state: TrainState  # ShapeDtypeStructs with .sharding
+  state_shardings: TrainState
+  batch_sharding: NamedSharding
+
+
+def make_setup(config: ml_collections.ConfigDict, task: Task,
+               mesh: Optional[jax.sharding.Mesh] = None) -> Setup:
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
+  rules = sharding_lib.normalize_rules(config.mesh.axis_rules)
+  if task.make_optimizer is not None:
+    tx, schedule = task.make_optimizer(), None
+  else:
+    tx, schedule = make_optimizer(config)
+  key = jax.random.PRNGKey(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(task.init_params, key)
+  param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract_params = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = sharding_lib.match_shardings(abstract_opt, abstract_params, param_shardings, mesh)
+  rep = sharding_lib.replicated(mesh)
+  shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                    shardings)
+  return Setup(mesh=mesh, rules=rules, tx=tx, schedule=schedule, abstract_state=abstract,
+               state_shardings=shardings, batch_sharding=sharding_lib.batch_sharding(mesh, rules))
+
+
+def init_state(config: ml_collections.ConfigDict, task: Task, setup: Setup) -> TrainState:
+  """Fresh parameters and optimizer state, created directly in their shardings (never whole on one device)."""
+
+  def init(key):
+    init_key, train_key = jax.random.split(key)
+    params = nn.unbox(task.init_params(init_key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                      rng=train_key)
+
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(config.seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _tree_norm(tree: PyTree) -> jax.Array:
+  return optax.tree.norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
+
+
+def make_train_step(task: Task, setup: Setup, grad_accum_steps: int = 1) -> Callable[[TrainState, PyTree],
+                                                                                  tuple[TrainState, dict]]:
+  """(state, global batch) -> (new state, scalar metrics); jitted, state donated.
+
+  Metrics: the task's (averaged over micro-batches), 'loss', 'grad_norm' (before clipping), 'param_norm',
+  'update_norm', 'learning_rate' (default optimizer only).
+  """
+  k = int(grad_accum_steps)
+  batch_axes = sharding_lib.batch_axes(setup.rules)
+  prepare = task.prepare_batch or (lambda b: b)
+
+  def loss_and_grads(params, batch, rng):
+    def loss_fn(p):
+      return task.loss_fn(p, prepare(batch), rng, True)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, dict(metrics), grads
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)  # a new dropout key every step, identical on resume
+    if k == 1:
+      loss, metrics, grads = loss_and_grads(state.params, batch, rng)
+    else:
+      # Micro-batch i = examples i, i+k, ...: every device keeps its share of each micro-batch.
+      def split(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, P(None, batch_axes)))
+      micro = jax.tree_util.tree_map(split, batch)
+      first = jax.tree_util.tree_map(lambda x: x[0], micro)
+      _, metrics_shape, _ = jax.eval_shape(loss_and_grads, state.params, first, rng)
+
+      def body(carry, inputs):
+        i, mb = inputs
+        g_acc, l_acc, m_acc = carry
+        loss, metrics, grads = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+        g_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), g_acc, grads)
+        m_acc = jax.tree_util.tree_map(lambda a, m: a + m.astype(jnp.float32), m_acc, metrics)
+        return (g_acc, l_acc + loss.astype(jnp.float32), m_acc), None
+
+      zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+               jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, jnp.float32), metrics_shape))
+      (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+      grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+      loss = loss / k
+      metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)
+    grads = jax.lax.with_sharding_constraint(grads, setup.state_shardings.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+    out.update(loss=loss.astype(jnp.float32), grad_norm=_tree_norm(grads), param_norm=_tree_norm(params),
+               update_norm=_tree_norm(updates))
+    if setup.schedule is not None:
+      out['learning_rate'] = jnp.asarray(setup.schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, out
+
+  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)), donate_argnums=(0,))
+
+  def train_step(state, batch):
+    # The mesh and rules are in context while tracing so model-side `nn.with_logical_constraint`s take effect.
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return jitted(state, batch)
+
+  train_step.jitted = jitted
+  return train_step
+
+
+def make_eval_step(task: Task, setup: Setup) -> Callable[[PyTree, PyTree], dict]:
+  """(params, global batch) -> {'loss', task metrics...} with train=False (no dropout)."""
+  prepare = task.prepare_batch or (lambda b: b)
+
+  def eval_fn(params, batch):
+    loss, metrics = task.loss_fn(params, prepare(batch), jax.random.PRNGKey(0), False)
+    out = {name: jnp.asarray(v, jnp.float32) for name, v in dict(metrics).items()}
+    out['loss'] = jnp.asarray(loss, jnp.float32)
+    return out
+
+  jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+                   out_shardings=sharding_lib.replicated(setup.mesh))
+
+  def eval_step(params, batch):
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return jitted(params, batch)
+  return eval_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def _as_iterator(data: Any) -> Iterator:
+  if callable(data) and not hasattr(data, '__iter__') and not hasattr(data, '__next__'):
+    data = data()
+  if hasattr(data, 'to_iter_dataset') and not hasattr(data, '__next__'):  # grain MapDataset
+    data = data.to_iter_dataset()
+  if hasattr(data, '__next__'):
+    return data
+  return iter(data)
+
+
+def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int) -> int:
+  """Returns the global batch size; errors name data.batch_size and the mesh when it cannot be split."""
+  sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(f'batch leaves disagree on the batch size: {sorted(sizes)}.')
+  global_batch = sizes.pop() * jax.process_count()
+  shards = sharding_lib.num_batch_shards(setup.mesh, setup.rules)
+  if global_batch % (shards * grad_accum_steps):
+    raise ValueError(
+        f'global batch {global_batch} (data.batch_size) is not divisible by the {shards} batch shards of the mesh '
+        f'(mesh.shape={tuple(setup.mesh.shape.values())}, batch over {sharding_lib.batch_axes(setup.rules)}) x '
+        f'optim.grad_accum_steps={grad_accum_steps}; change one of them.')
+  return global_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """SIGTERM -> save at the next step boundary. Multi-host runs use JAX's preemption sync point instead, so that
+  every host stops at the same step."""
+
+  def __init__(self, checkpointer: checkpoint_lib.Checkpointer):
+    self._event = threading.Event()
+    self._ckpt = checkpointer
+    self._old = None
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+
+  def reached(self, step: int) -> bool:
+    if self._multihost:
+      return self._ckpt._manager.reached_preemption(step)  # pylint: disable=protected-access
+    return self._event.is_set()
+
+  def close(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
+def evaluate(eval_step, params: PyTree, eval_data: Any, setup: Setup, num_batches: int) -> dict[str, float]:
+  """Mean of the eval metrics over up to `num_batches` batches (0 = the whole eval set)."""
+  totals, n = {}, 0
+  for batch in _as_iterator(eval_data):
+    out = eval_step(params, sharding_lib.make_global_batch(batch, setup.batch_sharding))
+    for name, v in jax.device_get(out).items():
+      totals[name] = totals.get(name, 0.0) + float(v)
+    n += 1
+    if num_batches and n >= num_batches:
+      break
+  return {f'val_{name}': v / max(n, 1) for name, v in totals.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_data: Any, eval_data: Any = None,
+          *, mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
+  """Trains `task` for config.train.num_steps steps, resuming from WORKDIR/checkpoints if there are any.
+
+  Returns the final state (sharded over the mesh). Raises NonFiniteLossError on a NaN/Inf loss or gradient.
+  """
+  tc = config.train
+  num_steps = int(tc.num_steps)
+  accum = int(config.optim.grad_accum_steps)
+  primary = parallel.is_primary()
+  setup = make_setup(config, task, mesh)
+  checkpoint_lib.write_config(workdir, config)
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                                     keep_best=eval_data is not None)
+  writer = metrics_lib.MetricWriter(workdir)
+  train_iter = _as_iterator(train_data)
+
+  restored = ckpt.restore(setup.abstract_state.params,
+                          {'opt_state': setup.abstract_state.opt_state, 'step': setup.abstract_state.step,
+                           'rng': setup.abstract_state.rng}, data_iter=train_iter)
+  if restored is None:
+    state = init_state(config, task, setup)
+    logging.info('Fresh start: %s', _param_summary(state.params))
+  else:
+    step, params, ts = restored
+    state = TrainState(step=ts['step'], params=params, opt_state=ts['opt_state'], rng=ts['rng'])
+    if int(jax.device_get(state.step)) != step:
+      raise RuntimeError(f'checkpoint {ckpt.step_dir(step)} holds step {int(state.step)}; it is inconsistent.')
+    writer.truncate_after(step)
+    logging.info('Resumed from %s', ckpt.step_dir(step))
+  start = int(jax.device_get(state.step))
+
+  train_step = make_train_step(task, setup, accum)
+  eval_step = make_eval_step(task, setup) if eval_data is not None else None
+  peak = metrics_lib.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0))
+  num_devices = setup.mesh.size
+  preemption = _Preemption(ckpt)
+  bar = tqdm.tqdm(total=num_steps, initial=start, desc=f'train {task.name}', disable=not primary,
+                  dynamic_ncols=True, smoothing=0.1)
+
+  pending: list[tuple[int, dict]] = []  # (step, device metrics) dispatched but not yet checked
+  extra: dict[int, dict] = {}  # step -> eval metrics to log with that step's record
+  timer = {'t': None, 'step': start}
+  global_batch = 0
+
+  def handle(upto_all: bool) -> None:
+    """Fetches metrics of finished steps: stops on NaN, logs. Lags one step behind dispatch unless `upto_all`."""
+    while pending and (upto_all or len(pending) > 1):
+      step, dev = pending.pop(0)
+      m = {name: float(v) for name, v in jax.device_get(dev).items()}
+      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+        ckpt.wait()
+        last = ckpt.latest_step()
+        writer.write(step, m)
+        writer.close()
+        raise NonFiniteLossError(
+            f'loss={m["loss"]} grad_norm={m["grad_norm"]} at step {step}: training stopped and this state was not '
+            f'saved. The last good checkpoint is ' +
+            (f'{ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
+            '. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, check the data, then rerun with '
+            'the same --workdir to resume from it.')
+      bar.update(step - bar.n)
+      now = time.perf_counter()
+      if timer['t'] is None:  # the first step includes compilation: time from its end
+        timer['t'], timer['step'] = now, step
+      is_log = step % max(tc.log_every, 1) == 0 or step == num_steps or step in extra
+      if not is_log:
+        continue
+      if step > timer['step']:
+        steps_per_s = (step - timer['step']) / max(now - timer['t'], 1e-9)
+        m['steps_per_s'] = steps_per_s
+        m['examples_per_s'] = steps_per_s * global_batch
+        if task.tokens_per_example:
+          m['tokens_per_s'] = m['examples_per_s'] * task.tokens_per_example
+        value = metrics_lib.mfu(task.flops_per_example, m['examples_per_s'], num_devices, peak)
+        if math.isfinite(value):
+          m['mfu'] = value
+        timer['t'], timer['step'] = now, step
+      m.update(extra.pop(step, {}))
+      writer.write(step, m)
+      bar.set_postfix({k: f'{m[k]:.4g}' for k in ('loss', 'val_loss') if k in m}, refresh=False)
+
+  step = start
+  try:
+    while step < num_steps:
+      try:
+        local = next(train_iter)
+      except StopIteration:
+        raise RuntimeError(f'the training data ran out after step {step} of {num_steps}; make the pipeline repeat '
+                           '(e.g. grain `.repeat()`) or lower train.num_steps.') from None
+      if not global_batch:
+        global_batch = _check_batch(local, setup, accum)
+      batch = sharding_lib.make_global_batch(local, setup.batch_sharding)
+      state, dev_metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, dev_metrics))
+      handle(upto_all=False)
+
+      val = None
+      if eval_step is not None and tc.eval_every and (step % tc.eval_every == 0 or step == num_steps):
+        val = evaluate(eval_step, state.params, eval_data, setup, tc.num_eval_batches)
+        extra[step] = val
+      preempted = preemption.reached(step)
+      save = preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+      sample = task.write_samples is not None and tc.sample_every and step % tc.sample_every == 0
+      if save or sample or step in extra:
+        handle(upto_all=True)  # never save (or sample from) a state whose loss was not checked
+      if save:
+        # Only checkpoints evaluated at their own step compete for "best".
+        best = {checkpoint_lib.BEST_METRIC: val[checkpoint_lib.BEST_METRIC]} if val else None
+        ckpt.save(step, state.params, {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},
+                  data_iter=train_iter, config=config, metrics=best)
+      if sample:
+        # Runs on every process (sampling from sharded params is collective); the task writes on process 0.
+        task.write_samples(state.params, step, workdir)
+      if preempted:
+        ckpt.wait()
+        msg = (f'Preempted (SIGTERM): saved {ckpt.step_dir(step)}; rerun the same command to resume.')
+        logging.warning(msg)
+        if primary:
+          print(msg, flush=True)
+        break
+    handle(upto_all=True)
+  finally:
+    bar.close()
+    preemption.close()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _param_summary(params: PyTree) -> str:
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  return f'{n / 1e6:.2f}M parameters'

@@ -1,0 +1,83 @@
+"""Mesh, logical-axis shardings and multi-host detection, on 8 fake CPU devices (tests/conftest.py)."""
+
+import jax
+import numpy as np
+import pytest
+
+from nbp_jax import parallel
+from nbp_jax import trainer
+from nbp_jax.parallel import distributed
+from nbp_jax.parallel import mesh as mesh_lib
+from nbp_jax.parallel import sharding as sharding_lib
+import test_trainer_toy as toy
+
+
+def test_mesh_shape_fills_the_rest_and_names_the_field():
+  assert mesh_lib.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+  assert mesh_lib.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match=r'mesh.shape=\(3, -1, 1\)'):
+    mesh_lib.resolve_mesh_shape((3, -1, 1), 8)
+  with pytest.raises(ValueError, match='mesh.shape'):
+    mesh_lib.resolve_mesh_shape((2, 2, 1), 8)
+  mesh = parallel.create_mesh((2, 4, 1))
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_rules_from_json_and_uneven_dims():
+  rules = sharding_lib.normalize_rules([['batch', ['data', 'fsdp']], ['embed', 'fsdp'], ['kv', None]])
+  assert rules == (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('kv', None))
+  mesh = parallel.create_mesh((1, 8, 1))
+  # 3 input channels cannot be split 8 ways: that dimension is replicated instead of failing.
+  spec = sharding_lib.fit_spec(jax.sharding.PartitionSpec('fsdp', None), (3, 16), mesh)
+  assert spec == jax.sharding.PartitionSpec(None, None)
+
+
+def _two_steps(mesh, batches):
+  cfg = toy.config(mesh=mesh.devices.shape)
+  setup = trainer.make_setup(cfg, toy.make_task(), mesh)
+  state = trainer.init_state(cfg, toy.make_task(), setup)
+  step = trainer.make_train_step(toy.make_task(), setup)
+  losses = []
+  for b in batches:
+    state, m = step(state, sharding_lib.make_global_batch(b, setup.batch_sharding))
+    losses.append(float(m['loss']))
+  return losses, jax.device_get(state.params), state
+
+
+def test_meshes_give_the_same_loss_as_one_device_and_fsdp_splits_params():
+  it = iter(toy.dataset(16))
+  batches = [next(it) for _ in range(2)]
+  ref_losses, ref_params, _ = _two_steps(parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]), batches)
+  for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    losses, params, state = _two_steps(parallel.create_mesh(shape), batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    per_device = sharding_lib.per_device_bytes(state.params)
+    opt_per_device = sharding_lib.per_device_bytes(state.opt_state)
+    shards = shape[1] * (shape[2] if shape == (2, 2, 2) else 1)  # embed->fsdp, mlp/vocab->tensor
+    if shape[1] > 1:
+      # Every parameter with an 'embed' axis is split over fsdp (and 'mlp'/'vocab' over tensor): each device
+      # holds ~1/fsdp or less (a little more for the few unsplit biases).
+      for dev, nbytes in per_device.items():
+        assert total / shards * 0.95 <= nbytes <= total / shape[1] * 1.2, (shape, dev, nbytes, total)
+      # Adam's moments are sharded like the params.
+      for dev, nbytes in opt_per_device.items():
+        assert nbytes <= 2 * total / shape[1] * 1.2 + 64, (shape, dev, nbytes)
+      kernel = state.params['params']['mlp_in']['kernel']
+      assert kernel.addressable_shards[0].data.size == kernel.size // shards
+    else:
+      assert all(n == total for n in per_device.values())
+
+
+def test_distributed_detection_from_environment():
+  want = distributed._wants_distributed  # pylint: disable=protected-access
+  assert want({}) is None
+  assert want({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None
+  assert 'SLURM' in want({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'})
+  assert 'JAX_COORDINATOR_ADDRESS' in want({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'})
+  assert want({'NBP_DISTRIBUTED': '1'}) == 'NBP_DISTRIBUTED=1'
+  assert want({'NBP_DISTRIBUTED': '0', 'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}) is None
+  assert not parallel.initialize_distributed({})  # single process: nothing to do
+  assert parallel.is_primary()

