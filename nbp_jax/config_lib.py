@@ -98,9 +98,18 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.adversarial_weight = 0.1
   c.discriminator_start_step = 5000
   c.discriminator_channels = 64
+  c.discriminator_layers = 3
+  c.adaptive_weight = True  # VQGAN-style ratio of gradient norms at the last decoder layer
   c.lecam_weight = 0.0
+  c.lecam_decay = 0.999  # EMA of the discriminator's mean logits, for LeCam
+  c.dtype = 'auto'  # compute dtype; 'auto' = bfloat16 on accelerators, float32 on CPU
+  # Both optimizers: AdamW, linear warmup then cosine to 0 over num_steps (the discriminator's starts at its start step).
   c.lr = 1e-4
   c.discriminator_lr = 1e-4
+  c.b1 = 0.5
+  c.b2 = 0.9
+  c.weight_decay = 1e-4  # on conv kernels only
+  c.grad_clip = 1.0  # per network
   c.warmup_steps = 1000
   c.num_steps = 100_000
   c.batch_size = 64

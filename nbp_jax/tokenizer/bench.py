@@ -1,0 +1,66 @@
+r"""Tokenizer throughput: encode and decode clips/s at the config's clip shape, and peak memory.
+
+  python -m nbp_jax.bench tokenizer --config=configs/demo.py
+  python -m nbp_jax.bench tokenizer --config=configs/k600_700m.py --config.tokenizer.batch_size=16
+
+Random weights (speed does not depend on them); batch = tokenizer.batch_size clips of data.num_frames frames at
+data.resolution. Each function is compiled and run once before timing. Last line:
+  encode_clips_per_s=... decode_clips_per_s=... peak_mb=...
+peak_mb is the device's peak bytes in use where the backend reports it (GPU/TPU), else the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nbp_jax import config_lib
+from nbp_jax.tokenizer import model as tokenizer_model
+
+
+def _time(fn, *args, min_seconds: float = 2.0, min_iters: int = 3) -> float:
+  """Seconds per call after one warm-up call (compilation), averaged over >= min_iters calls and >= min_seconds."""
+  jax.block_until_ready(fn(*args))
+  iters, start = 0, time.perf_counter()
+  while iters < min_iters or time.perf_counter() - start < min_seconds:
+    jax.block_until_ready(fn(*args))
+    iters += 1
+  return (time.perf_counter() - start) / iters
+
+
+def _peak_mb() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2 ** 20
+  # ru_maxrss is KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, float]:
+  model = tokenizer_model.make_model(config)
+  batch = int(config.tokenizer.batch_size)
+  t, h, w = config_lib.latent_shape(config)
+  shape = (batch, config.data.num_frames, config.data.resolution, config.data.resolution, 3)
+  params = jax.jit(lambda r: tokenizer_model.init_params(model, r))(jax.random.key(0))
+  video = jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+  encode = jax.jit(lambda p, v: tokenizer_model.encode(p, v, model))
+  decode = jax.jit(lambda p, c: tokenizer_model.decode(p, c, model))
+  codes = encode(params, video)
+  if codes.shape != (batch, t, h, w):
+    raise AssertionError(f'encode gave codes {codes.shape}, expected {(batch, t, h, w)}.')
+  enc_s = _time(encode, params, video)
+  dec_s = _time(decode, params, codes)
+  result = {'encode_clips_per_s': batch / enc_s, 'decode_clips_per_s': batch / dec_s, 'peak_mb': _peak_mb()}
+  counts = tokenizer_model.param_counts(params)
+  print(f'device={jax.devices()[0].device_kind} tokenizer={config.tokenizer.size} dtype={model.dtype} '
+        f'params={counts["total"] / 1e6:.2f}M batch={batch} clip={shape[1]}x{shape[2]}x{shape[3]} '
+        f'codes={t}x{h}x{w}', file=sys.stderr)
+  print(f'encode {enc_s * 1e3:.1f} ms/batch, decode {dec_s * 1e3:.1f} ms/batch', file=sys.stderr)
+  print(' '.join(f'{k}={v:.2f}' for k, v in result.items()), flush=True)
+  return result
