@@ -75,6 +75,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   c.dtype = 'auto'
   c.param_dtype = 'float32'
   c.remat = False
+  c.scan_layers = True  # nn.scan over layers: one compiled layer body (fast compile for 32 layers)
   return c
 
 
@@ -150,6 +151,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.nbp.first_block = 'none'  # 'bov' (a begin-of-video block), 'hybrid' (token by token) or 'none'
   c.nbp.context_frames = 0  # video frames given at sampling time (frame prediction); 0 = generate all
   c.nbp.cond_drop_prob = 0.0  # class prefix replaced by a learned null embedding (for classifier-free guidance)
+  # Token ids: 'native' (codes, then BOV, placeholders, class ids) or the released checkpoints' 'official_k600'
+  # / 'official_ucf' (BOV 0, placeholders 1..15, text ids + 16, codes + 32016).
+  c.nbp.id_layout = 'native'
+  # official_ucf only: per class, the 8 LLaMA-2 token ids of its name (unshifted); written by --mode=import.
+  c.nbp.class_prefix_ids = ()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

@@ -1,0 +1,231 @@
+"""Block decoding: greedy == a naive full-forward loop, CFG, top-k/top-p, no recompiles, every preset's shapes."""
+
+import functools
+import glob
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nbp_jax import config_lib
+from nbp_jax.nbp import decode, sampling as sampling_lib, train
+from nbp_jax.nbp.layout import BlockLayout, LayoutError, Vocab
+from nbp_jax.nbp.sampling import Sampling
+from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.transformer import Transformer, TransformerConfig, init_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C = 16  # codebook of the micro models
+
+
+def _spec(grid, block, first_block='bov', num_classes=0):
+  vocab = Vocab.native(C, first_block=first_block, block_len=int(np.prod(block)), num_classes=num_classes)
+  layout = BlockLayout(grid, block, prefix_len=vocab.prefix_len, first_block=first_block)
+  model = TransformerConfig(vocab_size=vocab.vocab_size, num_layers=2, num_heads=2, emb_dim=32, max_positions=64,
+                            prefix_len=vocab.prefix_len)
+  return Spec(model=model, layout=layout, vocab=vocab)
+
+
+@functools.lru_cache(maxsize=None)
+def _params(spec, seed=0):
+  @jax.jit
+  def init(rng):
+    params = nn.meta.unbox(train.init_params(spec, rng))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
+    # Large random weights so that every position's logits are distinct and far from ties.
+    return jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return init(jax.random.key(seed))
+
+
+def _naive_greedy(spec, params, labels, context, b, cfg_scale=None):
+  """One token at a time, re-running the full teacher-forced forward each time; no cache, no blocks."""
+  layout, vocab = spec.layout, spec.vocab
+  lo, hi = vocab.video_slice
+  z = np.zeros((b, layout.num_tokens), np.int32)
+  n = 0 if context is None else context.shape[1]
+  if context is not None:
+    z[:, :n] = context
+  prefix = vocab.prefix_ids(labels, b)
+  block_ids = layout.block_ids(np.arange(layout.seq_len))
+  fwd = jax.jit(lambda ids, null: Transformer(spec.model).apply({'params': params}, ids, block_ids, null_cond=null))
+  for j in range(n, layout.num_tokens):
+    q = int(np.flatnonzero(layout.target_index == j)[0])
+    ids = layout.input_ids(prefix, z, vocab)
+    logits = np.asarray(fwd(ids, jnp.zeros(b, bool))[:, q, lo:hi])
+    if cfg_scale is not None:
+      uncond = np.asarray(fwd(ids, jnp.ones(b, bool))[:, q, lo:hi])
+      logits = uncond + cfg_scale * (logits - uncond)
+    z[:, j] = logits.argmax(-1)
+  return z
+
+
+@pytest.mark.parametrize('grid,block,first,classes,ctx', [
+    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0),
+    ((2, 2, 4), (1, 1, 4), 'hybrid', 3, 0),
+    ((3, 2, 4), (1, 2, 2), 'none', 0, 8),
+    ((2, 2, 4), (2, 2, 2), 'bov', 0, 0),
+])
+def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx):
+  spec = _spec(grid, block, first, classes)
+  params = _params(spec)
+  b = 2
+  labels = jnp.array([0, 2]) if classes else None
+  context = np.random.default_rng(0).integers(0, C, (b, ctx)) if ctx else None
+  got = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels,
+                        context=None if context is None else jnp.asarray(context), batch_size=b)
+  want = _naive_greedy(spec, params, labels, context, b)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert len(set(want.ravel().tolist())) > 2  # the model is not degenerate
+
+
+def test_cfg_matches_naive_and_scale_one_is_conditional():
+  spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
+  params = _params(spec)
+  labels = jnp.array([1, 2])
+  guided = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=3.0),
+                           labels=labels)
+  np.testing.assert_array_equal(np.asarray(guided), _naive_greedy(spec, params, labels, None, 2, cfg_scale=3.0))
+  plain = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels)
+  one = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=1.0),
+                        labels=labels)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(plain))
+  assert not np.array_equal(np.asarray(guided), np.asarray(plain))
+  logits = jax.random.normal(jax.random.key(1), (4, 3, C))
+  np.testing.assert_allclose(sampling_lib.guide(logits, 1.0), logits[:2], atol=1e-6)
+
+
+def _np_filter(logits, temperature, top_k, top_p):
+  x = logits / temperature
+  order = np.argsort(-x, axis=-1)
+  out = np.full_like(x, -np.inf)
+  for r in range(x.shape[0]):
+    idx = order[r][:top_k or x.shape[1]]
+    p = np.exp(x[r, idx] - x[r, idx].max())
+    p /= p.sum()
+    keep, mass = [], 0.0
+    for i, pi in zip(idx, p):
+      keep.append(i)
+      mass += pi
+      if mass >= top_p:
+        break
+    out[r, keep] = x[r, keep]
+  return out
+
+
+@pytest.mark.parametrize('top_k,top_p,temperature', [(0, 1.0, 1.0), (3, 1.0, 1.0), (0, 0.5, 0.7), (5, 0.8, 1.3),
+                                                     (4, 1e-6, 1.0)])
+def test_top_k_top_p_match_numpy(top_k, top_p, temperature):
+  logits = np.asarray(jax.random.normal(jax.random.key(2), (6, 10))) * 2
+  s = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+  got = np.asarray(sampling_lib.filter_logits(jnp.asarray(logits), s))
+  want = _np_filter(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+  np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+  assert np.isfinite(got).sum(-1).min() >= 1  # the nucleus keeps at least one token
+  # Samples land in the kept set with the renormalised frequencies.
+  draws = np.asarray(jax.vmap(lambda k: sampling_lib.sample(k, jnp.asarray(logits[:1]), s))(
+      jax.random.split(jax.random.key(3), 4000)))[:, 0]
+  p = np.exp(want[0] - want[0][np.isfinite(want[0])].max())
+  p /= p.sum()
+  np.testing.assert_allclose(np.bincount(draws, minlength=10) / 4000, p, atol=0.03)
+
+
+def test_greedy_is_argmax():
+  logits = jax.random.normal(jax.random.key(4), (3, 5, C))
+  np.testing.assert_array_equal(sampling_lib.sample(jax.random.key(0), logits, Sampling(greedy=True)),
+                                jnp.argmax(logits, -1))
+
+
+def test_no_recompilation_between_calls_with_the_same_shapes():
+  spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
+  params = _params(spec)
+  run = lambda rng, t, p: decode.generate(spec, params, rng, Sampling(temperature=t, top_p=p, top_k=4),  # noqa
+                                          labels=jnp.array([0, 1]))
+  a = run(jax.random.key(0), 1.0, 0.9)
+  size = decode.generate._cache_size()
+  b = run(jax.random.key(1), 0.7, 0.5)  # new rng and new traced sampling values: same executable
+  assert decode.generate._cache_size() == size
+  assert a.shape == b.shape == (2, 8) and int(a.max()) < C
+
+
+def test_context_is_kept_and_labels_are_required():
+  spec = _spec((3, 2, 4), (1, 2, 2), 'none', 0)
+  context = jnp.arange(16).reshape(2, 8) % C
+  z = decode.generate(spec, _params(spec), jax.random.key(0), Sampling(top_k=4), context=context)
+  np.testing.assert_array_equal(z[:, :8], context)
+  cond = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
+  with pytest.raises(LayoutError, match='labels'):
+    decode.generate(cond, _params(cond), jax.random.key(0), batch_size=2)
+
+
+# ---- every preset's shapes ----
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _inputs(config, spec, b):
+  labels = jnp.zeros((b,), jnp.int32) if spec.vocab.prefix_len else None
+  n = config_lib.context_latent_frames(config)
+  context = jnp.zeros((b, n, *spec.layout.latent_shape[1:]), jnp.int32) if n else None
+  return labels, context
+
+
+def test_demo_preset_samples_on_cpu():
+  config = config_lib.task_config('demo', 'micro')
+  spec = spec_from_config(config)
+  params = train.init_params(spec, jax.random.key(0))
+  labels, context = _inputs(config, spec, 2)
+  context = context + 7
+  codes = decode.sample_codes(config, params, jax.random.key(1), labels=labels, context_codes=context)
+  assert codes.shape == (2, *spec.layout.latent_shape) and codes.dtype == jnp.int32
+  np.testing.assert_array_equal(codes[:, :2], context)  # 5 given frames = 2 latent frames, kept
+  assert int(codes.max()) < config_lib.codebook_size(config.tokenizer)
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))), ids=os.path.basename)
+def test_every_preset_generates_abstractly(path):
+  config = _load(path)
+  spec = spec_from_config(config)
+  params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
+  labels, context = _inputs(config, spec, 2)
+  ctx_seq = None if context is None else decode.context_to_seq(spec, context)
+  out = jax.eval_shape(lambda p: decode.generate(spec, p, jax.random.key(0), Sampling(top_k=16000, top_p=0.9),
+                                                 labels=labels, context=ctx_seq, batch_size=2), params)
+  assert out.shape == (2, spec.layout.num_tokens) and out.dtype == jnp.int32
+  m = config.model
+  q = params['blocks']['attn']['query']['kernel']
+  assert q.value.shape == (m.num_layers, m.emb_dim, m.emb_dim)
+  cache = jax.eval_shape(lambda: init_cache(spec.model, 2, spec.layout.seq_len))
+  assert cache.k.shape == (m.num_layers, 2, m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
+  if os.path.basename(path) in ('k600_3b.py', 'ucf101_3b.py'):
+    assert (m.num_layers, m.num_heads, m.emb_dim) == (32, 32, 3072)
+    assert cache.k.shape[0] == 32 and cache.k.shape[2] == 32 and q.value.shape[-1] == 3072
+  if os.path.basename(path).startswith('k600'):
+    assert spec.layout.decode_plan(512).num_steps == 48
+  if os.path.basename(path).startswith('ucf101'):
+    assert spec.layout.decode_plan(0).num_steps == 95
+
+
+def test_official_ucf_layout_generates_abstractly():
+  config = config_lib.task_config('ucf101', '700m')
+  config.model.num_layers = 2  # shapes only; depth does not change the id layout
+  config.nbp.id_layout = 'official_ucf'
+  config.nbp.class_prefix_ids = tuple((1, 100 + c, 2, 2, 2, 2, 2, 2) for c in range(101))
+  spec = spec_from_config(config)
+  assert spec.model.vocab_size == 96016 and spec.layout.seq_len == 1288
+  params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
+  assert params['uncond_embedding'].value.shape == (8, 1536)
+  out = jax.eval_shape(lambda p: decode.generate(spec, p, jax.random.key(0), labels=jnp.zeros(1, jnp.int32)), params)
+  assert out.shape == (1, 1280)
+  config.nbp.class_prefix_ids = ()
+  with pytest.raises(config_lib.ConfigError, match='nbp.class_prefix_ids'):
+    spec_from_config(config)

@@ -1,0 +1,162 @@
+"""Transformer: cached decode == full forward, block 1x1x1 == a numpy causal LM, names and logical axes."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nbp_jax import config_lib
+from nbp_jax.nbp.layout import BlockLayout
+from nbp_jax.nbp.transformer import Transformer, TransformerConfig, init_cache, official_name
+
+V, D, H, LAYERS = 20, 32, 2, 2
+
+
+def _cfg(**kw):
+  base = dict(vocab_size=V, num_layers=LAYERS, num_heads=H, emb_dim=D, max_positions=64, prefix_len=2)
+  base.update(kw)
+  return TransformerConfig(**base)
+
+
+def _params(cfg, seed=0):
+  """Random params; every leaf perturbed so zero-init biases/pos_emb and unit LayerNorms are exercised too."""
+  @jax.jit
+  def init(rng):
+    params = nn.meta.unbox(Transformer(cfg).init(rng, jnp.zeros((1, 8), jnp.int32), jnp.arange(8))['params'])
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return init(jax.random.key(seed))
+
+
+def _full_logits(cfg, params, ids, layout, null_cond=None):
+  fn = jax.jit(lambda p, i, b, n: Transformer(cfg).apply({'params': p}, i, b, null_cond=n))
+  return fn(params, ids, layout.block_ids(np.arange(ids.shape[1])), null_cond)
+
+
+@pytest.mark.parametrize('first_block,block,scan', [('bov', (1, 1, 3), True), ('hybrid', (1, 1, 3), False),
+                                                    ('none', (1, 2, 2), True)])
+def test_cached_decode_equals_full_forward(first_block, block, scan):
+  cfg = _cfg(scan_layers=scan)
+  params = _params(cfg)
+  layout = BlockLayout((2, 2, 6) if block == (1, 1, 3) else (2, 4, 4), block, prefix_len=2, first_block=first_block)
+  s = layout.seq_len
+  ids = jax.random.randint(jax.random.key(3), (2, s), 0, V)
+  null_cond = jnp.array([False, True])
+  full = _full_logits(cfg, params, ids, layout, null_cond)
+
+  step = jax.jit(lambda *a: Transformer(cfg).apply({'params': params}, *a, null_cond=null_cond,
+                                                    method=Transformer.decode))
+  cache = init_cache(cfg, 2, s)
+  k_block = layout.block_ids(np.arange(s))
+  groups = [(0, layout.prefix_len)] + layout.groups()  # the prefix alone, then block by block
+  got = []
+  for start, size in groups:
+    pos = np.arange(start, start + size)
+    logits, cache = step(ids[:, start:start + size], jnp.int32(start), cache, layout.block_ids(pos), k_block)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
+
+
+# ---- an independent numpy forward of the official architecture (official_nbp.md), plain causal mask ----
+
+def _np_ln(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _np_causal_lm(params, ids, num_heads):
+  p = jax.tree_util.tree_map(np.asarray, params)
+  t = ids.shape[1]
+  x = p['tok_emb']['embedding'][ids] + p['pos_emb'][:t]
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(LAYERS):
+    blk = p[f'blocks_{i}']
+    h = _np_ln(x, blk['ln1'])
+    dense = lambda y, q: y @ q['kernel'] + q['bias']  # noqa: E731
+    split = lambda y: y.reshape(*y.shape[:2], num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    q, k, v = (split(dense(h, blk['attn'][n])) for n in ('query', 'key', 'value'))
+    att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    att = np.where(causal, att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    y = (att @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+    x = x + dense(y, blk['attn']['proj'])
+    h = _np_gelu(dense(_np_ln(x, blk['ln2']), blk['mlp']['fc1']))
+    x = x + dense(h, blk['mlp']['fc2'])
+  return _np_ln(x, p['ln_f']) @ p['head']['kernel']
+
+
+def test_block_1x1x1_is_a_plain_causal_lm():
+  cfg = _cfg(scan_layers=False, prefix_len=0)
+  params = _params(cfg, seed=4)
+  layout = BlockLayout((1, 3, 4), (1, 1, 1), first_block='none')  # NTP: block ids are the positions
+  ids = jax.random.randint(jax.random.key(5), (2, layout.seq_len), 0, V)
+  np.testing.assert_array_equal(np.asarray(layout.train_mask()), np.tril(np.ones((11, 11), bool)))
+  got = _full_logits(cfg, params, ids, layout)
+  np.testing.assert_allclose(got, _np_causal_lm(params, np.asarray(ids), H), atol=2e-5, rtol=1e-5)
+
+
+def test_scan_and_unrolled_layers_agree():
+  cfg_u = _cfg(scan_layers=False)
+  params_u = _params(cfg_u, seed=6)
+  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params_u[f'blocks_{i}'] for i in range(LAYERS)])
+  params_s = {k: v for k, v in params_u.items() if not k.startswith('blocks_')} | {'blocks': stacked}
+  layout = BlockLayout((1, 2, 6), (1, 1, 3), prefix_len=2)
+  ids = jax.random.randint(jax.random.key(7), (1, layout.seq_len), 0, V)
+  np.testing.assert_allclose(_full_logits(_cfg(scan_layers=True), params_s, ids, layout),
+                             _full_logits(cfg_u, params_u, ids, layout), atol=1e-5)
+
+
+def test_null_condition_replaces_the_prefix():
+  cfg = _cfg()
+  params = _params(cfg, seed=8)
+  layout = BlockLayout((1, 1, 6), (1, 1, 3), prefix_len=2)
+  ids = jax.random.randint(jax.random.key(9), (1, layout.seq_len), 0, V)
+  other = ids.at[:, :2].set((ids[:, :2] + 1) % V)  # another class prefix
+  both = jnp.concatenate([ids, other])
+  cond = _full_logits(cfg, params, both, layout, jnp.array([False, False]))
+  null = _full_logits(cfg, params, both, layout, jnp.array([True, True]))
+  assert not np.allclose(cond[0], cond[1])  # the prefix matters ...
+  np.testing.assert_allclose(null[0], null[1], atol=1e-6)  # ... unless it is replaced by the null embedding
+
+
+def test_params_have_official_names_and_logical_axes():
+  cfg = _cfg(scan_layers=False)
+  boxed = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params']
+  rules = {name for name, _ in config_lib.DEFAULT_AXIS_RULES}
+  flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  names = {}
+  for path, leaf in flat:
+    assert isinstance(leaf, nn.LogicallyPartitioned), path
+    assert len(leaf.names) == leaf.value.ndim and set(leaf.names) - {None} <= rules, (path, leaf.names)
+    names[official_name(tuple(k.key for k in path))] = leaf.value.shape
+  expected = {'transformer.tok_emb.weight', 'transformer.pos_emb', 'transformer.uncond_embedding',
+              'transformer.ln_f.weight', 'transformer.ln_f.bias', 'transformer.head.weight'}
+  for i in range(LAYERS):
+    for n in ('ln1', 'ln2', 'attn.key', 'attn.query', 'attn.value', 'attn.proj', 'mlp.0', 'mlp.2'):
+      expected |= {f'transformer.blocks.{i}.{n}.weight', f'transformer.blocks.{i}.{n}.bias'}
+  assert set(names) == expected
+  assert names['transformer.blocks.0.mlp.0.weight'] == (D, 4 * D)  # Flax [in, out]: transpose torch's [out, in]
+  assert names['transformer.pos_emb'] == (64, D) and names['transformer.head.weight'] == (D, V)
+  scanned = Transformer(_cfg()).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params']
+  q = scanned['blocks']['attn']['query']['kernel']
+  assert q.names == ('layers', 'embed', 'heads') and q.value.shape == (LAYERS, D, D)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  cfg = _cfg(dtype='bfloat16')
+  boxed = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params']
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.meta.unbox(boxed)))
+  layout = BlockLayout((1, 1, 6), (1, 1, 3), prefix_len=2)
+  logits = _full_logits(cfg, nn.meta.unbox(boxed), jnp.zeros((1, layout.seq_len), jnp.int32), layout)
+  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+  assert init_cache(cfg, 1, 8).k.dtype == jnp.bfloat16
