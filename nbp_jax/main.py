@@ -45,6 +45,8 @@ def resolve_stage(mode: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
   config = _CONFIG.value
   mode = _MODE.value
   try:

@@ -63,13 +63,30 @@ def _example(i: int, seed: int) -> dict:
 def dataset(batch_size: int, seed: int = 0, delay_s: float = 0.0) -> grain.IterDataset:
   """An endless, shuffled, batched grain pipeline; batch i carries 'step' = i + 1 (for the NaN test)."""
 
-  def tag(i, b):
-    if delay_s:
-      time.sleep(delay_s)  # slows the killed subprocess down so the test can stop it mid-run
-    return {**b, 'step': np.full_like(b['step'], i + 1)}
-
   ds = grain.MapDataset.range(64).shuffle(seed=seed).repeat().map(lambda i: _example(int(i), seed))
-  return ds.batch(batch_size).map_with_index(tag).to_iter_dataset()
+  ds = ds.batch(batch_size).map_with_index(lambda i, b: {**b, 'step': np.full_like(b['step'], i + 1)})
+  return _Slow(ds.to_iter_dataset(), delay_s) if delay_s else ds.to_iter_dataset()
+
+
+class _Slow:
+  """Slows the subprocess the tests kill, so that it is stopped mid-run (grain prefetches in threads, so a sleep
+  inside the pipeline would not slow the loop). Keeps get_state/set_state: still checkpointable."""
+
+  def __init__(self, ds, delay_s):
+    self._it, self._delay = iter(ds), delay_s
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    time.sleep(self._delay)
+    return next(self._it)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
 
 
 def reference_config():

@@ -1,0 +1,142 @@
+"""Checkpoints: kill-and-resume gives the uninterrupted loss sequence, SIGTERM saves cleanly, corrupt checkpoints
+fall back, another config's checkpoint is refused by name, and an 8-device checkpoint restores onto 1 device."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nbp_jax import checkpoint
+from nbp_jax import metrics
+from nbp_jax import parallel
+from nbp_jax import trainer
+import test_trainer_toy as toy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+
+
+def _train(workdir, **kw):
+  return trainer.train(toy.reference_config(), workdir, toy.make_task(**kw), toy.dataset(16),
+                       eval_data=lambda: iter(toy.dataset(16, seed=1)))
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """12 uninterrupted steps on 8 devices; checkpoints at 3, 6, 9, 12; validation at 6 and 12."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  state = _train(workdir)
+  return workdir, _losses(workdir), jax.device_get(state.params)
+
+
+def _start(workdir, delay_s=0.3):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE]))
+  return subprocess.Popen([sys.executable, os.path.join(HERE, 'test_trainer_toy.py'), workdir, str(delay_s)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_steps(proc, workdir, n, checkpoint_step=None, timeout=120):
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  ckpt = os.path.join(workdir, 'checkpoints', str(checkpoint_step), 'commit_success.txt')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      pytest.fail(f'training subprocess exited early ({proc.returncode}):\n{proc.stdout.read()}')
+    if os.path.exists(path):
+      with open(path) as f:
+        if sum(1 for _ in f) >= n and (checkpoint_step is None or os.path.exists(ckpt)):
+          return
+    time.sleep(0.05)
+  proc.kill()
+  pytest.fail(f'no {n} steps logged in {timeout}s')
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference, tmp_path):
+  ref_dir, ref_losses, _ = reference
+  workdir = str(tmp_path)
+  proc = _start(workdir)
+  _wait_for_steps(proc, workdir, 5, checkpoint_step=3)  # past the step-3 checkpoint, mid-way to step 6
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+  assert steps and max(steps) < 12, steps
+  _train(workdir)  # resumes from the latest complete checkpoint
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 13))  # metrics.jsonl reads as one run: no duplicated steps
+  np.testing.assert_allclose([losses[s] for s in range(1, 13)], [ref_losses[s] for s in range(1, 13)], rtol=1e-6)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = _start(workdir)
+  _wait_for_steps(proc, workdir, 4)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'Preempted (SIGTERM)' in out
+  last_logged = max(_losses(workdir))
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == last_logged < 12
+  assert last_logged % 3 != 0 or last_logged in ckpt.all_steps()
+  ckpt.close()
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path, capsys):
+  ref_dir, ref_losses, _ = reference
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(ref_dir, workdir)
+  # Damage the newest checkpoint's array data (e.g. a disk that filled up after the commit marker).
+  data_root = os.path.join(workdir, 'checkpoints', '12', 'params')
+  for root, _, files in os.walk(data_root):
+    for name in files:
+      if root != data_root:
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  cfg = toy.reference_config()
+  cfg.train.num_steps = 12
+  trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16), eval_data=lambda: iter(toy.dataset(16, seed=1)))
+  out = capsys.readouterr().out
+  assert 'checkpoints/12 is unreadable' in out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12.corrupt'))
+  losses = _losses(workdir)  # redone from step 9: same numbers
+  np.testing.assert_allclose([losses[s] for s in (10, 11, 12)], [ref_losses[s] for s in (10, 11, 12)], rtol=1e-6)
+
+
+def test_checkpoint_of_another_config_is_refused_by_parameter_name(reference, tmp_path):
+  ref_dir, _, _ = reference
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(ref_dir, workdir)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"params/embed_in/bias.*shape \(16,\).*\(24,\)"):
+    _train(workdir, embed=24)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12'))  # a mismatch is not mistaken for corruption
+
+
+def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
+  ref_dir, ref_losses, ref_params = reference
+  params, step = checkpoint.restore_params(ref_dir)
+  assert step == 12
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), ref_params)
+  assert len(jax.tree_util.tree_leaves(params)[0].sharding.device_set) == 1
+  # Best by validation loss is kept beside the last 3.
+  val = {r['step']: r['val_loss'] for r in metrics.read_metrics(ref_dir) if 'val_loss' in r}
+  _, best = checkpoint.restore_params(ref_dir, best=True)
+  assert best == min(val, key=val.get)
+  # Training goes on from the 8-device checkpoint on a 1-device mesh.
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(ref_dir, workdir)
+  cfg = toy.reference_config()
+  cfg.train.num_steps = 13
+  one = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
+  state = trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16), mesh=one)
+  assert int(state.step) == 13 and len(state.params['params']['head']['kernel'].sharding.device_set) == 1
+  assert checkpoint.load_config(workdir).mesh.shape == (-1, 1, 1)
