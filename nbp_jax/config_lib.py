@@ -135,7 +135,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 0  # 0 = unconditional
   c.data.batch_size = 64  # global, over all hosts
   c.data.worker_count = 0  # grain worker processes per host (0 = in-process)
-  c.data.clips_per_video = 1  # prepare_data: how many 17-frame clips to cut from each video
+  # prepare_data: clips cut from each video, evenly spaced from its first frame; <= 0 = every non-overlapping clip.
+  c.data.clips_per_video = 1
+  c.data.prepare_workers = 0  # prepare_data: videos decoded in parallel (0 = one per CPU core)
+  c.data.eval_split = ''  # split the trainer evaluates on; '' = 'validation' if prepared, else 'test'
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_train = 512
   c.data.synthetic.num_val = 64

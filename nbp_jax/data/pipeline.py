@@ -1,0 +1,134 @@
+"""Grain input pipelines over the array_record datasets of builder.py.
+
+  ds = pipeline.make_dataset(config, workdir, 'train', seed=config.seed)    # grain.MapDataset of batches
+  it = pipeline.make_iterator(ds, worker_count=config.data.worker_count)    # grain DatasetIterator
+  batch = next(it)  # {'video': uint8 [B, T, H, W, 3], 'label': int32 [B]}, B = data.batch_size // hosts
+  state = it.get_state(); ...; it.set_state(state)  # checkpointable position
+
+Order of operations: records -> global shuffle (seeded, a new permutation every epoch) -> repeat -> this host's
+shard (every shard_count-th element) -> batches. All hosts compute the same permutation, so the hosts' shards
+are disjoint within an epoch and together cover it. The pipeline is generic over the record's features: the
+pre-tokenized dataset ('codes' int16 [t, h, w], 'label') goes through the same function with its `location`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from nbp_jax.data import builder
+
+# Prefetch counts batches, not examples: a 256 x 17 x 128 x 128 x 3 batch is 214 MB.
+_READ_THREADS = 4
+_PREFETCH_BATCHES = 4
+
+
+def eval_split(config, workdir: str, location: builder.Location | None = None) -> str:
+  """config.data.eval_split, or the first of 'validation', 'test' the dataset has."""
+  if config.data.get('eval_split', ''):
+    return config.data.eval_split
+  location = location or builder.video_location(config, workdir)
+  splits = builder.load_info(location).splits
+  for name in ('validation', 'test'):
+    if name in splits:
+      return name
+  raise ValueError(f'The dataset at {location.path} has no validation or test split (it has {sorted(splits)}); '
+                   'set --config.data.eval_split to one of them.')
+
+
+def num_examples(config, workdir: str, split: str, location: builder.Location | None = None) -> int:
+  """Records in one split of the dataset (all hosts together)."""
+  location = location or builder.video_location(config, workdir)
+  info = builder.load_info(location)
+  if split not in info.splits:
+    raise ValueError(f'Split {split!r} is not in the dataset at {location.path}; it has {sorted(info.splits)}.')
+  return info.splits[split].num_examples
+
+
+class _CastToStoredDtypes(grain.transforms.Map):
+  """Records come back with scalars as Python ints; cast every feature to the dtype it was written with."""
+
+  def __init__(self, dtypes: dict[str, np.dtype]):
+    self._dtypes = dtypes
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in element.items() if k in self._dtypes}
+
+
+def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: int | None = None,
+                 shard_count: int | None = None, batch_size: int | None = None, shuffle: bool | None = None,
+                 num_epochs: int | None | str = 'auto', drop_remainder: bool = True,
+                 location: builder.Location | None = None) -> grain.MapDataset:
+  """Batches of one split as a grain.MapDataset.
+
+  Args:
+    config: the run config (reads config.data).
+    workdir: the run's workdir (the dataset is WORKDIR/data unless config.data.dir is set).
+    split: 'train', 'validation', 'test', ... as prepared; 'eval' = eval_split(config, ...).
+    seed: shuffle seed; the same seed gives the same batches, byte for byte.
+    shard_index, shard_count: this host's shard; default jax.process_index() / jax.process_count().
+    batch_size: global batch over all hosts (default config.data.batch_size); each host gets
+      batch_size // shard_count examples per batch.
+    shuffle: default True for 'train', False otherwise.
+    num_epochs: None repeats forever; 'auto' = None for 'train', 1 otherwise.
+    drop_remainder: drop a last partial batch (keeps shapes static for jit).
+    location: the dataset to read; default builder.video_location(config, workdir). Pass another location
+      (e.g. the pre-tokenized codes) to read its records with the same pipeline.
+
+  Returns:
+    grain.MapDataset whose elements are dicts of numpy arrays with a leading batch axis, e.g.
+    {'video': uint8 [B, T, H, W, 3], 'label': int32 [B]}.
+  """
+  location = location or builder.video_location(config, workdir)
+  if split == 'eval':
+    split = eval_split(config, workdir, location)
+  if shard_index is None or shard_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} must be in [0, shard_count={shard_count}).')
+  batch_size = config.data.batch_size if batch_size is None else batch_size
+  if batch_size % shard_count:
+    raise ValueError(f'data.batch_size={batch_size} is not divisible by the {shard_count} hosts; use a multiple of '
+                     f'{shard_count}.')
+  per_host = batch_size // shard_count
+  shuffle = (split == 'train') if shuffle is None else shuffle
+  if num_epochs == 'auto':
+    num_epochs = None if split == 'train' else 1
+
+  info = builder.load_info(location)
+  if split not in info.splits:
+    raise ValueError(f'Split {split!r} is not in the dataset at {location.path}; it has {sorted(info.splits)}.')
+  dtypes = {k: np.dtype(f.np_dtype) for k, f in info.features.items()}
+  source = builder.data_source(location, split)
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'Split {split!r} of {location.path} is empty.')
+
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    # Before repeat: grain then draws a fresh permutation (seed + epoch) for every epoch.
+    ds = ds.shuffle(seed=seed % 2**32)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds[shard_index::shard_count]
+  if len(ds) < sys.maxsize and len(ds) < per_host and drop_remainder:
+    raise ValueError(f'Split {split!r} has {len(ds)} examples on this host, fewer than one batch of {per_host}; '
+                     'lower data.batch_size or prepare more clips.')
+  ds = ds.map(_CastToStoredDtypes(dtypes))
+  return ds.batch(per_host, drop_remainder=drop_remainder)
+
+
+def make_iterator(dataset: grain.MapDataset, *, worker_count: int = 0) -> grain.DatasetIterator:
+  """An iterator over `dataset` with get_state()/set_state() (a small dict) for checkpoints.
+
+  worker_count > 0 reads and decodes in that many worker processes (grain mp_prefetch); the state is the same
+  kind of dict and restores the same position.
+  """
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES))
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(ds)
