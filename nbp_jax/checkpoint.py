@@ -197,6 +197,15 @@ class Checkpointer:
         best, best_val = step, m[BEST_METRIC]
     return best
 
+  def params_metadata(self, step: int) -> PyTree:
+    """Tree of orbax ArrayMetadata (shape, dtype) of the params saved at `step`."""
+    return self._manager.item_metadata(step)['params'].tree
+
+  def restore_params(self, step: int, abstract_params: PyTree) -> PyTree:
+    """Only the params of `step` (no optimizer state: a third of the memory), onto the abstract's shardings."""
+    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))[
+        'params']
+
   def save(self, step: int, params: PyTree, train_state: PyTree, data_iter: Any = None,
            config: Optional[ml_collections.ConfigDict] = None, metrics: Optional[dict[str, float]] = None) -> bool:
     """Starts an asynchronous save of step `step`; returns False if that step is already saved."""
@@ -209,6 +218,10 @@ class Checkpointer:
       items['config'] = ocp.args.JsonSave(config_to_dict(config))
     metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True on every process once any got a preemption notice (JAX's sync point), at the same step."""
+    return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -311,8 +324,7 @@ def restore_params(workdir: str, step: Optional[int] = None, *, shardings: Optio
       raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
     if step not in ckpt.all_steps():
       raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
-    md = ckpt._manager.item_metadata(step)  # pylint: disable=protected-access
-    tree = md['params'].tree
+    tree = ckpt.params_metadata(step)
     if shardings is not None:
       abstract = jax.tree_util.tree_map(
           lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=s), tree, shardings,
@@ -323,8 +335,6 @@ def restore_params(workdir: str, step: Optional[int] = None, *, shardings: Optio
       else:
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = _abstract_from_metadata(tree, lambda m: default)
-    restored = ckpt._manager.restore(  # pylint: disable=protected-access
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-    return restored['params'], step
+    return ckpt.restore_params(step, abstract), step
   finally:
     ckpt.close()

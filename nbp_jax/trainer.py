@@ -161,23 +161,30 @@ def make_train_step(task: Task, setup: Setup, grad_accum_steps: int = 1) -> Call
                                                                                   tuple[TrainState, dict]]:
   """(state, global batch) -> (new state, scalar metrics); jitted, state donated.
 
-  Metrics: the task's (averaged over micro-batches), 'loss', 'grad_norm' (before clipping), 'param_norm',
-  'update_norm', 'learning_rate' (default optimizer only).
+  The loss sees the batch plus batch['step'] = state.step (int32 scalar, 0-based index of this optimizer step;
+  e.g. the tokenizer starts its discriminator at a given step). Metrics: the task's (averaged over micro-batches),
+  'loss', 'grad_norm' (before clipping), 'param_norm' (after the update), 'update_norm', 'learning_rate' (default
+  optimizer only).
   """
   k = int(grad_accum_steps)
   batch_axes = sharding_lib.batch_axes(setup.rules)
   prepare = task.prepare_batch or (lambda b: b)
 
-  def loss_and_grads(params, batch, rng):
+  def loss_and_grads(params, batch, rng, step):
+    batch = dict(batch, step=step)  # the optimizer step (0-based), for losses that change over training
+
     def loss_fn(p):
       return task.loss_fn(p, prepare(batch), rng, True)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, dict(metrics), grads
 
   def step_fn(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)  # a new dropout key every step, identical on resume
+    # A new dropout key every step (and micro-batch), identical on resume. No per-device folding is needed: with
+    # partitionable threefry (JAX's default) each device draws its own slice of one global random array, so
+    # shards get different masks and the numbers do not depend on the mesh.
+    rng = jax.random.fold_in(state.rng, state.step)
     if k == 1:
-      loss, metrics, grads = loss_and_grads(state.params, batch, rng)
+      loss, metrics, grads = loss_and_grads(state.params, batch, rng, state.step)
     else:
       # Micro-batch i = examples i, i+k, ...: every device keeps its share of each micro-batch.
       def split(x):
@@ -185,12 +192,12 @@ def make_train_step(task: Task, setup: Setup, grad_accum_steps: int = 1) -> Call
         return jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, P(None, batch_axes)))
       micro = jax.tree_util.tree_map(split, batch)
       first = jax.tree_util.tree_map(lambda x: x[0], micro)
-      _, metrics_shape, _ = jax.eval_shape(loss_and_grads, state.params, first, rng)
+      _, metrics_shape, _ = jax.eval_shape(loss_and_grads, state.params, first, rng, state.step)
 
       def body(carry, inputs):
         i, mb = inputs
         g_acc, l_acc, m_acc = carry
-        loss, metrics, grads = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+        loss, metrics, grads = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i), state.step)
         g_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), g_acc, grads)
         m_acc = jax.tree_util.tree_map(lambda a, m: a + m.astype(jnp.float32), m_acc, metrics)
         return (g_acc, l_acc + loss.astype(jnp.float32), m_acc), None
@@ -290,7 +297,7 @@ class _Preemption:
 
   def reached(self, step: int) -> bool:
     if self._multihost:
-      return self._ckpt._manager.reached_preemption(step)  # pylint: disable=protected-access
+      return self._ckpt.reached_preemption(step)
     return self._event.is_set()
 
   def close(self) -> None:
@@ -334,6 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
                            'rng': setup.abstract_state.rng}, data_iter=train_iter)
   if restored is None:
     state = init_state(config, task, setup)
+    writer.truncate_after(0)  # lines of a run killed before its first checkpoint
     logging.info('Fresh start: %s', _param_summary(state.params))
   else:
     step, params, ts = restored

@@ -33,11 +33,12 @@ def test_rules_from_json_and_uneven_dims():
   assert spec == jax.sharding.PartitionSpec(None, None)
 
 
-def _two_steps(mesh, batches):
+def _two_steps(mesh, batches, **task_kw):
   cfg = toy.config(mesh=mesh.devices.shape)
-  setup = trainer.make_setup(cfg, toy.make_task(), mesh)
-  state = trainer.init_state(cfg, toy.make_task(), setup)
-  step = trainer.make_train_step(toy.make_task(), setup)
+  task = toy.make_task(**task_kw)
+  setup = trainer.make_setup(cfg, task, mesh)
+  state = trainer.init_state(cfg, task, setup)
+  step = trainer.make_train_step(task, setup)
   losses = []
   for b in batches:
     state, m = step(state, sharding_lib.make_global_batch(b, setup.batch_sharding))
@@ -69,6 +70,17 @@ def test_meshes_give_the_same_loss_as_one_device_and_fsdp_splits_params():
       assert kernel.addressable_shards[0].data.size == kernel.size // shards
     else:
       assert all(n == total for n in per_device.values())
+
+
+def test_dropout_does_not_depend_on_the_mesh():
+  # One key per step, folded from the state's key; with partitionable threefry (the default) each device draws
+  # its own slice of the same global random array, so shards get different masks and the result is the mesh's
+  # business only, not the model's.
+  assert jax.config.jax_threefry_partitionable
+  batches = [next(iter(toy.dataset(16)))]
+  one, _, _ = _two_steps(parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]), batches, dropout=0.5)
+  many, _, _ = _two_steps(parallel.create_mesh((2, 2, 2)), batches, dropout=0.5)
+  np.testing.assert_allclose(many, one, rtol=1e-5)
 
 
 def test_distributed_detection_from_environment():

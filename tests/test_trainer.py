@@ -114,7 +114,7 @@ def test_launchers_pass_shellcheck():
 
 
 def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
-  """The NBP transformer (nbp_jax/nbp/train.py) through the same loop: 3 steps on a (2,2,2) mesh, eval, restore."""
+  """The NBP transformer (nbp_jax/nbp/train.py) through the same loop: 2 steps on a (2,2,2) mesh, restore."""
   nbp_train = pytest.importorskip('nbp_jax.nbp.train')
   from nbp_jax import config_lib  # pylint: disable=g-import-not-at-top
   from nbp_jax import trainer_bench  # pylint: disable=g-import-not-at-top
@@ -122,7 +122,7 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
   cfg.data.batch_size = 8
   cfg.mesh.shape = (2, 2, 2)
   cfg.optim.warmup_steps = 1
-  cfg.train.update(num_steps=3, log_every=1, eval_every=3, num_eval_batches=1, checkpoint_every=3)
+  cfg.train.update(num_steps=2, log_every=1, eval_every=0, checkpoint_every=2)
   config_lib.validate(cfg, 'train')
 
   def batches(seed):
@@ -130,11 +130,11 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
       yield trainer_bench.random_batch(cfg, 8, seed=seed * 1000 + i)
 
   task = nbp_train.make_task(cfg)
-  state = trainer.train(cfg, str(tmp_path), task, batches(0), eval_data=lambda: batches(1))
+  state = trainer.train(cfg, str(tmp_path), task, batches(0))
   records = metrics.read_metrics(str(tmp_path))
-  assert [r['step'] for r in records] == [1, 2, 3]
-  assert all(math.isfinite(r['loss']) for r in records) and 'val_loss' in records[-1]
+  assert [r['step'] for r in records] == [1, 2]
+  assert all(math.isfinite(r['loss']) for r in records)
   assert records[-1]['tokens_per_s'] > 0 and 'accuracy' in records[-1]
   params, step = checkpoint.restore_params(str(tmp_path))
-  assert step == 3
+  assert step == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))

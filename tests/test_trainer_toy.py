@@ -45,8 +45,8 @@ def make_task(dropout: float = 0.0, nan_at_step: int = 0, embed: int = EMBED) ->
   def loss_fn(params, batch, rng, train):
     logits = model.apply(params, batch['x'], train, rngs={'dropout': rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['y']).mean()
-    if nan_at_step:
-      loss = jnp.where(batch['step'][0] >= nan_at_step, jnp.nan, loss)
+    if nan_at_step:  # batch['step'] is added by the trainer: the 0-based index of this optimizer step
+      loss = jnp.where(batch['step'] + 1 >= nan_at_step, jnp.nan, loss)
     acc = (logits.argmax(-1) == batch['y']).mean()
     return loss, {'accuracy': acc}
 
@@ -57,14 +57,14 @@ def make_task(dropout: float = 0.0, nan_at_step: int = 0, embed: int = EMBED) ->
 def _example(i: int, seed: int) -> dict:
   r = np.random.default_rng([seed, i])
   x = r.normal(size=(IN,)).astype(np.float32)
-  return {'x': x, 'y': np.int32(int(abs(x[:3].sum()) * 3) % CLASSES), 'step': np.int32(0)}
+  return {'x': x, 'y': np.int32(int(abs(x[:3].sum()) * 3) % CLASSES)}
 
 
 def dataset(batch_size: int, seed: int = 0, delay_s: float = 0.0) -> grain.IterDataset:
-  """An endless, shuffled, batched grain pipeline; batch i carries 'step' = i + 1 (for the NaN test)."""
+  """An endless, shuffled, batched grain pipeline of {'x': float32 [B, 8], 'y': int32 [B]}."""
 
   ds = grain.MapDataset.range(64).shuffle(seed=seed).repeat().map(lambda i: _example(int(i), seed))
-  ds = ds.batch(batch_size).map_with_index(lambda i, b: {**b, 'step': np.full_like(b['step'], i + 1)})
+  ds = ds.batch(batch_size)
   return _Slow(ds.to_iter_dataset(), delay_s) if delay_s else ds.to_iter_dataset()
 
 
