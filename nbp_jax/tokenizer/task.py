@@ -1,0 +1,221 @@
+"""The tokenizer as a `Task` for the shared trainer: generator (tokenizer) and discriminator in one loss.
+
+Parameters: {'generator': tokenizer params, 'discriminator': PatchGAN params[, 'lecam': {'ema_real', 'ema_fake'}]}.
+
+One scalar loss serves both networks; stop_gradient routes each term to its network:
+  loss = nll(recon) + adversarial_weight * d_weight * g_loss(D_sg(recon))       -> generator only (D stopped)
+         + hinge(D(sg(real)), D(sg(recon))) [+ lecam_weight * LeCam]             -> discriminator only
+         [+ 0.5 * (ema - sg(mean logits))^2]                                      -> LeCam EMAs only
+so d loss / d generator = generator loss and d loss / d discriminator = discriminator loss. `make_optimizer` gives
+each top-level entry its own optax chain (`optax.multi_transform`); the LeCam EMAs use plain SGD with learning rate
+(1 - lecam_decay), which makes the gradient step exactly ema <- decay * ema + (1 - decay) * mean(logits).
+
+The adaptive weight d_weight (VQGAN) = ||d nll / dW|| / ||d g_loss / dW|| at the last decoder conv kernel W is
+computed inside the loss with one vector-Jacobian product through that conv only (no second decoder pass).
+
+Batch contract: {'video': uint8 [B, T, H, W, 3], 'step': int32 global step, a scalar or [B] (all equal)}; the
+train_tokenizer stage adds 'step' to every training batch (`StepCounter` in tokenizer/train.py).
+The GAN terms are computed only when train=True and step >= tokenizer.discriminator_start_step (`lax.cond`, so
+earlier steps do not pay for the discriminator); with train=False the loss is the reconstruction objective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nbp_jax import config_lib
+from nbp_jax import task as task_lib
+from nbp_jax.tokenizer import fsq
+from nbp_jax.tokenizer import losses
+from nbp_jax.tokenizer import model as tokenizer_model
+
+_GAN_METRICS = ('g_loss', 'd_weight', 'd_loss', 'lecam_loss', 'logits_real', 'logits_fake')
+
+
+def make_discriminator(config: ml_collections.ConfigDict) -> losses.PatchDiscriminator:
+  tok = config.tokenizer
+  dtype = config_lib.resolve_dtype(tok.get('dtype', 'float32'))
+  return losses.PatchDiscriminator(tok.discriminator_channels, tok.discriminator_layers, jnp.dtype(dtype))
+
+
+def _to_unit(video: jax.Array) -> jax.Array:
+  if jnp.issubdtype(video.dtype, jnp.integer):
+    return video.astype(jnp.float32) / 255.0
+  return video.astype(jnp.float32)
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Tokenizer,
+                 disc: losses.PatchDiscriminator):
+  """(params, batch, rng, train) -> (scalar loss, metrics); see the module docstring for the contract."""
+  tok = config.tokenizer
+  lpips_fn = losses.make_lpips() if tok.perceptual_weight > 0 else None
+  use_lecam = tok.lecam_weight > 0
+  last = f'decoder_layers_{len(tokenizer_model.decoder_layers(model.spec)) - 1}'
+
+  def nll_fn(recon, target):
+    rec = losses.recon_loss(recon, target, tok.recon_loss)
+    per = losses.perceptual_loss(lpips_fn, recon, target) if lpips_fn is not None else jnp.zeros(())
+    return tok.recon_weight * rec + tok.perceptual_weight * per, (rec, per)
+
+  def loss_fn(params, batch, rng, train):
+    del rng  # nothing stochastic
+    if 'video' not in batch:
+      raise KeyError(f"the tokenizer loss needs batch['video'] (uint8 [B, T, H, W, 3]); got keys {sorted(batch)}.")
+    x = _to_unit(batch['video'])
+    gen = params['generator']
+    apply = lambda method, *args, p=gen: model.apply({'params': p}, *args, method=method)
+    z = apply(tokenizer_model.Tokenizer.encode_latents, x)
+    codes, _ = fsq.quantize(z, model.spec.fsq_levels)
+    features = apply(tokenizer_model.Tokenizer.decode_features, codes)
+    recon = apply(tokenizer_model.Tokenizer.decode_head, features)
+    nll, (rec, per) = nll_fn(recon, x)
+    metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll, 'psnr': losses.psnr(recon, x)}
+    if not train:
+      return nll, metrics
+    if 'step' not in batch:
+      raise KeyError("the tokenizer loss needs batch['step'] (int32 global step) to start the discriminator at "
+                     'tokenizer.discriminator_start_step; the trainer must add it to every training batch.')
+
+    d_apply = lambda p, v: disc.apply({'params': p}, v * 2.0 - 1.0)
+
+    def gan_terms(_):
+      d_params = params['discriminator']
+      d_frozen = jax.lax.stop_gradient(d_params)
+      logits_gen = d_apply(d_frozen, recon)
+      g_loss = losses.hinge_g_loss(logits_gen)
+      if tok.adaptive_weight:
+        # Gradients of nll and g_loss w.r.t. the last conv kernel: d loss / d recon, pulled back through that conv.
+        feats, recon_sg = jax.lax.stop_gradient(features), jax.lax.stop_gradient(recon)
+        head = lambda p_last: apply(tokenizer_model.Tokenizer.decode_head, feats, p={**gen, last: p_last})
+        _, pullback = jax.vjp(head, jax.lax.stop_gradient(gen[last]))
+        kernel = lambda g: nn.unbox(pullback(g)[0])['conv']['kernel']
+        g_nll = jax.grad(lambda r: nll_fn(r, x)[0])(recon_sg)
+        g_adv = jax.grad(lambda r: losses.hinge_g_loss(d_apply(d_frozen, r)))(recon_sg)
+        d_weight = losses.adaptive_weight(kernel(g_nll), kernel(g_adv))
+      else:
+        d_weight = jnp.ones(())
+      logits_real = d_apply(d_params, jax.lax.stop_gradient(x))
+      logits_fake = d_apply(d_params, jax.lax.stop_gradient(recon))
+      d_loss = losses.hinge_d_loss(logits_real, logits_fake)
+      mean_real, mean_fake = jnp.mean(logits_real), jnp.mean(logits_fake)
+      extra = jnp.zeros(())
+      lecam = jnp.zeros(())
+      if use_lecam:
+        ema = params['lecam']
+        lecam = losses.lecam_loss(logits_real, logits_fake, jax.lax.stop_gradient(ema['ema_real']),
+                                  jax.lax.stop_gradient(ema['ema_fake']))
+        extra = (0.5 * jnp.square(ema['ema_real'] - jax.lax.stop_gradient(mean_real))
+                 + 0.5 * jnp.square(ema['ema_fake'] - jax.lax.stop_gradient(mean_fake)))
+      total = (tok.adversarial_weight * d_weight * g_loss + d_loss + tok.lecam_weight * lecam + extra)
+      return total, dict(zip(_GAN_METRICS, (g_loss, d_weight, d_loss, lecam, mean_real, mean_fake)))
+
+    def no_gan(_):
+      return jnp.zeros(()), {k: jnp.zeros(()) for k in _GAN_METRICS}
+
+    # A scalar, or one entry per example (so the step can travel through the data pipeline's batch sharding).
+    active = jnp.max(jnp.asarray(batch['step'])) >= tok.discriminator_start_step
+    gan_total, gan_metrics = jax.lax.cond(active, gan_terms, no_gan, None)
+    metrics.update(gan_metrics)
+    metrics['gan_active'] = active.astype(jnp.float32)
+    return nll + gan_total, metrics
+
+  return loss_fn
+
+
+def _kernel_mask(params):
+  """True for conv kernels (weight decay applies), False for biases, norms and Swish betas."""
+  def is_kernel(path, _):
+    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return bool(keys) and keys[-1] == 'kernel'
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def make_optimizer_fn(config: ml_collections.ConfigDict):
+  """() -> optax.multi_transform: AdamW per network (own lr, warmup + cosine, clipping), SGD for the LeCam EMAs."""
+  tok = config.tokenizer
+
+  def chain(schedule):
+    return optax.chain(optax.clip_by_global_norm(tok.grad_clip),
+                       optax.adamw(schedule, b1=tok.b1, b2=tok.b2, weight_decay=tok.weight_decay, mask=_kernel_mask))
+
+  def make():
+    g_schedule = optax.warmup_cosine_decay_schedule(0.0, tok.lr, max(tok.warmup_steps, 1),
+                                                    max(tok.num_steps, tok.warmup_steps + 1))
+    start = max(int(tok.discriminator_start_step), 0)
+    d_after = optax.warmup_cosine_decay_schedule(0.0, tok.discriminator_lr, max(tok.warmup_steps, 1),
+                                                 max(tok.num_steps - start, tok.warmup_steps + 1))
+    # Zero learning rate (so no weight decay either) until the discriminator starts.
+    d_schedule = optax.join_schedules([optax.constant_schedule(0.0), d_after], [start]) if start else d_after
+    transforms = {'generator': chain(g_schedule), 'discriminator': chain(d_schedule)}
+    if tok.lecam_weight > 0:
+      transforms['lecam'] = optax.sgd(1.0 - tok.lecam_decay)
+    # Labels as a prefix tree ({'generator': 'generator', ...}): works for boxed and unboxed parameters alike.
+    return optax.multi_transform(transforms, lambda params: {k: k for k in params})
+
+  return make
+
+
+def make_task(config: ml_collections.ConfigDict, sample_videos: Optional[np.ndarray] = None) -> task_lib.Task:
+  """The tokenizer training task for `nbp_jax.trainer`.
+
+  Args:
+    config: full config; uses config.tokenizer (architecture, losses, optimizers) and config.data (clip shape).
+    sample_videos: optional held-out uint8 clips [N, T, H, W, 3]; when given, `write_samples` writes their
+      reconstructions side by side (mp4 per clip and a PNG grid) to WORKDIR/samples/tokenizer_{step}/.
+  """
+  tok = config.tokenizer
+  model = tokenizer_model.make_model(config)
+  disc = make_discriminator(config)
+  spec = model.spec
+
+  def init_params(rng):
+    g_rng, d_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, 1 + spec.temporal_factor, spec.spatial_factor, spec.spatial_factor, 3), jnp.float32)
+    params = {'generator': tokenizer_model.init_params(model, g_rng),
+              'discriminator': disc.init(d_rng, dummy)['params']}
+    if tok.lecam_weight > 0:
+      params['lecam'] = {'ema_real': jnp.zeros((), jnp.float32), 'ema_fake': jnp.zeros((), jnp.float32)}
+    return params
+
+  num_frames, resolution = config.data.num_frames, config.data.resolution
+  write_samples = None
+  if sample_videos is not None:
+    write_samples = make_sample_writer(model, np.asarray(sample_videos), fps=config.data.fps)
+  return task_lib.Task(
+      name='tokenizer',
+      init_params=init_params,
+      loss_fn=make_loss_fn(config, model, disc),
+      make_optimizer=make_optimizer_fn(config),
+      # Convolutions of encoder + decoder, forward and backward (x3); discriminator and LPIPS not counted.
+      flops_per_example=3.0 * tokenizer_model.conv_flops(spec, num_frames, resolution),
+      tokens_per_example=math.prod(config_lib.latent_shape(config)),
+      write_samples=write_samples)
+
+
+def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps: float):
+  """(params, step, workdir) -> None writing original | reconstruction mp4s and a PNG grid of the held-out clips."""
+  recon_fn = jax.jit(lambda p, v: tokenizer_model.decode(p, tokenizer_model.encode(p, v, model), model))
+
+  def write(params, step, workdir):
+    import os  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
+    gen = params['generator'] if 'generator' in params else params
+    recon = np.asarray(recon_fn(gen, jnp.asarray(videos)))
+    out = os.path.join(workdir, 'samples', f'tokenizer_{step:07d}')
+    os.makedirs(out, exist_ok=True)
+    pairs = np.concatenate([videos, recon], axis=3)  # side by side along W
+    for i, clip in enumerate(pairs):
+      video_io.write_mp4(os.path.join(out, f'recon_{i:02d}.mp4'), clip, fps)
+    Image.fromarray(video_io.video_grid(pairs)).save(os.path.join(out, 'grid.png'))
+    return out
+
+  return write

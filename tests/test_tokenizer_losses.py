@@ -1,0 +1,182 @@
+"""Tokenizer losses and task: gradient routing between generator and discriminator, adaptive weight, optimizers.
+
+References are rebuilt here from the model and discriminator modules directly, not through the task's loss.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nbp_jax import config_lib
+from nbp_jax.tokenizer import losses
+from nbp_jax.tokenizer import model as M
+from nbp_jax.tokenizer import task as T
+
+START = 1
+# Unoptimised XLA code compiles about twice as fast; these tests run each function only a few times.
+_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+def _config(**tok):
+  c = config_lib.task_config('demo', 'micro')
+  c.tokenizer = config_lib.tokenizer_config('micro')
+  c.data.num_frames, c.data.resolution = 5, 16
+  c.tokenizer.update(dict(discriminator_channels=8, discriminator_layers=2, discriminator_start_step=START,
+                          perceptual_weight=0.0, adversarial_weight=0.5, lecam_weight=0.3, lecam_decay=0.9,
+                          dtype='float32', warmup_steps=1, num_steps=100, lr=1e-3, discriminator_lr=1e-3))
+  c.tokenizer.update(tok)
+  return c
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = _config()
+  task = T.make_task(config)
+  params = nn.unbox(_jit(task.init_params)(jax.random.key(0, impl='rbg')))
+  video = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8))
+  grad_fn = _jit(jax.value_and_grad(task.loss_fn, has_aux=True), static_argnums=3)
+  return config, task, params, video, grad_fn
+
+
+def _batch(video, step):
+  return {'video': video, 'step': jnp.full((video.shape[0],), step, jnp.int32)}
+
+
+def _norm(tree):
+  return float(optax.tree.norm(tree))
+
+
+def test_before_start_only_reconstruction(setup):
+  config, task, params, video, grad_fn = setup
+  (loss, metrics), grads = grad_fn(params, _batch(video, START - 1), jax.random.key(0), True)
+  assert float(metrics['gan_active']) == 0.0
+  assert _norm(grads['discriminator']) == 0.0 and _norm(grads['lecam']) == 0.0
+  model = M.make_model(config)
+  x = video.astype(jnp.float32) / 255
+
+  def ref(gen):  # L1 reconstruction through the plain model call
+    recon, _ = model.apply({'params': gen}, x)
+    return jnp.mean(jnp.abs(recon - x))
+
+  ref_loss, ref_grads = _jit(jax.value_and_grad(ref))(params['generator'])
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads['generator'], ref_grads)
+  assert _norm(grads['generator']['encoder_layers_0']) > 0  # through the quantiser into the encoder
+
+
+def test_gradient_split_after_start(setup):
+  config, task, params, video, grad_fn = setup
+  (_, metrics), grads = grad_fn(params, _batch(video, START), jax.random.key(0), True)
+  assert float(metrics['gan_active']) == 1.0
+  model, disc = M.make_model(config), T.make_discriminator(config)
+  x = video.astype(jnp.float32) / 255
+  d_weight = float(metrics['d_weight'])
+  adv = config.tokenizer.adversarial_weight
+  d = lambda p, v: disc.apply({'params': p}, v * 2 - 1)
+
+  def gen_loss(gen):  # nll + adversarial, discriminator fixed
+    recon, _ = model.apply({'params': gen}, x)
+    return jnp.mean(jnp.abs(recon - x)) - adv * d_weight * jnp.mean(d(params['discriminator'], recon))
+
+  recon, _ = _jit(model.apply)({'params': params['generator']}, x)
+  ema = params['lecam']
+
+  def disc_loss(dp):  # hinge + LeCam, reconstruction fixed
+    real, fake = d(dp, x), d(dp, recon)
+    hinge = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
+    lecam = (jnp.mean(jax.nn.relu(real - ema['ema_fake']) ** 2) + jnp.mean(jax.nn.relu(ema['ema_real'] - fake) ** 2))
+    return hinge + config.tokenizer.lecam_weight * lecam
+
+  ref_g = _jit(jax.grad(gen_loss))(params['generator'])
+  ref_d = _jit(jax.grad(disc_loss))(params['discriminator'])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  jax.tree.map(close, grads['generator'], ref_g)
+  jax.tree.map(close, grads['discriminator'], ref_d)
+  assert _norm(ref_d) > 0 and abs(float(metrics['g_loss'])) > 0
+
+
+def test_adaptive_weight_matches_full_model_gradients(setup):
+  config, task, params, video, grad_fn = setup
+  (_, metrics), _ = grad_fn(params, _batch(video, START), jax.random.key(0), True)
+  model, disc = M.make_model(config), T.make_discriminator(config)
+  x = video.astype(jnp.float32) / 255
+  last = f'decoder_layers_{len(M.decoder_layers(model.spec)) - 1}'
+
+  def grads_wrt_last_kernel(fn):
+    def f(kernel):
+      gen = dict(params['generator'])
+      gen[last] = {'conv': {'kernel': kernel, 'bias': gen[last]['conv']['bias']}}
+      return fn(model.apply({'params': gen}, x)[0])
+    return _jit(jax.grad(f))(params['generator'][last]['conv']['kernel'])
+
+  g_nll = grads_wrt_last_kernel(lambda r: jnp.mean(jnp.abs(r - x)))
+  g_adv = grads_wrt_last_kernel(lambda r: -jnp.mean(disc.apply({'params': params['discriminator']}, r * 2 - 1)))
+  expected = np.linalg.norm(np.ravel(g_nll)) / (np.linalg.norm(np.ravel(g_adv)) + 1e-4)
+  np.testing.assert_allclose(float(metrics['d_weight']), expected, rtol=1e-4)
+
+
+def test_eval_loss_is_reconstruction(setup):
+  _, task, params, video, _ = setup
+  loss, metrics = _jit(task.loss_fn, static_argnums=3)(params, {'video': video}, jax.random.key(0), False)
+  np.testing.assert_allclose(float(loss), float(metrics['nll']), rtol=1e-6)
+  assert 0 < float(metrics['psnr']) < 100
+
+
+def test_missing_step_names_the_fix(setup):
+  _, task, params, video, _ = setup
+  with pytest.raises(KeyError, match="batch\\['step'\\]"):
+    jax.eval_shape(lambda p: task.loss_fn(p, {'video': video}, jax.random.key(0), True), params)
+
+
+def test_optimizer_holds_discriminator_until_start_and_updates_lecam_ema(setup):
+  config, task, params, video, grad_fn = setup
+  tx = task.make_optimizer()
+  state = tx.init(params)
+
+  @_jit
+  def apply(g, s, p):  # jitted apart from the loss, which is already compiled
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def step(p, s, i):
+    (_, m), g = grad_fn(p, _batch(video, i), jax.random.key(0), True)
+    return *apply(g, s, p), m
+
+  p = params
+  for i in range(START + 1):  # optax counts from 0 like the trainer; the discriminator's warmup starts at 0 at START
+    p, state, m = step(p, state, i)
+  jax.tree.map(np.testing.assert_array_equal, p['discriminator'], params['discriminator'])
+  assert _norm(jax.tree.map(jnp.subtract, p['generator'], params['generator'])) > 0
+  decay = config.tokenizer.lecam_decay
+  np.testing.assert_allclose(float(p['lecam']['ema_real']), (1 - decay) * float(m['logits_real']), rtol=1e-5)
+  np.testing.assert_allclose(float(p['lecam']['ema_fake']), (1 - decay) * float(m['logits_fake']), rtol=1e-5)
+  p2, state, _ = step(p, state, START + 1)
+  assert _norm(jax.tree.map(jnp.subtract, p2['discriminator'], p['discriminator'])) > 0
+
+
+def test_hinge_and_lecam_values():
+  real, fake = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.5])
+  np.testing.assert_allclose(float(losses.hinge_d_loss(real, fake)), (0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3)
+  np.testing.assert_allclose(float(losses.hinge_g_loss(fake)), -(-2.0 + 0.0 + 1.5) / 3)
+  # relu(real + 0.5) = (2.5, 1, 0); relu(0.25 - fake) = (2.25, 0.25, 0).
+  np.testing.assert_allclose(float(losses.lecam_loss(real, fake, 0.25, -0.5)),
+                             (2.5 ** 2 + 1.0) / 3 + (2.25 ** 2 + 0.25 ** 2) / 3, rtol=1e-6)
+
+
+def test_lpips_loads_and_is_a_distance():
+  lpips = losses.make_lpips()
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)
+  b = jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)
+  # One compiled function: distances of (a, a) and (a, b), and the gradient w.r.t. the first image.
+  fn = _jit(jax.value_and_grad(lambda x, y: (jnp.sum(lpips(x, y)), lpips(x, y)), has_aux=True))
+  (_, dist), grad = fn(jnp.concatenate([a, a]), jnp.concatenate([a, b]))
+  same, diff = np.asarray(dist[:2]), np.asarray(dist[2:])
+  assert np.all(np.abs(same) < 1e-6) and np.all(diff > 1e-3)
+  grad = np.asarray(grad[2:])
+  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
