@@ -1,7 +1,5 @@
 """Synthetic videos (deterministic, distinct motion per class) and video file I/O."""
 
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,8 +76,19 @@ def test_mp4_round_trip(tmp_path):
   back, fps = video_io.read_video(path)
   assert back.shape == video.shape and back.dtype == np.uint8 and fps == 6
   assert np.abs(back.astype(np.int32) - video).mean() < 12  # lossy codec, same picture
-  half, fps = video_io.read_video(path, fps=3, resolution=16)
-  assert half.shape == (6, 16, 16, 3) and fps == 3
+  # Resampling keeps the frame shown at each new time step k / fps: frames 0, 2, 4, ... of the 6 fps file.
+  half, fps = video_io.read_video(path, fps=3)
+  assert fps == 3
+  np.testing.assert_array_equal(half, back[::2])
+  # 25 fps -> 8 fps: frame k is the last source frame at or before k / 8 s, i.e. floor(k * 25 / 8).
+  fast = str(tmp_path / 'fast.mp4')
+  video_io.write_mp4(fast, synthetic.generate_video(4, 2, 30, 32), fps=25)
+  full, _ = video_io.read_video(fast)
+  resampled, _ = video_io.read_video(fast, fps=8)
+  np.testing.assert_array_equal(resampled, full[[k * 25 // 8 for k in range(len(resampled))]])
+  assert len(resampled) in (9, 10)  # 1.2 s at 8 fps
+  small, _ = video_io.read_video(path, fps=3, resolution=16)
+  assert small.shape == (6, 16, 16, 3)
 
 
 def test_gif_and_png_grid(tmp_path):
@@ -114,4 +123,3 @@ def test_truncated_file_is_rejected(tmp_path):
   cut.write_bytes(data[:len(data) // 2])
   with pytest.raises(video_io.VideoReadError, match='cut.mp4'):
     video_io.read_video(str(cut))
-  assert os.path.getsize(path) > 0

@@ -93,7 +93,8 @@ def read_video(path: str, *, fps: float | None = None, resolution: int | None = 
     raise VideoReadError(path, 'no such file.')
   filters = []
   if fps is not None:
-    filters.append(f'fps={fps:g}')
+    # round=up: output frame k is the last input frame shown at time k / fps (frame 0 stays frame 0).
+    filters.append(f'fps={fps:g}:round=up')
   if resolution is not None:
     # Bilinear in swscale widens its kernel when shrinking, so down-sizing is anti-aliased.
     filters.append(f'scale={int(resolution)}:{int(resolution)}:flags=bilinear')

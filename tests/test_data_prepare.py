@@ -1,0 +1,195 @@
+"""--mode=prepare_data on tiny fake UCF-101 and Kinetics folders written here (good, corrupt, too short)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from nbp_jax import config_lib
+from nbp_jax.data import builder
+from nbp_jax.data import prepare
+from nbp_jax.data import synthetic
+from nbp_jax.data import video_io
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMES, RES, FPS = 9, 32, 8
+
+
+def _write_video(path, seed, label, num_frames, fps=25):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  frames = synthetic.generate_video(seed, label, num_frames, (48, 64))
+  codec = 'mpeg4' if path.endswith('.avi') else 'libx264'
+  imageio.mimwrite(path, list(frames), fps=fps, codec=codec, macro_block_size=16)
+  return frames
+
+
+def _write_garbage(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(np.random.default_rng(1).bytes(6000))
+
+
+def _prepare_cli(raw_dir, workdir, source, *extra):
+  return subprocess.run(
+      [sys.executable, '-m', 'nbp_jax.main', '--config=configs/demo.py', f'--config.data.source={source}',
+       f'--config.data.raw_dir={raw_dir}', f'--workdir={workdir}', '--mode=prepare_data',
+       f'--config.data.resolution={RES}', f'--config.data.num_frames={FRAMES}', f'--config.data.fps={FPS}',
+       '--config.data.prepare_workers=2', *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _config(source, **data):
+  c = config_lib.task_config('demo', 'micro')
+  c.data.update(dict(source=source, resolution=RES, num_frames=FRAMES, fps=FPS, **data))
+  return c
+
+
+def _records(location, split):
+  source = builder.data_source(location, split)
+  return [source[i] for i in range(len(source))]
+
+
+def _resized_first_frame(frames):
+  return np.asarray(Image.fromarray(frames[0]).resize((RES, RES), Image.BILINEAR), np.float32)
+
+
+@pytest.fixture(scope='module')
+def ucf_run(tmp_path_factory):
+  """UCF-style folder: two good .avi, one corrupt .avi, official-style split lists in ucfTrainTestlist/."""
+  raw = str(tmp_path_factory.mktemp('UCF-101'))
+  good_train = _write_video(os.path.join(raw, 'BounceBall', 'v_BounceBall_g01_c01.avi'), 1, 0, 40)
+  good_test = _write_video(os.path.join(raw, 'SpinSquare', 'v_SpinSquare_g02_c01.avi'), 2, 1, 40)
+  _write_garbage(os.path.join(raw, 'SpinSquare', 'v_SpinSquare_g03_c01.avi'))
+  lists = os.path.join(raw, 'ucfTrainTestlist')
+  os.makedirs(lists)
+  with open(os.path.join(lists, 'classInd.txt'), 'w') as f:
+    f.write('1 BounceBall\n2 SpinSquare\n')
+  with open(os.path.join(lists, 'trainlist01.txt'), 'w') as f:
+    f.write('BounceBall/v_BounceBall_g01_c01.avi 1\nSpinSquare/v_SpinSquare_g03_c01.avi 2\n')
+  with open(os.path.join(lists, 'testlist01.txt'), 'w') as f:
+    f.write('SpinSquare/v_SpinSquare_g02_c01.avi\n')
+  workdir = str(tmp_path_factory.mktemp('ucf_work'))
+  # 40 frames at 25 fps = 1.6 s -> 13 frames at 8 fps -> clips starting at frames 0 and 4.
+  out = _prepare_cli(raw, workdir, 'ucf101', '--config.data.clips_per_video=2')
+  location = builder.video_location(_config('ucf101', clips_per_video=2), workdir)
+  return dict(raw=raw, workdir=workdir, out=out, location=location, good_train=good_train, good_test=good_test)
+
+
+def test_ucf_good_clips_written_corrupt_reported_exit_0(ucf_run):
+  out, location = ucf_run['out'], ucf_run['location']
+  assert out.returncode == 0, out.stderr[-3000:]
+  train, test = _records(location, 'train'), _records(location, 'test')
+  assert len(train) == 2 and len(test) == 2  # two clips from each good video
+  for record in train + test:
+    assert record['video'].shape == (FRAMES, RES, RES, 3) and record['video'].dtype == np.uint8
+  assert {int(r['label']) for r in train} == {0} and {int(r['label']) for r in test} == {1}
+  # The clip starting at frame 0 shows the source's first frame (decoded, resized), not some other video.
+  for records, source in ((train, ucf_run['good_train']), (test, ucf_run['good_test'])):
+    errors = [np.abs(r['video'][0].astype(np.float32) - _resized_first_frame(source)).mean() for r in records]
+    assert min(errors) < 12, errors
+  report = prepare.read_report(location.path)
+  assert [(split, name) for split, name, _ in report] == [('train', 'SpinSquare/v_SpinSquare_g03_c01.avi')]
+  assert 'could not decode' in report[0][2]
+  assert 'skipped     1 video(s)' in out.stdout and prepare.REPORT_NAME in out.stdout
+  assert 'train' in out.stdout and 'test' in out.stdout
+
+
+def test_rerun_reuses_the_dataset(ucf_run):
+  out = _prepare_cli(ucf_run['raw'], ucf_run['workdir'], 'ucf101', '--config.data.clips_per_video=2')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Reusing the prepared dataset' in out.stdout
+  assert 'ucf101 train' not in out.stderr  # no decoding progress bar: nothing was decoded again
+
+
+def test_k600_csv_folder(tmp_path):
+  raw = str(tmp_path / 'k600')
+  good = {}
+  rows = [('juggling', 'AAAAAAAAAAA', 10, 20, 'train'), ('abseiling', 'BBBBBBBBBBB', 0, 10, 'train'),
+          ('juggling', 'CCCCCCCCCCC', 5, 15, 'train'), ('abseiling', 'DDDDDDDDDDD', 3, 13, 'train'),
+          ('abseiling', 'MISSINGMISS', 0, 10, 'train'), ('juggling', 'EEEEEEEEEEE', 1, 11, 'val')]
+  def clip_path(split, label, yid, start, end):
+    return os.path.join(raw, split, label, f'{yid}_{start:06d}_{end:06d}.mp4')
+  for i, (label, yid, start, end, split) in enumerate(rows[:2] + rows[-1:]):
+    good[yid] = _write_video(clip_path(split, label, yid, start, end), 10 + i, i, 30)
+  truncated = clip_path('train', *rows[2][:4])
+  # moov atom first (faststart), so the cut file still opens and decodes part-way: a truncation, not garbage.
+  video_io.write_mp4(truncated, synthetic.generate_video(20, 0, 60, (48, 64)), fps=25)
+  data = open(truncated, 'rb').read()
+  open(truncated, 'wb').write(data[:len(data) // 2])
+  _write_video(clip_path('train', *rows[3][:4]), 21, 0, 8)  # 0.32 s: 3 frames at 8 fps, a clip needs 9
+  for name, part in (('train.csv', rows[:5]), ('validate.csv', rows[5:])):
+    with open(os.path.join(raw, name), 'w', newline='') as f:
+      w = csv.writer(f)
+      w.writerow(['label', 'youtube_id', 'time_start', 'time_end', 'split'])
+      w.writerows(part)
+  workdir = str(tmp_path / 'work')
+  out = _prepare_cli(raw, workdir, 'k600')
+  assert out.returncode == 0, out.stderr[-3000:]
+  location = builder.video_location(_config('k600'), workdir)
+  train, val = _records(location, 'train'), _records(location, 'validation')
+  assert len(train) == 2 and len(val) == 1
+  # Classes are the sorted label names: abseiling = 0, juggling = 1.
+  assert sorted(int(r['label']) for r in train) == [0, 1] and int(val[0]['label']) == 1
+  error = np.abs(val[0]['video'][0].astype(np.float32) - _resized_first_frame(good['EEEEEEEEEEE'])).mean()
+  assert error < 12
+  reasons = {os.path.basename(name): reason for _, name, reason in prepare.read_report(location.path)}
+  assert set(reasons) == {'CCCCCCCCCCC_000005_000015.mp4', 'DDDDDDDDDDD_000003_000013.mp4',
+                          'MISSINGMISS_000000_000010'}
+  assert 'truncated' in reasons['CCCCCCCCCCC_000005_000015.mp4']
+  assert 'too short' in reasons['DDDDDDDDDDD_000003_000013.mp4']
+  assert 'not found' in reasons['MISSINGMISS_000000_000010'] or 'no file' in reasons['MISSINGMISS_000000_000010']
+
+
+def test_k600_list_files(tmp_path, capsys):
+  raw = str(tmp_path / 'clips_folder')
+  for name, seed in (('a.mp4', 1), ('b.webm.mp4', 2), ('c.mp4', 3)):
+    _write_video(os.path.join(raw, 'videos', name), seed, 0, 30)
+  with open(os.path.join(raw, 'trainlist.txt'), 'w') as f:
+    f.write('videos/a.mp4 3\nvideos/b.webm.mp4 5\n')
+  with open(os.path.join(raw, 'testlist.txt'), 'w') as f:
+    f.write('videos/c.mp4 1\n')
+  config = _config('k600', raw_dir=raw)
+  workdir = str(tmp_path / 'work')
+  prepare.run(config, workdir)
+  location = builder.video_location(config, workdir)
+  assert sorted(int(r['label']) for r in _records(location, 'train')) == [3, 5]
+  assert [int(r['label']) for r in _records(location, 'test')] == [1]
+  assert prepare.read_report(location.path) == []
+  assert 'train' in capsys.readouterr().out
+
+
+def test_k600_without_csv_or_list_says_what_to_add(tmp_path):
+  raw = str(tmp_path / 'bare')
+  _write_video(os.path.join(raw, 'x.mp4'), 0, 0, 10)
+  with pytest.raises(prepare.PrepareError, match='CSV'):
+    prepare.prepare_videos(_config('k600', raw_dir=raw), builder.video_location(_config('k600'), str(tmp_path)))
+
+
+@pytest.mark.parametrize('video_frames,clips,expected', [
+    (13, 2, [0, 4]), (9, 3, [0]), (8, 1, []), (27, 0, [0, 9, 18]), (20, 1, [0]), (30, 3, [0, 10, 21])])
+def test_clip_starts(video_frames, clips, expected):
+  assert prepare.clip_starts(video_frames, 9, clips) == expected
+
+
+def test_split_with_only_bad_videos_is_left_out_not_fatal(tmp_path, capsys):
+  raw = str(tmp_path / 'ucf')
+  _write_video(os.path.join(raw, 'Walk', 'v_Walk_g01_c01.avi'), 1, 0, 40)
+  _write_garbage(os.path.join(raw, 'Walk', 'v_Walk_g02_c01.avi'))
+  with open(os.path.join(raw, 'classInd.txt'), 'w') as f:
+    f.write('1 Walk\n')
+  with open(os.path.join(raw, 'trainlist01.txt'), 'w') as f:
+    f.write('Walk/v_Walk_g01_c01.avi 1\n')
+  with open(os.path.join(raw, 'testlist01.txt'), 'w') as f:
+    f.write('Walk/v_Walk_g02_c01.avi\n')
+  config = _config('ucf101', raw_dir=raw)
+  prepare.run(config, str(tmp_path / 'work'))
+  location = builder.video_location(config, str(tmp_path / 'work'))
+  assert list(builder.load_info(location).splits) == ['train']
+  assert len(_records(location, 'train')) == 1
+  assert [(s, n) for s, n, _ in prepare.read_report(location.path)] == [('test', 'Walk/v_Walk_g02_c01.avi')]
+  assert "split 'test'" in capsys.readouterr().out
