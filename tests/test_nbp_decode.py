@@ -229,3 +229,14 @@ def test_official_ucf_layout_generates_abstractly():
   config.nbp.class_prefix_ids = ()
   with pytest.raises(config_lib.ConfigError, match='nbp.class_prefix_ids'):
     spec_from_config(config)
+
+
+def test_decode_benchmark_prints_the_machine_readable_line(capsys):
+  from nbp_jax.nbp import bench  # pylint: disable=g-import-not-at-top
+  config = config_lib.task_config('demo', 'micro')  # 5 context frames, 1x1x4 blocks on a (5, 4, 4) grid
+  config.tokenizer.fsq_levels = (4, 4)
+  config.sample.batch_size = 1
+  result = bench.run(config, repeats=1)
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith('nbp_steps=12 ntp_steps=48 nbp_frames_per_s=') and ' speedup=' in last
+  assert result['speedup'] > 0

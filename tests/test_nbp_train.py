@@ -32,8 +32,8 @@ def _reference_loss(spec, params, batch):
   z = np.asarray(layout.grid_to_seq(batch['codes']))
   prefix = vocab.prefix_ids(batch['label'], z.shape[0])
   ids = layout.input_ids(prefix, z, vocab)
-  logits = np.asarray(Transformer(spec.model).apply({'params': nn.meta.unbox(params)}, ids,
-                                                    layout.block_ids(np.arange(ids.shape[1]))))
+  fwd = jax.jit(lambda p, i: Transformer(spec.model).apply({'params': p}, i, layout.block_ids(np.arange(i.shape[1]))))
+  logits = np.asarray(fwd(nn.meta.unbox(params), ids))
   lo, hi = vocab.video_slice
   p, off = layout.prefix_len, layout.target_offset
   losses = []
@@ -47,25 +47,25 @@ def _reference_loss(spec, params, batch):
 def test_loss_scores_video_targets_only():
   for first in ('bov', 'none'):
     spec = spec_from_config(_config(first))
-    params = train.init_params(spec, jax.random.key(0))
+    params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
     batch = _batch()
-    loss, metrics = train.loss_fn(spec, params, batch, jax.random.key(1), train=False)
+    loss, metrics = jax.jit(lambda p, b, spec=spec: train.loss_fn(spec, p, b, None, train=False))(params, batch)
     np.testing.assert_allclose(loss, _reference_loss(spec, params, batch), rtol=1e-5)
     assert 0 <= metrics['accuracy'] <= metrics['top5_accuracy'] <= 1
-    logits, targets = train.logits_fn(spec, params, batch)
+    logits, targets = jax.eval_shape(lambda p, spec=spec: train.logits_fn(spec, p, batch), params)
     assert logits.shape == (2, spec.layout.num_targets, 16) and targets.shape == (2, spec.layout.num_targets)
 
 
 def test_condition_dropout_uses_the_null_embedding():
   spec = spec_from_config(_config())
-  params = nn.meta.unbox(train.init_params(spec, jax.random.key(0)))
+  params = nn.meta.unbox(jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(0)))
   params['uncond_embedding'] = params['uncond_embedding'] + 1.0
   batch = _batch()
   other = dict(batch, label=(batch['label'] + 1) % 4)
+  loss = jax.jit(lambda b, drop: train.loss_fn(spec, params, b, jax.random.key(2), True, drop)[0],
+                 static_argnums=1)
   # Dropout off (micro demo has model.dropout 0); cond_drop_prob ~1 drops every prefix: labels stop mattering.
-  a, _ = train.loss_fn(spec, params, batch, jax.random.key(2), train=True, cond_drop_prob=0.999999)
-  b, _ = train.loss_fn(spec, params, other, jax.random.key(2), train=True, cond_drop_prob=0.999999)
-  c, _ = train.loss_fn(spec, params, other, jax.random.key(2), train=True, cond_drop_prob=0.0)
+  a, b, c = loss(batch, 0.999999), loss(other, 0.999999), loss(other, 0.0)
   np.testing.assert_allclose(a, b, rtol=1e-6)
   assert abs(float(a) - float(c)) > 1e-4
 
@@ -93,3 +93,17 @@ def test_make_task_trains():
     params, state, loss = step(params, state, jax.random.key(i))
     losses.append(float(loss))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_remat_gives_the_same_gradients():
+  config = _config()
+  config.model.dropout = 0.1
+  grads = []
+  for remat in (False, True):
+    config.model.remat = remat
+    spec = spec_from_config(config)
+    params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
+    loss = lambda p, spec=spec: train.loss_fn(spec, p, _batch(), jax.random.key(1), True, 0.5)[0]  # noqa: E731
+    grads.append(jax.jit(jax.grad(loss))(params))
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
