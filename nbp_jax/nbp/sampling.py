@@ -46,29 +46,56 @@ def guide(logits: jax.Array, scale) -> jax.Array:
   return uncond + scale * (cond - uncond)
 
 
-def _candidates(logits: jax.Array, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
-  """logits [..., C] -> (filtered logits [..., k] with -inf where dropped, their ids [..., k]), sorted desc."""
-  c = logits.shape[-1]
-  k = c if sampling.top_k <= 0 else min(sampling.top_k, c)
-  # top_k returns sorted values; filtering only k candidates avoids a full-vocabulary sort when k << C.
-  vals, idx = jax.lax.top_k(logits.astype(jnp.float32) / sampling.temperature, k)
-  probs = jax.nn.softmax(vals, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative mass
-  keep = (mass_before < sampling.top_p) | (jnp.arange(k) == 0)  # nucleus keeps at least one token
-  return jnp.where(keep, vals, -jnp.inf), idx
+def _sortable_key(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (so thresholds can be bisected exactly in 32 steps)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _bisect(pred, shape) -> jax.Array:
+  """Largest int32 t with pred(t) True, for pred monotone (True then False as t grows) and pred(INT_MIN) True."""
+  lo = jnp.full(shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+  hi = jnp.full(shape, jnp.iinfo(jnp.int32).max, jnp.int32)
+
+  def body(_, carry):
+    lo, hi = carry
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    ok = pred(mid)
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-  """logits [..., C] -> [..., C] temperature-scaled logits with -inf outside the top-k/top-p set."""
-  vals, idx = _candidates(logits, sampling)
-  out = jnp.full(logits.shape, -jnp.inf, jnp.float32)
-  return jnp.put_along_axis(out, idx, vals, axis=-1, inplace=False)
+  """logits [..., C] -> [..., C] temperature-scaled logits with -inf outside the top-k/top-p set.
+
+  Thresholds are found by bisection on the values rather than by sorting: a full sort of 64k logits per position
+  costs more than the transformer step on CPU. Ties at the k-th value are all kept.
+  """
+  x = logits.astype(jnp.float32) / sampling.temperature
+  key = _sortable_key(x)
+  batch = x.shape[:-1]
+  keep = jnp.ones(x.shape, bool)
+  if 0 < sampling.top_k < x.shape[-1]:
+    kth = _bisect(lambda t: (key >= t[..., None]).sum(-1) >= sampling.top_k, batch)  # k-th largest key
+    keep = key >= kth[..., None]
+  probs = jax.nn.softmax(jnp.where(keep, x, -jnp.inf), axis=-1)
+  # Nucleus: keep token i iff the mass of tokens strictly more likely than i is < top_p. The cut is the smallest
+  # key v with mass(key > v) < top_p, i.e. one more than the largest v with mass(key > v) >= top_p.
+  cut = _bisect(lambda t: jnp.where(key > t[..., None], probs, 0.0).sum(-1) >= sampling.top_p, batch)
+  nucleus = key > cut[..., None]
+  nucleus |= key == key.max(-1, keepdims=True)  # at least the most likely token, even for top_p <= 0
+  keep &= jnp.where(sampling.top_p >= 1.0, True, nucleus)
+  return jnp.where(keep, x, -jnp.inf)
 
 
 def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   """logits [..., C] float32 -> sampled indices [...] int32 in [0, C)."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  vals, idx = _candidates(logits, sampling)
-  choice = jax.random.categorical(rng, vals, axis=-1)
-  return jnp.take_along_axis(idx, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+  probs = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+  # Inverse-CDF with one uniform per position (a Gumbel draw per logit costs more than the filtering on CPU).
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(rng, cdf.shape[:-1], minval=jnp.finfo(jnp.float32).tiny) * cdf[..., -1]
+  idx = (cdf < u[..., None]).sum(-1)  # first index whose cdf reaches u: never a zero-probability token
+  return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
