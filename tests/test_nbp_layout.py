@@ -174,7 +174,7 @@ def test_official_k600_and_native_vocab():
   assert (k600.vocab_size, k600.video_offset, k600.bov_id, k600.prefix_len) == (64000, 0, -1, 0)
   native = Vocab.native(64000, first_block='hybrid', block_len=16, num_classes=101)
   assert native.bov_id == 64000 and native.placeholder_ids == tuple(range(64001, 64016))
-  assert native.class_prefix[0] == (64016,) and native.vocab_size == 64016 + 101
+  assert native.class_prefix[0] == (64016,) and native.vocab_size == 64128  # 64117 ids, padded to 128
   layout = BlockLayout((1, 1, 8), (1, 1, 4), prefix_len=0, first_block='bov')
   with pytest.raises(LayoutError, match='BOV'):
     layout.input_ids(np.zeros((1, 0), np.int32), np.zeros((1, 8), np.int32), k600)

@@ -107,9 +107,13 @@ class Vocab:
     return jnp.asarray(np.array(self.class_prefix, np.int32))[labels]
 
   @classmethod
-  def native(cls, codebook_size: int, *, first_block: str = 'bov', block_len: int = 16,
-             num_classes: int = 0) -> 'Vocab':
-    """Video codes [0, C), then BOV, then L-1 placeholders ('hybrid' only), then one id per class."""
+  def native(cls, codebook_size: int, *, first_block: str = 'bov', block_len: int = 16, num_classes: int = 0,
+             pad_to: int = 128) -> 'Vocab':
+    """Video codes [0, C), then BOV, then L-1 placeholders ('hybrid' only), then one id per class.
+
+    vocab_size is rounded up to a multiple of `pad_to` so the 'vocab' axis shards evenly over tensor-parallel
+    devices (the extra rows are never used).
+    """
     nxt = codebook_size
     bov = -1
     if first_block in ('bov', 'hybrid'):
@@ -119,7 +123,8 @@ class Vocab:
       placeholders = tuple(range(nxt, nxt + block_len - 1))
       nxt += block_len - 1
     classes = tuple((nxt + c,) for c in range(num_classes))
-    return cls(codebook_size=codebook_size, video_offset=0, vocab_size=nxt + num_classes, bov_id=bov,
+    vocab_size = -(-(nxt + num_classes) // pad_to) * pad_to
+    return cls(codebook_size=codebook_size, video_offset=0, vocab_size=vocab_size, bov_id=bov,
                placeholder_ids=placeholders, class_prefix=classes)
 
   @classmethod
