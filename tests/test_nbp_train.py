@@ -107,3 +107,18 @@ def test_remat_gives_the_same_gradients():
     grads.append(jax.jit(jax.grad(loss))(params))
   for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_logical_axis_names_shard_on_a_2x2x2_mesh():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  if len(jax.devices()) < 8:
+    return
+  spec = spec_from_config(_config())
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), config_lib.MESH_AXES)
+  abstract = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, config_lib.DEFAULT_AXIS_RULES)
+  params = jax.jit(lambda r: nn.meta.unbox(train.init_params(spec, r)), out_shardings=shardings)(jax.random.key(0))
+  assert params['head']['kernel'].sharding.spec == PartitionSpec('fsdp', 'tensor')
+  batch = jax.device_put(_batch(8), NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+  loss = jax.jit(lambda p, b: train.loss_fn(spec, p, b, None, False)[0])
+  np.testing.assert_allclose(loss(params, batch), loss(jax.device_get(params), jax.device_get(batch)), rtol=1e-5)
