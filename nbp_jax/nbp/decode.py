@@ -83,8 +83,9 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = Sampling()
     pos = start + jnp.arange(size)
     zz = jnp.concatenate([z, z]) if sampling.use_cfg else z
     ids = layout.input_ids_at(pos, prefix, zz, vocab)
-    logits, cache = model.apply({'params': params}, ids, start, cache, layout.block_ids(pos), k_block, null_cond=null_cond,
-                                last=last, vocab_slice=vocab.video_slice, method=Transformer.decode)
+    logits, cache = model.apply({'params': params}, ids, start, cache, layout.block_ids(pos), k_block,
+                                null_cond=null_cond, last=last, vocab_slice=vocab.video_slice,
+                                method=Transformer.decode)
     if sampling.use_cfg:
       logits = sampling_lib.guide(logits, sampling.cfg_scale)
     tokens = sampling_lib.sample(key, logits, sampling)
