@@ -51,72 +51,70 @@ def _norm(tree):
   return float(optax.tree.norm(tree))
 
 
-def test_before_start_only_reconstruction(setup):
-  config, task, params, video, grad_fn = setup
+@pytest.fixture(scope='module')
+def reference(setup):
+  """Independent gradients from the plain model and discriminator calls, in one compiled function:
+  L1 reconstruction and its gradient, the gradient of the adversarial term -mean(D(recon)) w.r.t. the generator,
+  and the gradient of hinge + LeCam w.r.t. the discriminator (reconstruction fixed)."""
+  config, _, params, video, _ = setup
+  model, disc = M.make_model(config), T.make_discriminator(config)
+  x = video.astype(jnp.float32) / 255
+  d = lambda p, v: disc.apply({'params': p}, v * 2 - 1)
+  ema = params['lecam']
+
+  def fn(gen, dp):
+    nll = lambda g: jnp.mean(jnp.abs(model.apply({'params': g}, x)[0] - x))
+    adv = lambda g: -jnp.mean(d(dp, model.apply({'params': g}, x)[0]))
+    recon = model.apply({'params': gen}, x)[0]
+
+    def disc_loss(p):
+      real, fake = d(p, x), d(p, recon)
+      hinge = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
+      lecam = (jnp.mean(jax.nn.relu(real - ema['ema_fake']) ** 2)
+               + jnp.mean(jax.nn.relu(ema['ema_real'] - fake) ** 2))
+      return hinge + config.tokenizer.lecam_weight * lecam
+
+    nll_value, g_nll = jax.value_and_grad(nll)(gen)
+    return nll_value, g_nll, jax.grad(adv)(gen), jax.grad(disc_loss)(dp)
+
+  return _jit(fn)(params['generator'], params['discriminator'])
+
+
+def _close(a, b):
+  np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_before_start_only_reconstruction(setup, reference):
+  _, _, params, video, grad_fn = setup
+  nll, g_nll, _, _ = reference
   (loss, metrics), grads = grad_fn(params, _batch(video, START - 1), jax.random.key(0), True)
   assert float(metrics['gan_active']) == 0.0
   assert _norm(grads['discriminator']) == 0.0 and _norm(grads['lecam']) == 0.0
-  model = M.make_model(config)
-  x = video.astype(jnp.float32) / 255
-
-  def ref(gen):  # L1 reconstruction through the plain model call
-    recon, _ = model.apply({'params': gen}, x)
-    return jnp.mean(jnp.abs(recon - x))
-
-  ref_loss, ref_grads = _jit(jax.value_and_grad(ref))(params['generator'])
-  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads['generator'], ref_grads)
+  np.testing.assert_allclose(float(loss), float(nll), rtol=1e-5)
+  jax.tree.map(_close, grads['generator'], g_nll)
   assert _norm(grads['generator']['encoder_layers_0']) > 0  # through the quantiser into the encoder
 
 
-def test_gradient_split_after_start(setup):
-  config, task, params, video, grad_fn = setup
+def test_gradient_split_after_start(setup, reference):
+  config, _, params, video, grad_fn = setup
+  _, g_nll, g_adv, g_disc = reference
   (_, metrics), grads = grad_fn(params, _batch(video, START), jax.random.key(0), True)
   assert float(metrics['gan_active']) == 1.0
-  model, disc = M.make_model(config), T.make_discriminator(config)
-  x = video.astype(jnp.float32) / 255
-  d_weight = float(metrics['d_weight'])
-  adv = config.tokenizer.adversarial_weight
-  d = lambda p, v: disc.apply({'params': p}, v * 2 - 1)
-
-  def gen_loss(gen):  # nll + adversarial, discriminator fixed
-    recon, _ = model.apply({'params': gen}, x)
-    return jnp.mean(jnp.abs(recon - x)) - adv * d_weight * jnp.mean(d(params['discriminator'], recon))
-
-  recon, _ = _jit(model.apply)({'params': params['generator']}, x)
-  ema = params['lecam']
-
-  def disc_loss(dp):  # hinge + LeCam, reconstruction fixed
-    real, fake = d(dp, x), d(dp, recon)
-    hinge = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
-    lecam = (jnp.mean(jax.nn.relu(real - ema['ema_fake']) ** 2) + jnp.mean(jax.nn.relu(ema['ema_real'] - fake) ** 2))
-    return hinge + config.tokenizer.lecam_weight * lecam
-
-  ref_g = _jit(jax.grad(gen_loss))(params['generator'])
-  ref_d = _jit(jax.grad(disc_loss))(params['discriminator'])
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-  jax.tree.map(close, grads['generator'], ref_g)
-  jax.tree.map(close, grads['discriminator'], ref_d)
-  assert _norm(ref_d) > 0 and abs(float(metrics['g_loss'])) > 0
+  # Generator: nll + adversarial_weight * d_weight * (-mean D(recon)), the discriminator held fixed.
+  w = config.tokenizer.adversarial_weight * float(metrics['d_weight'])
+  jax.tree.map(lambda g, a, b: _close(g, a + w * b), grads['generator'], g_nll, g_adv)
+  # Discriminator: hinge + LeCam only; the generator's adversarial term does not reach it.
+  jax.tree.map(_close, grads['discriminator'], g_disc)
+  assert _norm(g_disc) > 0 and abs(float(metrics['g_loss'])) > 0
 
 
-def test_adaptive_weight_matches_full_model_gradients(setup):
-  config, task, params, video, grad_fn = setup
+def test_adaptive_weight_matches_full_model_gradients(setup, reference):
+  config, _, params, video, grad_fn = setup
+  _, g_nll, g_adv, _ = reference
   (_, metrics), _ = grad_fn(params, _batch(video, START), jax.random.key(0), True)
-  model, disc = M.make_model(config), T.make_discriminator(config)
-  x = video.astype(jnp.float32) / 255
-  last = f'decoder_layers_{len(M.decoder_layers(model.spec)) - 1}'
-
-  def grads_wrt_last_kernel(fn):
-    def f(kernel):
-      gen = dict(params['generator'])
-      gen[last] = {'conv': {'kernel': kernel, 'bias': gen[last]['conv']['bias']}}
-      return fn(model.apply({'params': gen}, x)[0])
-    return _jit(jax.grad(f))(params['generator'][last]['conv']['kernel'])
-
-  g_nll = grads_wrt_last_kernel(lambda r: jnp.mean(jnp.abs(r - x)))
-  g_adv = grads_wrt_last_kernel(lambda r: -jnp.mean(disc.apply({'params': params['discriminator']}, r * 2 - 1)))
-  expected = np.linalg.norm(np.ravel(g_nll)) / (np.linalg.norm(np.ravel(g_adv)) + 1e-4)
+  last = f'decoder_layers_{len(M.decoder_layers(M.make_model(config).spec)) - 1}'
+  kernel = lambda g: np.ravel(g[last]['conv']['kernel'])
+  expected = np.linalg.norm(kernel(g_nll)) / (np.linalg.norm(kernel(g_adv)) + 1e-4)
   np.testing.assert_allclose(float(metrics['d_weight']), expected, rtol=1e-4)
 
 

@@ -13,8 +13,8 @@ each top-level entry its own optax chain (`optax.multi_transform`); the LeCam EM
 The adaptive weight d_weight (VQGAN) = ||d nll / dW|| / ||d g_loss / dW|| at the last decoder conv kernel W is
 computed inside the loss with one vector-Jacobian product through that conv only (no second decoder pass).
 
-Batch contract: {'video': uint8 [B, T, H, W, 3], 'step': int32 global step, a scalar or [B] (all equal)}; the
-train_tokenizer stage adds 'step' to every training batch (`StepCounter` in tokenizer/train.py).
+Batch contract: {'video': uint8 [B, T, H, W, 3], 'step': int32 global step (a scalar, or [B] all equal)}; the
+shared trainer adds 'step' (the 0-based optimizer step) to every training batch.
 The GAN terms are computed only when train=True and step >= tokenizer.discriminator_start_step (`lax.cond`, so
 earlier steps do not pay for the discriminator); with train=False the loss is the reconstruction objective.
 """
@@ -33,6 +33,7 @@ import optax
 
 from nbp_jax import config_lib
 from nbp_jax import task as task_lib
+from nbp_jax.evaluation import metrics as eval_metrics
 from nbp_jax.tokenizer import fsq
 from nbp_jax.tokenizer import losses
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -79,10 +80,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     nll, (rec, per) = nll_fn(recon, x)
     metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll, 'psnr': losses.psnr(recon, x)}
     if not train:
+      if min(x.shape[2:4]) >= 11:  # SSIM's 11x11 window
+        metrics['ssim'] = jnp.mean(eval_metrics.ssim(jnp.clip(recon, 0.0, 1.0), x))
       return nll, metrics
     if 'step' not in batch:
-      raise KeyError("the tokenizer loss needs batch['step'] (int32 global step) to start the discriminator at "
-                     'tokenizer.discriminator_start_step; the trainer must add it to every training batch.')
+      raise KeyError("the tokenizer loss needs batch['step'] (int32 optimizer step) to start the discriminator at "
+                     'tokenizer.discriminator_start_step; nbp_jax.trainer adds it, other loops must too.')
 
     d_apply = lambda p, v: disc.apply({'params': p}, v * 2.0 - 1.0)
 
@@ -201,21 +204,32 @@ def make_task(config: ml_collections.ConfigDict, sample_videos: Optional[np.ndar
 
 
 def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps: float):
-  """(params, step, workdir) -> None writing original | reconstruction mp4s and a PNG grid of the held-out clips."""
+  """(params, step, workdir) -> folder: an original | reconstruction mp4 per held-out clip and a PNG grid.
+
+  Called on every process (the trainer's contract); parameters are gathered to each host, process 0 writes.
+  """
   recon_fn = jax.jit(lambda p, v: tokenizer_model.decode(p, tokenizer_model.encode(p, v, model), model))
 
   def write(params, step, workdir):
     import os  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
     gen = params['generator'] if 'generator' in params else params
+    if jax.process_count() > 1:  # sharded across hosts: every host takes a full local copy
+      gen = multihost_utils.process_allgather(gen, tiled=True)
+    gen = jax.device_put(gen, jax.local_devices()[0])
     recon = np.asarray(recon_fn(gen, jnp.asarray(videos)))
     out = os.path.join(workdir, 'samples', f'tokenizer_{step:07d}')
+    if jax.process_index() != 0:
+      return out
     os.makedirs(out, exist_ok=True)
     pairs = np.concatenate([videos, recon], axis=3)  # side by side along W
     for i, clip in enumerate(pairs):
       video_io.write_mp4(os.path.join(out, f'recon_{i:02d}.mp4'), clip, fps)
-    Image.fromarray(video_io.video_grid(pairs)).save(os.path.join(out, 'grid.png'))
+    # Grid rows: clip 0, its reconstruction, clip 1, ...; columns: frames.
+    rows = np.stack([videos, recon], axis=1).reshape((-1,) + videos.shape[1:])
+    Image.fromarray(video_io.video_grid(rows)).save(os.path.join(out, 'grid.png'))
     return out
 
   return write

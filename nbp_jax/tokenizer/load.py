@@ -1,0 +1,52 @@
+"""Where a trained tokenizer lives and how the other stages load it (tokenize, on-the-fly encoding, sampling)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax.tokenizer import model as tokenizer_model
+
+TOKENIZER_SUBDIR = 'tokenizer'
+
+
+def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.tokenizer.checkpoint if set, else WORKDIR/tokenizer (where --mode=train_tokenizer writes)."""
+  return config.tokenizer.checkpoint or os.path.join(workdir, TOKENIZER_SUBDIR)
+
+
+def tokenizer_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The tokenizer section the checkpoint was trained with (its saved config), else config.tokenizer."""
+  tdir = tokenizer_workdir(config, workdir)
+  try:
+    return checkpoint_lib.load_config(tdir).tokenizer
+  except FileNotFoundError:
+    return config.tokenizer
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
+                   ) -> tuple[tokenizer_model.Tokenizer, Any, int]:
+  """(model, generator params, step) of the trained tokenizer, params on the first local device.
+
+  The architecture comes from the checkpoint's own config, so codes always match the weights; compute dtype from
+  the current config.tokenizer.dtype.
+  """
+  tdir = tokenizer_workdir(config, workdir)
+  tok = tokenizer_config(config, workdir).copy_and_resolve_references()
+  tok.dtype = config.tokenizer.get('dtype', tok.get('dtype', 'float32'))
+  model = tokenizer_model.make_model(tok)
+  try:
+    params, step = checkpoint_lib.restore_params(tdir, step)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'No trained tokenizer in {tdir}: run --mode=train_tokenizer with this --workdir first, or point '
+        '--config.tokenizer.checkpoint at a tokenizer workdir.') from e
+  gen = params['generator'] if 'generator' in params else params
+  abstract = nn.unbox(jax.eval_shape(lambda r: tokenizer_model.init_params(model, r), jax.random.key(0)))
+  checkpoint_lib.check_shapes(gen, abstract, 'tokenizer parameters', tdir)
+  return model, gen, step

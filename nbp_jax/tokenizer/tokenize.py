@@ -1,0 +1,184 @@
+r"""`--mode=tokenize`: encodes the prepared clips once and writes their codes as an array_record dataset.
+
+  python -m nbp_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=tokenize
+
+Reads WORKDIR/data (the clips of --mode=prepare_data) and the tokenizer of WORKDIR/tokenizer (or
+config.tokenizer.checkpoint); writes every split to `tokens_location(config, workdir)`
+(config.data.tokenized_dir or WORKDIR/tokens) with the features
+
+  codes  uint16 [t, h, w]   (64,000 codes do not fit int16; uint16 holds up to 65,536)
+  label  int32  []
+
+readable with `pipeline.make_dataset(config, workdir, split, location=tokens_location(config, workdir))`.
+
+Multi-host: each host encodes its shard of every split (every process_count-th clip) on its local devices.
+Resumable: each encoded batch is saved at once under <tokens dir>/_work/; a rerun skips the batches already there.
+When every host is done, process 0 writes the array_record shards (metadata: tokenizer path and step) and removes
+the work files. An existing tokenized dataset is reused if it came from the same tokenizer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from nbp_jax.data import builder
+from nbp_jax.data import pipeline
+from nbp_jax.tokenizer import fsq
+from nbp_jax.tokenizer import load
+from nbp_jax.tokenizer import model as tokenizer_model
+
+WORK_SUBDIR = '_work'
+
+
+def tokens_location(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
+  """Where the codes of `config.data`'s clips live: <data.tokenized_dir or WORKDIR/tokens>/clips/<name>_codes."""
+  data_dir = config.data.tokenized_dir or os.path.join(workdir, 'tokens')
+  return builder.Location(data_dir, builder.video_dataset_name(config) + '_codes')
+
+
+def codes_dtype(levels) -> np.dtype:
+  return np.dtype(np.uint16) if fsq.codebook_size(levels) <= 2 ** 16 else np.dtype(np.int32)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _make_encoder(model: tokenizer_model.Tokenizer, params, batch_size: int):
+  """A jitted encode data-parallel over this host's devices: (uint8 [B, T, H, W, 3]) -> numpy codes [B, t, h, w]."""
+  devices = np.asarray(jax.local_devices())
+  if batch_size % len(devices):
+    raise ValueError(f'tokenizer.tokenize_batch_size={batch_size} is not divisible by the {len(devices)} local '
+                     f'devices; use a multiple of {len(devices)}.')
+  mesh = jax.sharding.Mesh(devices, ('data',))
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  params = jax.device_put(params, replicated)
+  fn = jax.jit(lambda p, v: tokenizer_model.encode(p, v, model), in_shardings=(replicated, batch),
+               out_shardings=batch)
+  return lambda video: fn(params, jax.device_put(video, batch))
+
+
+def _chunk_path(work: str, split: str, host: int, index: int) -> str:
+  return os.path.join(work, split, f'host{host:05d}', f'batch{index:07d}.npz')
+
+
+def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, encoder, batch_size: int, work: str,
+                 dtype: np.dtype) -> int:
+  """Encodes this host's shard of `split` into work files, skipping those already written; returns clips encoded."""
+  host, hosts = jax.process_index(), jax.process_count()
+  ds = pipeline.make_dataset(config, workdir, split, seed=0, shard_index=host, shard_count=hosts,
+                             batch_size=batch_size * hosts, shuffle=False, num_epochs=1, drop_remainder=False)
+  n = len(ds)
+  done = [os.path.exists(_chunk_path(work, split, host, j)) for j in range(n)]
+  first = done.index(False) if False in done else n
+  os.makedirs(os.path.dirname(_chunk_path(work, split, host, 0)), exist_ok=True)
+  bar = tqdm(total=n, initial=sum(done), desc=f'tokenize {split}', unit='batch', disable=host != 0,
+             dynamic_ncols=True)
+  pending = None  # (index, device codes, labels, count): written after the next batch is dispatched
+  encoded = 0
+
+  def flush(item):
+    j, codes, labels, count = item
+    codes = np.asarray(codes)[:count].astype(dtype)
+    path = _chunk_path(work, split, host, j)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, codes=codes, label=labels[:count])
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written batch behind
+    bar.update(1)
+
+  if first < n:
+    reader = ds[first:].to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+    for j, batch in enumerate(reader, start=first):
+      if done[j]:
+        continue
+      video = np.asarray(batch['video'])
+      count = video.shape[0]
+      if count < batch_size:  # last batch: pad to the compiled shape
+        video = np.concatenate([video, np.repeat(video[-1:], batch_size - count, axis=0)])
+      labels = np.asarray(batch.get('label', np.full((count,), -1)), np.int32)
+      item = (j, encoder(video), labels, count)
+      if pending is not None:
+        flush(pending)
+      pending = item
+      encoded += count
+    if pending is not None:
+      flush(pending)
+  bar.close()
+  return encoded
+
+
+def _read_split(work: str, split: str):
+  """Yields (key, record) from every host's work files of `split`."""
+  root = os.path.join(work, split)
+  for host_dir in sorted(os.listdir(root)):
+    for name in sorted(f for f in os.listdir(os.path.join(root, host_dir)) if f.endswith('.npz')
+                       and '.tmp' not in f):
+      with np.load(os.path.join(root, host_dir, name)) as chunk:
+        for i, (codes, label) in enumerate(zip(chunk['codes'], chunk['label'])):
+          yield f'{host_dir}/{name}/{i}', {'codes': codes, 'label': label}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
+  location = tokens_location(config, workdir)
+  model, params, step = load.load_tokenizer(config, workdir)
+  spec = model.spec
+  tdir = os.path.abspath(load.tokenizer_workdir(config, workdir))
+  ft, fs = spec.temporal_factor, spec.spatial_factor
+  grid = (1 + (config.data.num_frames - 1) // ft, config.data.resolution // fs, config.data.resolution // fs)
+  dtype = codes_dtype(spec.fsq_levels)
+  metadata = {'tokenizer': tdir, 'tokenizer_step': int(step), 'source': builder.video_dataset_name(config),
+              'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels), 'codes_dtype': dtype.name}
+  if location.exists():
+    old = dict(builder.load_info(location).metadata)
+    if {k: old.get(k) for k in ('tokenizer', 'tokenizer_step')} != {k: metadata[k] for k in ('tokenizer',
+                                                                                            'tokenizer_step')}:
+      print(f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
+            f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.',
+            file=sys.stderr)
+      sys.exit(1)
+    print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
+    return location
+
+  video_location = builder.video_location(config, workdir)
+  splits = sorted(builder.load_info(video_location).splits)
+  batch_size = int(config.tokenizer.tokenize_batch_size)
+  work = os.path.join(location.data_dir, WORK_SUBDIR, location.name)
+  stamp = os.path.join(work, 'tokenizer.json')
+  if jax.process_index() == 0:
+    os.makedirs(work, exist_ok=True)
+    if os.path.exists(stamp):
+      with open(stamp) as f:
+        if json.load(f) != metadata:  # work files of another tokenizer or clip shape: start over
+          shutil.rmtree(work)
+          os.makedirs(work)
+    with open(stamp, 'w') as f:
+      json.dump(metadata, f)
+  _sync('tokenize_start')
+  encoder = _make_encoder(model, params, batch_size)
+  for split in splits:
+    encode_split(config, workdir, split, encoder, batch_size, work, dtype)
+  _sync('tokenize_encoded')
+  if jax.process_index() == 0:
+    features = {'codes': (grid, dtype), 'label': ((), np.int32)}
+    builder.build(location, features, {split: (lambda s=split: _read_split(work, s)) for split in splits},
+                  description=f'FSQ codes of {metadata["source"]} by the tokenizer {tdir} (step {step}).',
+                  metadata=metadata)
+    shutil.rmtree(work)
+    info = builder.load_info(location)
+    counts = ', '.join(f'{s}: {info.splits[s].num_examples}' for s in splits)
+    print(f'Wrote codes {grid} ({dtype.name}) of {counts} clips to {location.path}', flush=True)
+  _sync('tokenize_written')
+  return location

@@ -1,0 +1,73 @@
+r"""`--mode=train_tokenizer`: trains the video tokenizer with the shared trainer.
+
+  python -m nbp_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=prepare_data
+  python -m nbp_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=train_tokenizer
+
+Reads the prepared clips of WORKDIR/data and writes everything under WORKDIR/tokenizer (or
+config.tokenizer.checkpoint): checkpoints, config.json, metrics.jsonl, TensorBoard events, samples/. The
+transformer's own checkpoints in WORKDIR/checkpoints are never touched. Rerunning resumes. At the end it prints the
+reconstruction PSNR/SSIM over the whole held-out split and writes them to WORKDIR/tokenizer/eval.json.
+
+Steps and batch come from config.tokenizer (num_steps, batch_size); logging, evaluation, checkpoint and sample
+intervals from config.train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from nbp_jax import trainer
+from nbp_jax.data import pipeline
+from nbp_jax.tokenizer import load
+from nbp_jax.tokenizer import task as tokenizer_task
+
+
+def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the trainer's step count and batch size taken from config.tokenizer."""
+  c = config.copy_and_resolve_references()
+  c.train.num_steps = int(config.tokenizer.num_steps)
+  c.data.batch_size = int(config.tokenizer.batch_size)
+  return c
+
+
+def held_out_clips(config: ml_collections.ConfigDict, workdir: str, count: int) -> np.ndarray:
+  """The first `count` clips of the held-out split (the same on every host): uint8 [count, T, H, W, 3]."""
+  ds = pipeline.make_dataset(config, workdir, 'eval', seed=0, shard_index=0, shard_count=1, batch_size=count,
+                             shuffle=False, drop_remainder=False)
+  return np.asarray(ds[0]['video'])[:count]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  tdir = load.tokenizer_workdir(config, workdir)
+  tconfig = training_config(config)
+  samples = held_out_clips(tconfig, workdir, tconfig.tokenizer.num_samples) if tconfig.tokenizer.num_samples else None
+  task = tokenizer_task.make_task(tconfig, sample_videos=samples)
+  train_data = pipeline.make_iterator(
+      pipeline.make_dataset(tconfig, workdir, 'train', seed=tconfig.seed),
+      worker_count=tconfig.data.worker_count)
+  eval_data = pipeline.make_dataset(tconfig, workdir, 'eval', seed=0)  # re-iterated from the start at every eval
+  state = trainer.train(tconfig, tdir, task, train_data, eval_data)
+  step = int(jax.device_get(state.step))
+
+  # The whole held-out split, once, with the trained parameters.
+  setup = trainer.make_setup(tconfig, task)
+  metrics = trainer.evaluate(trainer.make_eval_step(task, setup), state.params, eval_data, setup, num_batches=0)
+  result = {k[len('val_'):]: v for k, v in metrics.items() if k in ('val_psnr', 'val_ssim', 'val_recon_loss')}
+  num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
+  result.update(step=step, eval_clips=num_clips - num_clips % tconfig.data.batch_size)
+  out = None
+  if task.write_samples is not None:
+    out = task.write_samples(state.params, step, tdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(tdir, 'eval.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
+                                                              if k not in ('step',)), flush=True)
+    if out:
+      print(f'reconstructions (original | reconstruction): {out}', flush=True)
+  return result
