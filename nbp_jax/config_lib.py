@@ -202,11 +202,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
   c.mesh.axis_rules = DEFAULT_AXIS_RULES
 
+  # --mode=export writes WORKDIR/export/: params.safetensors (+ tokenizer.safetensors), generate.stablehlo + .json.
   c.export = ml_collections.ConfigDict()
-  c.export.dtype = 'float32'
+  c.export.dtype = 'float32'  # of the safetensors files: 'float32', 'bfloat16' or 'float16'
+  c.export.stablehlo = True  # also serialize the generation function (jax.export)
+  c.export.batch_size = 0  # fixed batch of the exported function; 0 = sample.batch_size
+  c.export.context_frames = -1  # video frames given to the exported function; -1 = nbp.context_frames
+  c.export.embed_params = False  # bake the weights into generate.stablehlo (small models) instead of inputs
+  c.export.platforms = ()  # e.g. ('cpu', 'cuda', 'tpu'); () = the current backend
+  # --mode=import: the official PyTorch release -> an orbax workdir (nbp_jax/export/official.py).
   c.import_ = ml_collections.ConfigDict()
-  c.import_.checkpoint = ''  # official .ckpt / .pt / .safetensors
-  c.import_.llama_tokenizer = ''  # LLaMA-2 tokenizer.model, for the UCF-101 class prompts
+  c.import_.checkpoint = ''  # official transformer: Lightning .ckpt, or its .safetensors from export.convert_torch
+  c.import_.tokenizer_checkpoint = ''  # magvit2_*.pt or its .safetensors; written to WORKDIR/tokenizer
+  c.import_.llama_tokenizer = ''  # LLaMA-2 tokenizer.model, for the UCF-101 class prompts (needs sentencepiece)
+  c.import_.class_ids = ''  # JSON of precomputed class prompt ids (instead of llama_tokenizer)
+  c.import_.class_names = ''  # classInd.txt or one class folder name per line; '' = data.raw_dir's classInd.txt
+  c.import_.ignore_prefixes = ('first_stage_model.',)  # state-dict keys skipped by the transformer import
+  c.import_.allow_pickle = False  # torch.load(weights_only=False): runs the file's pickle code; trusted files only
   return c
 
 

@@ -26,9 +26,19 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where data, checkpoints, metric
                                'Default: workdirs/<config.name>.')
 _MODE = flags.DEFINE_enum('mode', 'train', config_lib.MODES, 'What to run.')
 
+# Modes that use a finished run: without --config they take the config saved in the workdir.
+_USES_SAVED_CONFIG = ('sample', 'eval', 'export')
+
 # mode -> 'module:function' taking (config, workdir). Modes not listed here are not built yet.
 STAGES = {
     'prepare_data': 'nbp_jax.data.prepare:run',
+    'train_tokenizer': 'nbp_jax.tokenizer.train:run',
+    'tokenize': 'nbp_jax.tokenizer.tokenize:run',
+    'train': 'nbp_jax.nbp.train:run',
+    'sample': 'nbp_jax.nbp.sample:run',
+    'eval': 'nbp_jax.evaluation.protocols:run',
+    'import': 'nbp_jax.export.official:run',
+    'export': 'nbp_jax.export.bundle:run',
 }
 
 
@@ -42,13 +52,30 @@ def resolve_stage(mode: str):
   return getattr(importlib.import_module(module_name), fn_name)
 
 
+def _resolve_config(mode: str, workdir: str | None):
+  """--config, or for sample/eval/export with no --config the workdir's saved config (plus --config.x=y overrides)."""
+  saved = os.path.join(workdir or '', 'config.json')
+  if mode not in _USES_SAVED_CONFIG or flags.FLAGS['config'].present or not workdir or not os.path.exists(saved):
+    return _CONFIG.value
+  from nbp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config = checkpoint.load_config(workdir)
+  for path, value in config_flags.get_override_values(flags.FLAGS['config']).items():
+    *parents, name = path.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  logging.info('Using the config saved in %s', saved)
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
-  config = _CONFIG.value
   mode = _MODE.value
+  config = _resolve_config(mode, _WORKDIR.value)
   try:
     config_lib.validate(config, mode)
   except config_lib.ConfigError as e:

@@ -1,4 +1,4 @@
-"""The teacher-forced objective and the `Task` the shared trainer consumes.
+"""The teacher-forced objective, the `Task` the shared trainer consumes, and `--mode=train`.
 
 Batch: {'codes': int32 [B, t, h, w], 'label': int32 [B] (class-conditional only)}. The codes are put in block-major
 order, the input is [prefix, start block, z...] without its last L ids (layout.py), and the loss is the
@@ -8,6 +8,9 @@ cross-entropy of the video targets only: prefix outputs are not scored, and the 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 from typing import Optional
 
 import flax.linen as nn
@@ -17,9 +20,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from nbp_jax import trainer
+from nbp_jax.data import pipeline
+from nbp_jax.nbp import decode
 from nbp_jax.nbp.spec import Spec, spec_from_config
 from nbp_jax.nbp.transformer import Transformer
 from nbp_jax.task import Task
+from nbp_jax.tokenizer import load as tokenizer_load
+from nbp_jax.tokenizer import model as tokenizer_model
+from nbp_jax.tokenizer import tokenize
 
 
 def init_params(spec: Spec, rng: jax.Array):
@@ -92,3 +101,50 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
 
   return Task(name='nbp', init_params=lambda rng: init_params(spec, rng), loss_fn=task_loss,
               flops_per_example=flops_per_example(spec), tokens_per_example=spec.layout.num_targets)
+
+
+def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok_params):
+  """Task.write_samples: a few generated clips as mp4/gif + PNG grid in WORKDIR/samples/step_<step>."""
+  from nbp_jax.nbp import sample as sample_lib  # pylint: disable=g-import-not-at-top  (sample imports this module)
+  count = min(config.sample.num_samples, config.sample.batch_size)
+  labels = np.arange(count, dtype=np.int32) % config.data.num_classes if config.nbp.condition == 'class' else None
+  decode_video = jax.jit(functools.partial(tokenizer_model.decode, model=tok_model))
+
+  def write(params, step, workdir):
+    if config.nbp.first_block == 'none':
+      return  # such a model only continues given frames; --mode=sample does that with held-out clips
+    codes = decode.sample_codes(config, params, jax.random.key(step), labels=labels,
+                                batch_size=None if labels is not None else count, spec=spec)
+    videos = np.asarray(decode_video(tok_params, codes))
+    sample_lib.write_samples(videos, os.path.join(workdir, 'samples', f'step_{step}'), config.data.fps)
+
+  return write
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
+  """`--mode=train`: trains the transformer on pre-tokenized codes (data.use_tokenized) or on clips encoded on the
+  fly by the trained tokenizer; checkpoints, metrics and samples go to WORKDIR."""
+  task = make_task(config)
+  spec = spec_from_config(config)
+  try:
+    tok_model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
+  except FileNotFoundError:
+    if not config.data.use_tokenized:
+      raise
+    tok_model = tok_params = None  # training on stored codes needs no tokenizer; samples do
+  if config.data.use_tokenized:
+    location = tokenize.tokens_location(config, workdir)
+    if not location.exists():
+      raise FileNotFoundError(f'No tokenized dataset at {location.path}: run --mode=tokenize first, or train on '
+                              'clips encoded on the fly with --config.data.use_tokenized=False.')
+  else:
+    location = None
+    encode = functools.partial(tokenizer_model.encode, model=tok_model)
+    task = dataclasses.replace(task, prepare_batch=lambda b: {**b, 'codes': encode(tok_params, b['video'])})
+  if tok_model is not None and config.train.sample_every:
+    task = dataclasses.replace(task, write_samples=_sample_writer(config, spec, tok_model, tok_params))
+  train_data = pipeline.make_iterator(pipeline.make_dataset(config, workdir, 'train', seed=config.seed,
+                                                            location=location),
+                                      worker_count=config.data.worker_count)
+  eval_data = pipeline.make_dataset(config, workdir, 'eval', seed=0, location=location)
+  return trainer.train(config, workdir, task, train_data, eval_data)

@@ -1,0 +1,232 @@
+r"""`--mode=eval`: the numbers papers report, computed the way the field computes them.
+
+  python -m nbp_jax.main --config=configs/k600_3b.py --workdir=W --mode=eval --config.eval.num_samples=50000
+
+Protocols (config.eval.protocols; 'auto' picks what the model can do):
+  - 'class': class-conditional generation; classes drawn like the train split (the labels of the real clips);
+    FVD of the samples against train-split real clips (UCF-101: 10,000 at 128x128).
+  - 'frame_prediction': for held-out clips, condition on the first nbp.context_frames frames, predict the rest;
+    FVD of the whole clips against the real ones (K600: resized to 64x64 first), and PSNR/SSIM/LPIPS of the
+    predicted frames against the truth.
+  - 'reconstruction': the tokenizer alone: rFVD, PSNR, SSIM, LPIPS of decode(encode(x)) on held-out clips.
+Writes WORKDIR/eval/results_step<step>.json (config, checkpoint step, sample counts, every metric), a PNG grid and
+mp4s of the first samples beside it, and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from nbp_jax import config_lib
+from nbp_jax.data import builder
+from nbp_jax.data import pipeline
+from nbp_jax.evaluation import fvd
+from nbp_jax.evaluation import metrics
+from nbp_jax.nbp import sample as sample_lib
+
+PROTOCOLS = ('class', 'frame_prediction', 'reconstruction')
+
+
+def auto_protocols(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """What `config` can be evaluated on: its generation tasks, then the tokenizer's reconstruction."""
+  names = []
+  if config.nbp.condition == 'class':
+    names.append('class')
+  if config.nbp.context_frames > 0:
+    names.append('frame_prediction')
+  names.append('reconstruction')
+  return tuple(names)
+
+
+def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """The first `num` clips of `split` (a fixed seeded order), in batches, on every host the same."""
+  ds = pipeline.make_dataset(config, workdir, split, seed=config.seed, shard_index=0, shard_count=1,
+                             batch_size=batch_size, shuffle=True, drop_remainder=False, num_epochs=None)
+  seen = 0
+  for batch in ds:
+    take = min(num - seen, len(batch['video']))
+    yield {k: np.asarray(v)[:take] for k, v in batch.items()}
+    seen += take
+    if seen >= num:
+      return
+
+
+def real_stats(config, workdir: str, split: str, feature_fn) -> dict[str, np.ndarray]:
+  """I3D statistics of the first eval.num_samples clips of `split`, cached in WORKDIR/fvd_stats and reused."""
+  ev = config.eval
+  path = fvd.stats_cache_path(workdir, dataset=builder.video_dataset_name(config), split=split,
+                              resolution=config.data.resolution, frames=ev.fvd_num_frames, resize=ev.fvd_resize,
+                              num=ev.num_samples, seed=config.seed)
+
+  def compute():
+    batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
+    return fvd.extract_features((b['video'] for b in batches), feature_fn, total=ev.num_samples,
+                                desc=f'I3D real ({split})')
+
+  return fvd.cached_real_stats(path, compute)
+
+
+class _Collector:
+  """Accumulates I3D features and per-video metrics over batches; keeps the first videos for the sample files."""
+
+  def __init__(self, feature_fn, keep: int):
+    self.feature_fn, self.keep = feature_fn, keep
+    self.features, self.kept, self.values = [], [], {}
+
+  def add(self, videos: np.ndarray, **per_video: np.ndarray) -> None:
+    self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
+    if sum(len(v) for v in self.kept) < self.keep:
+      self.kept.append(videos[:self.keep])
+    for name, value in per_video.items():
+      self.values.setdefault(name, []).append(np.asarray(value, np.float64))
+
+  def result(self) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+    means = {k: float(np.concatenate(v).mean()) for k, v in self.values.items()}
+    return np.concatenate(self.features), means, np.concatenate(self.kept)[:self.keep]
+
+
+def _num_batches(num: int, batch_size: int) -> int:
+  return -(-num // batch_size)
+
+
+def evaluate_class(config, workdir: str, generator: sample_lib.Generator, feature_fn, rng, *, keep: int) -> dict:
+  """Class-conditional FVD: samples with the real clips' labels vs those real train clips."""
+  ev = config.eval
+  real_split = 'train'
+  # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
+  labels = np.concatenate([b['label'] for b in _real_batches(config, workdir, real_split, ev.num_samples,
+                                                             ev.batch_size)]).astype(np.int32)
+  stats = real_stats(config, workdir, real_split, feature_fn)
+  fake = _Collector(feature_fn, keep)
+  for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
+    chunk = labels[start:start + ev.batch_size]
+    codes = generator.codes(jax.random.fold_in(rng, i), labels=chunk)
+    fake.add(generator.decode(codes))
+  fake_features, _, kept = fake.result()
+  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats)},
+          'num_samples': int(len(labels)), 'real_split': real_split, 'videos': kept}
+
+
+def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, rng, *,
+                              keep: int) -> dict:
+  """Frame prediction: context from held-out clips; FVD of whole clips; PSNR/SSIM/LPIPS of predicted frames."""
+  ev = config.eval
+  split = pipeline.eval_split(config, workdir)
+  given = config.nbp.context_frames
+  stats = real_stats(config, workdir, split, feature_fn)
+  fake = _Collector(feature_fn, keep)
+  count = 0
+  batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
+  for i, batch in enumerate(tqdm(batches, desc='sampling (frame prediction)',
+                                 total=_num_batches(ev.num_samples, ev.batch_size))):
+    truth = batch['video']
+    labels = batch['label'].astype(np.int32) if config.nbp.condition == 'class' else None
+    codes = generator.codes(jax.random.fold_in(rng, i), labels=labels,
+                            context_codes=generator.context_codes(truth))
+    pred = generator.decode(codes)
+    pf, tf = pred[:, given:], truth[:, given:]
+    lpips = np.stack([np.asarray(lpips_fn(pf[:, t], tf[:, t])) for t in range(pf.shape[1])], 1).mean(1)
+    fake.add(pred, psnr=np.asarray(metrics.psnr(pf, tf)), ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips)
+    count += len(truth)
+  fake_features, means, kept = fake.result()
+  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
+          'num_samples': count,
+          'real_split': split, 'videos': kept}
+
+
+def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, *,
+                            keep: int) -> dict:
+  """The tokenizer alone on held-out clips: rFVD, PSNR, SSIM, LPIPS (all frames)."""
+  ev = config.eval
+  split = pipeline.eval_split(config, workdir)
+  stats = real_stats(config, workdir, split, feature_fn)
+  fake = _Collector(feature_fn, keep)
+  count = 0
+  for batch in tqdm(_real_batches(config, workdir, split, ev.num_samples, ev.batch_size), desc='reconstruction',
+                    total=_num_batches(ev.num_samples, ev.batch_size)):
+    truth = batch['video']
+    recon = generator.decode(generator.encode(truth))
+    lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
+    fake.add(recon, psnr=np.asarray(metrics.psnr(recon, truth)), ssim=np.asarray(metrics.ssim(recon, truth)),
+             lpips=lpips)
+    count += len(truth)
+  fake_features, means, kept = fake.result()
+  return {'metrics': {'rfvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
+          'num_samples': count,
+          'real_split': split, 'videos': kept}
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """A plain-text table: one row per protocol, one column per metric."""
+  columns = sorted({m for r in results.values() for m in r['metrics']})
+  header = ['protocol', 'samples'] + columns
+  rows = [[name, str(r['num_samples'])] + [f"{r['metrics'][c]:.3f}" if c in r['metrics'] else '-' for c in columns]
+          for name, r in results.items()]
+  widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optional[sample_lib.Generator] = None,
+             *, protocols: Optional[tuple[str, ...]] = None, out_name: str = '') -> dict:
+  """Runs the protocols, writes results JSON + samples under WORKDIR/eval, returns the results."""
+  generator = generator or sample_lib.load_generator(config, workdir)
+  protocols = protocols or _configured_protocols(config)
+  ev = config.eval
+  feature_fn = fvd.make_feature_fn(ev.fvd_num_frames, ev.fvd_resize)
+  lpips_fn = metrics.make_lpips_fn()
+  rng = jax.random.key(config.seed + 1)
+  keep = int(ev.get('num_video_files', 4))
+  results: dict[str, dict] = {}
+  for name in protocols:
+    start = time.perf_counter()
+    if name == 'class':
+      results[name] = evaluate_class(config, workdir, generator, feature_fn, rng, keep=keep)
+    elif name == 'frame_prediction':
+      results[name] = evaluate_frame_prediction(config, workdir, generator, feature_fn, lpips_fn, rng, keep=keep)
+    elif name == 'reconstruction':
+      results[name] = evaluate_reconstruction(config, workdir, generator, feature_fn, lpips_fn, keep=keep)
+    else:
+      raise ValueError(f'eval.protocols has {name!r}; pick from {PROTOCOLS} or auto.')
+    results[name]['seconds'] = time.perf_counter() - start
+
+  out_dir = os.path.join(workdir, 'eval')
+  tag = out_name or f'step{generator.step}'
+  files = {}
+  for name, r in results.items():
+    files[name] = sample_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,
+                                           name=f'{tag}_{name}')
+  report = {
+      'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
+      'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'protocols': results, 'grids': files,
+  }
+  path = os.path.join(out_dir, f'results_{tag}.json')
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(report, f, indent=2)
+  print(format_table(results))
+  print(f'Results: {path}')
+  return report
+
+
+def _configured_protocols(config) -> tuple[str, ...]:
+  names = config.eval.get('protocols', 'auto')
+  if names in ('auto', '', None):
+    return auto_protocols(config)
+  names = tuple(n.strip() for n in (names.split(',') if isinstance(names, str) else names))
+  for n in names:
+    if n not in PROTOCOLS:
+      raise config_lib.ConfigError(f'eval.protocols has {n!r}; pick from {", ".join(PROTOCOLS)} or auto.')
+  return names
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  evaluate(config, workdir)
