@@ -197,6 +197,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.fvd_num_frames = 16  # the release scores the first 16 of 17 frames
   c.eval.fvd_resize = 0  # resize to this square size before the I3D resize (64 for K600); 0 = keep
+  c.eval.protocols = 'auto'  # comma-separated from class, frame_prediction, reconstruction; auto = what fits
+  c.eval.num_video_files = 4  # samples written as mp4/gif (and in the grid) per protocol
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
