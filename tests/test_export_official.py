@@ -195,6 +195,10 @@ def test_cli_import_then_export(tmp_path):
   assert 'official_k600' in proc.stdout and '--mode=sample' in proc.stdout
   saved = checkpoint_lib.load_config(workdir)
   assert (saved.nbp.id_layout, saved.model.emb_dim, saved.nbp.context_frames) == ('official_k600', D, 5)
+  try:
+    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pytest.skip('jax.export serialization needs flatbuffers (requirements.txt)')
   proc = run('--mode=export', '--config.export.batch_size=1', '--config.export.dtype=bfloat16')
   assert proc.returncode == 0, proc.stderr[-3000:]
   sig = json.load(open(os.path.join(workdir, 'export', 'generate.json')))
@@ -367,3 +371,27 @@ def test_torch_ckpt_without_torch_says_how_to_convert(tmp_path):
   path.write_bytes(b'not read')
   with pytest.raises(official.OfficialImportError, match='convert_torch .*model.ckpt .*model.safetensors'):
     official.read_state_dict(str(path))
+
+
+def test_llama_prompts_with_sentencepiece(tmp_path):
+  """BOS first, EOS padding, truncation to 8; class names from classInd.txt (a tiny SentencePiece model stands in
+  for LLaMA-2's)."""
+  spm = pytest.importorskip('sentencepiece', reason='sentencepiece is optional (requirements-torch.txt)')
+  words = ['apply eye makeup', 'apply lipstick', 'archery', 'baby crawling', 'balance beam'] * 20
+  prefix = str(tmp_path / 'sp')
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(words), model_prefix=prefix, vocab_size=24,
+                                 bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+  sp = spm.SentencePieceProcessor(model_file=prefix + '.model')
+  ind = tmp_path / 'classInd.txt'
+  ind.write_text('1 ApplyEyeMakeup\n2 Archery\n')
+  config = _config('ucf101')
+  config.data.num_classes = 2
+  config.import_.llama_tokenizer, config.import_.class_names = prefix + '.model', str(ind)
+  rows = official.class_prefix_ids(config)
+  for row, text in zip(rows, ['apply eye makeup', 'archery']):
+    ids = [1] + sp.encode(text)
+    assert row == (ids + [2] * 8)[:8]
+  short = official.tokenize_prompts(['a'], prefix + '.model')[0]
+  assert short == ([1] + sp.encode('a') + [2] * 8)[:8] and short[-1] == 2  # padded with EOS
+  long = official.tokenize_prompts(['apply eye makeup apply eye makeup apply eye makeup'], prefix + '.model')
+  assert len(long[0]) == 8 and long[0][0] == 1 and 2 not in long[0]

@@ -385,13 +385,17 @@ def read_class_ids(path: str, class_names: Optional[Sequence[str]] = None) -> li
   return [[int(i) for i in row] for row in data]
 
 
-def class_prefix_ids(config: ml_collections.ConfigDict) -> tuple[list[list[int]], Optional[list[str]]]:
-  """(rows of 8 unshifted LLaMA-2 ids, one per class in label order; the class names if known)."""
+def class_names(config: ml_collections.ConfigDict) -> Optional[list[str]]:
+  """Class folder names in label order: import_.class_names, else data.raw_dir's classInd.txt, else None."""
+  imp = config.import_
+  path = imp.class_names or (_find_class_ind(config.data.raw_dir) if config.data.raw_dir else None)
+  return read_class_names(path) if path else None
+
+
+def class_prefix_ids(config: ml_collections.ConfigDict) -> list[list[int]]:
+  """Rows of 8 unshifted LLaMA-2 ids, one per class in label order (see the module docstring for the sources)."""
   imp, n = config.import_, config.data.num_classes
-  names = None
-  names_path = imp.class_names or (_find_class_ind(config.data.raw_dir) if config.data.raw_dir else None)
-  if names_path:
-    names = read_class_names(names_path)
+  names = class_names(config)
   if imp.class_ids:
     rows = read_class_ids(imp.class_ids, names)
   elif imp.llama_tokenizer:
@@ -411,9 +415,7 @@ def class_prefix_ids(config: ml_collections.ConfigDict) -> tuple[list[list[int]]
     if len(row) != layout_lib.OFFICIAL_UCF_PREFIX_LEN or not all(0 <= i < LLAMA_VOCAB_SIZE for i in row):
       raise OfficialImportError(f'class {c} prompt ids {row} must be {layout_lib.OFFICIAL_UCF_PREFIX_LEN} LLaMA-2 ids '
                                 f'in [0, {LLAMA_VOCAB_SIZE}) (unshifted: the +16 text offset is applied later).')
-  if names is not None and len(names) != n:
-    names = None
-  return rows, names
+  return rows
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -434,68 +436,70 @@ def save_workdir(workdir: str, params: PyTree, config: ml_collections.ConfigDict
   return ckpt.step_dir(0)
 
 
-def import_tokenizer(sd: StateDict, config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the tokenizer workdir WORKDIR/tokenizer; returns its path."""
+def convert_tokenizer(sd: StateDict, config: ml_collections.ConfigDict) -> PyTree:
+  """magvit2 state dict -> tokenizer params of config.tokenizer (numpy float32)."""
   tok = config.tokenizer.copy_and_resolve_references()
   tok.dtype = 'float32'
-  params = tokenizer_params(sd, tokenizer_model.make_model(tok))
-  tdir = os.path.join(workdir, TOKENIZER_SUBDIR)
-  save_workdir(tdir, params, config)
-  return tdir
+  return tokenizer_params(sd, tokenizer_model.make_model(tok))
 
 
-def import_transformer(sd: StateDict, config: ml_collections.ConfigDict, workdir: str
-                       ) -> ml_collections.ConfigDict:
-  """Writes the transformer into WORKDIR; returns the config saved with it (id layout, class prompts)."""
+def convert_transformer(sd: StateDict, config: ml_collections.ConfigDict) -> tuple[PyTree, ml_collections.ConfigDict]:
+  """Official transformer state dict -> (params, the config to save: id layout and, for UCF-101, class prompts)."""
   config = configure(config, sd)
   if config.nbp.id_layout == 'official_ucf':
-    rows, names = class_prefix_ids(config)
-    config.nbp.class_prefix_ids = tuple(tuple(r) for r in rows)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CLASS_PROMPTS_FILE), 'w') as f:
-      json.dump({'class_names': names, 'prompts': [class_prompt(c) for c in names] if names else None,
-                 'class_prefix_ids': rows}, f, indent=1)
+    config.nbp.class_prefix_ids = tuple(tuple(r) for r in class_prefix_ids(config))
   spec = spec_from_config(config, dtype='float32')
-  params = transformer_params(sd, spec, tuple(config.import_.ignore_prefixes))
-  save_workdir(workdir, params, config)
-  return config
+  return transformer_params(sd, spec, tuple(config.import_.ignore_prefixes)), config
+
+
+def _write_class_prompts(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/class_prompts.json: names, prompts and ids, to inspect or reuse as import_.class_ids."""
+  names = class_names(config)
+  if names is not None and len(names) != len(config.nbp.class_prefix_ids):
+    names = None
+  with open(os.path.join(workdir, CLASS_PROMPTS_FILE), 'w') as f:
+    json.dump({'class_names': names, 'prompts': [class_prompt(c) for c in names] if names else None,
+               'class_prefix_ids': [list(r) for r in config.nbp.class_prefix_ids]}, f, indent=1)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """--mode=import: see the module docstring."""
+  """--mode=import: see the module docstring. Everything is converted and checked before anything is written."""
   imp = config.import_
   if not imp.checkpoint and not imp.tokenizer_checkpoint:
     read_state_dict('')  # raises the "no checkpoint given" error
   config = ml_collections.ConfigDict(config.to_dict())
-  written = []
   sd = read_state_dict(imp.checkpoint, allow_pickle=imp.allow_pickle) if imp.checkpoint else None
   if sd is not None and 'transformer.tok_emb.weight' not in sd and 'encoder_layers.0.conv.weight' in sd:
     raise OfficialImportError(f'{imp.checkpoint} is a tokenizer checkpoint: pass it as '
                               '--config.import_.tokenizer_checkpoint.')
-  tok_sd = None
+  params, saved = convert_transformer(sd, config) if sd is not None else (None, None)
+
+  tok_params = None
   if imp.tokenizer_checkpoint:
-    tok_sd = read_state_dict(imp.tokenizer_checkpoint, allow_pickle=imp.allow_pickle)
+    tok_params = convert_tokenizer(read_state_dict(imp.tokenizer_checkpoint, allow_pickle=imp.allow_pickle), config)
   elif sd is not None and 'first_stage_model.encoder_layers.0.conv.weight' in sd:
-    tok_sd = sd.without_prefix('first_stage_model.')  # the frozen tokenizer inside the Lightning checkpoint
-  tok_written = False
-  if tok_sd is not None:
-    try:
-      written.append(f'tokenizer   {import_tokenizer(tok_sd, config, workdir)}')
-      tok_written = True
-    except OfficialImportError:
-      if imp.tokenizer_checkpoint:
-        raise
-      logging.exception('The tokenizer under first_stage_model. did not match; skipped it.')
-      print(f'Skipped the tokenizer inside {imp.checkpoint} (its keys do not match the release\'s magvit2 layout); '
-            'pass --config.import_.tokenizer_checkpoint=magvit2_*.pt to import it.', flush=True)
-  if sd is not None:
-    saved = import_transformer(sd, config, workdir)
+    try:  # the frozen tokenizer inside the Lightning checkpoint
+      tok_params = convert_tokenizer(sd.without_prefix('first_stage_model.'), config)
+    except OfficialImportError as e:
+      print(f'Skipped the tokenizer inside {imp.checkpoint}: {e} Pass '
+            '--config.import_.tokenizer_checkpoint=magvit2_*.pt to import it.', flush=True)
+
+  written = []
+  if tok_params is not None:
+    tdir = os.path.join(workdir, TOKENIZER_SUBDIR)
+    save_workdir(tdir, tok_params, config)
+    written.append(f'tokenizer   {tdir}')
+    del tok_params
+  if params is not None:
+    save_workdir(workdir, params, saved)
+    if saved.nbp.id_layout == 'official_ucf':
+      _write_class_prompts(workdir, saved)
     written.append(f'transformer {workdir} ({saved.nbp.id_layout}, {saved.model.num_layers} layers, '
                    f'd={saved.model.emb_dim})')
   print('Imported:\n  ' + '\n  '.join(written), flush=True)
-  if sd is not None:
-    if not tok_written and not config.tokenizer.checkpoint:
-      print('No tokenizer imported: sampling gives codes only. Add '
-            '--config.import_.tokenizer_checkpoint=magvit2_*.pt (or set tokenizer.checkpoint) to decode videos.')
+  if params is not None:
+    if len(written) == 1 and not config.tokenizer.checkpoint:
+      print('No tokenizer imported: sampling needs one to decode videos. Add '
+            '--config.import_.tokenizer_checkpoint=magvit2_*.pt (or set tokenizer.checkpoint).', flush=True)
     print(f'Next: python -m nbp_jax.main --mode=sample --workdir={workdir}   (or --mode=eval / --mode=export)',
           flush=True)
