@@ -37,6 +37,7 @@ STAGES = {
     'train': 'nbp_jax.nbp.train:run',
     'sample': 'nbp_jax.nbp.sample:run',
     'eval': 'nbp_jax.evaluation.protocols:run',
+    'pipeline': 'nbp_jax.pipeline:run',
     'import': 'nbp_jax.export.official:run',
     'export': 'nbp_jax.export.bundle:run',
 }

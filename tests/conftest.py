@@ -6,3 +6,44 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The whole pipeline at micro size: 9 frames at 16x16 -> 3x2x2 codes; blocks of one latent row (1x1x2) vs NTP.
+TINY_PIPELINE_FLAGS = (
+    '--config=configs/demo.py',
+    '--config.data.num_frames=9', '--config.data.resolution=16',
+    '--config.data.synthetic.num_train=8', '--config.data.synthetic.num_val=4', '--config.data.batch_size=4',
+    '--config.tokenizer.channels=8', '--config.tokenizer.channel_multipliers=(1,2,2,4)',
+    '--config.tokenizer.discriminator_channels=8', '--config.tokenizer.num_res_blocks=1',
+    '--config.tokenizer.num_groups=4', '--config.tokenizer.num_mid_blocks=1',
+    '--config.tokenizer.num_steps=2', '--config.tokenizer.batch_size=4', '--config.tokenizer.num_samples=2',
+    '--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.emb_dim=32',
+    '--config.nbp.block_shape=(1,1,2)', '--config.nbp.context_frames=5',
+    '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=2',
+    '--config.train.checkpoint_every=2', '--config.train.num_eval_batches=1',
+    '--config.sample.num_samples=4', '--config.sample.batch_size=4',
+    '--config.eval.num_samples=4', '--config.eval.batch_size=4', '--config.eval.fvd_num_frames=9',
+    '--config.eval.num_video_files=2',
+)
+
+
+def run_main(*args, timeout=900):
+  """`python -m nbp_jax.main ARGS` on one CPU device (what a laptop user has); returns the CompletedProcess."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'nbp_jax.main', *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+@pytest.fixture(scope='session')
+def tiny_pipeline(tmp_path_factory):
+  """A workdir where `--mode=pipeline` finished at micro size (built once per test session)."""
+  workdir = tmp_path_factory.mktemp('pipeline') / 'demo'
+  out = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return workdir

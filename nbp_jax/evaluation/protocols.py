@@ -59,10 +59,12 @@ def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -
       return
 
 
-def real_stats(config, workdir: str, split: str, feature_fn) -> dict[str, np.ndarray]:
-  """I3D statistics of the first eval.num_samples clips of `split`, cached in WORKDIR/fvd_stats and reused."""
+def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: Optional[str] = None
+               ) -> dict[str, np.ndarray]:
+  """I3D statistics of the first eval.num_samples clips of `split`, cached in STATS_DIR (default WORKDIR)/fvd_stats
+  and reused."""
   ev = config.eval
-  path = fvd.stats_cache_path(workdir, dataset=builder.video_dataset_name(config), split=split,
+  path = fvd.stats_cache_path(stats_dir or workdir, dataset=builder.video_dataset_name(config), split=split,
                               resolution=config.data.resolution, frames=ev.fvd_num_frames, resize=ev.fvd_resize,
                               num=ev.num_samples, seed=config.seed)
 
@@ -81,10 +83,11 @@ class _Collector:
     self.feature_fn, self.keep = feature_fn, keep
     self.features, self.kept, self.values = [], [], {}
 
-  def add(self, videos: np.ndarray, **per_video: np.ndarray) -> None:
+  def add(self, videos: np.ndarray, shown: Optional[np.ndarray] = None, **per_video: np.ndarray) -> None:
+    """Features of `videos`; `shown` (default `videos`) is what the sample files show."""
     self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
     if sum(len(v) for v in self.kept) < self.keep:
-      self.kept.append(videos[:self.keep])
+      self.kept.append((videos if shown is None else shown)[:self.keep])
     for name, value in per_video.items():
       self.values.setdefault(name, []).append(np.asarray(value, np.float64))
 
@@ -97,14 +100,15 @@ def _num_batches(num: int, batch_size: int) -> int:
   return -(-num // batch_size)
 
 
-def evaluate_class(config, workdir: str, generator: sample_lib.Generator, feature_fn, rng, *, keep: int) -> dict:
+def evaluate_class(config, workdir: str, generator: sample_lib.Generator, feature_fn, rng, *, keep: int,
+                   stats_dir: Optional[str] = None) -> dict:
   """Class-conditional FVD: samples with the real clips' labels vs those real train clips."""
   ev = config.eval
   real_split = 'train'
   # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
   labels = np.concatenate([b['label'] for b in _real_batches(config, workdir, real_split, ev.num_samples,
                                                              ev.batch_size)]).astype(np.int32)
-  stats = real_stats(config, workdir, real_split, feature_fn)
+  stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
     chunk = labels[start:start + ev.batch_size]
@@ -116,12 +120,12 @@ def evaluate_class(config, workdir: str, generator: sample_lib.Generator, featur
 
 
 def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, rng, *,
-                              keep: int) -> dict:
+                              keep: int, stats_dir: Optional[str] = None) -> dict:
   """Frame prediction: context from held-out clips; FVD of whole clips; PSNR/SSIM/LPIPS of predicted frames."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
   given = config.nbp.context_frames
-  stats = real_stats(config, workdir, split, feature_fn)
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   count = 0
   batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
@@ -134,7 +138,9 @@ def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Genera
     pred = generator.decode(codes)
     pf, tf = pred[:, given:], truth[:, given:]
     lpips = np.stack([np.asarray(lpips_fn(pf[:, t], tf[:, t])) for t in range(pf.shape[1])], 1).mean(1)
-    fake.add(pred, psnr=np.asarray(metrics.psnr(pf, tf)), ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips)
+    # Sample files show truth | prediction side by side.
+    fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(metrics.psnr(pf, tf)),
+             ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips)
     count += len(truth)
   fake_features, means, kept = fake.result()
   return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
@@ -143,11 +149,11 @@ def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Genera
 
 
 def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, *,
-                            keep: int) -> dict:
+                            keep: int, stats_dir: Optional[str] = None) -> dict:
   """The tokenizer alone on held-out clips: rFVD, PSNR, SSIM, LPIPS (all frames)."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
-  stats = real_stats(config, workdir, split, feature_fn)
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   count = 0
   for batch in tqdm(_real_batches(config, workdir, split, ev.num_samples, ev.batch_size), desc='reconstruction',
@@ -155,7 +161,8 @@ def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generato
     truth = batch['video']
     recon = generator.decode(generator.encode(truth))
     lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
-    fake.add(recon, psnr=np.asarray(metrics.psnr(recon, truth)), ssim=np.asarray(metrics.ssim(recon, truth)),
+    fake.add(recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(metrics.psnr(recon, truth)),
+             ssim=np.asarray(metrics.ssim(recon, truth)),
              lpips=lpips)
     count += len(truth)
   fake_features, means, kept = fake.result()
@@ -176,10 +183,14 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optional[sample_lib.Generator] = None,
-             *, protocols: Optional[tuple[str, ...]] = None, out_name: str = '') -> dict:
-  """Runs the protocols, writes results JSON + samples under WORKDIR/eval, returns the results."""
+             *, protocols: Optional[tuple[str, ...]] = None, out_name: str = '', stats_dir: Optional[str] = None
+             ) -> dict:
+  """Runs the protocols, writes results JSON + samples under WORKDIR/eval, returns the results.
+
+  `stats_dir` holds the cached real-video statistics (default WORKDIR), so runs on one dataset can share them.
+  """
   generator = generator or sample_lib.load_generator(config, workdir)
-  protocols = protocols or _configured_protocols(config)
+  protocols = protocols or configured_protocols(config)
   ev = config.eval
   feature_fn = fvd.make_feature_fn(ev.fvd_num_frames, ev.fvd_resize)
   lpips_fn = metrics.make_lpips_fn()
@@ -189,11 +200,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
   for name in protocols:
     start = time.perf_counter()
     if name == 'class':
-      results[name] = evaluate_class(config, workdir, generator, feature_fn, rng, keep=keep)
+      results[name] = evaluate_class(config, workdir, generator, feature_fn, rng, keep=keep, stats_dir=stats_dir)
     elif name == 'frame_prediction':
-      results[name] = evaluate_frame_prediction(config, workdir, generator, feature_fn, lpips_fn, rng, keep=keep)
+      results[name] = evaluate_frame_prediction(config, workdir, generator, feature_fn, lpips_fn, rng, keep=keep,
+                                                stats_dir=stats_dir)
     elif name == 'reconstruction':
-      results[name] = evaluate_reconstruction(config, workdir, generator, feature_fn, lpips_fn, keep=keep)
+      results[name] = evaluate_reconstruction(config, workdir, generator, feature_fn, lpips_fn, keep=keep,
+                                              stats_dir=stats_dir)
     else:
       raise ValueError(f'eval.protocols has {name!r}; pick from {PROTOCOLS} or auto.')
     results[name]['seconds'] = time.perf_counter() - start
@@ -206,7 +219,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
                                            name=f'{tag}_{name}')
   report = {
       'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
-      'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'protocols': results, 'grids': files,
+      'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'num_samples_requested': ev.num_samples,
+      'protocols': results, 'grids': files,
   }
   path = os.path.join(out_dir, f'results_{tag}.json')
   if jax.process_index() == 0:
@@ -217,10 +231,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
   return report
 
 
-def _configured_protocols(config) -> tuple[str, ...]:
+def configured_protocols(config, default: Optional[tuple[str, ...]] = None) -> tuple[str, ...]:
+  """config.eval.protocols as a tuple; 'auto' = `default`, or what the model can do (auto_protocols)."""
   names = config.eval.get('protocols', 'auto')
   if names in ('auto', '', None):
-    return auto_protocols(config)
+    return default or auto_protocols(config)
   names = tuple(n.strip() for n in (names.split(',') if isinstance(names, str) else names))
   for n in names:
     if n not in PROTOCOLS:

@@ -1,0 +1,161 @@
+r"""`--mode=pipeline`: the whole corridor in one command, resumable (the README's demo).
+
+  python -m nbp_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=pipeline
+
+prepare_data -> train_tokenizer -> tokenize -> train the transformer twice, with the config's block shape (NBP) and
+with 1x1x1 blocks (NTP, the same model otherwise) -> evaluate both (class-conditional and frame-prediction samples,
+FVD/PSNR/SSIM/LPIPS) and time their decoding side by side. Layout of WORKDIR:
+
+  data/  tokenizer/  tokens/            shared by both models
+  nbp/  ntp/                            one training workdir each (checkpoints, metrics, samples, eval/)
+  summary.md  summary.json  grid.png    the comparison table and one picture of everything
+
+Every stage reuses what an earlier run finished (datasets, the latest checkpoints), so rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax.data import prepare
+from nbp_jax.evaluation import protocols
+from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import train as nbp_train
+from nbp_jax.tokenizer import tokenize
+from nbp_jax.tokenizer import train as tokenizer_train
+
+
+def variant_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """{'nbp': config's block shape, 'ntp': 1x1x1}, both reading WORKDIR's data, tokenizer and codes."""
+  variants = {'nbp': tuple(config.nbp.block_shape), 'ntp': (1, 1, 1)}
+  out = {}
+  for name, block in variants.items():
+    c = config.copy_and_resolve_references()
+    c.name = f'{config.name}_{name}'
+    c.nbp.block_shape = block
+    c.data.dir = config.data.dir or os.path.join(workdir, 'data')
+    c.data.tokenized_dir = config.data.tokenized_dir or os.path.join(workdir, 'tokens')
+    c.tokenizer.checkpoint = config.tokenizer.checkpoint or os.path.join(workdir, 'tokenizer')
+    out[name] = c
+  if variants['nbp'] == variants['ntp']:
+    del out['ntp']  # the config already asks for next-token prediction
+  return out
+
+
+def _decode_speed(config, generator: sample_lib.Generator, inputs: dict, repeats: int = 2) -> dict[str, float]:
+  """Seconds per batch of clips (codes only, compile excluded) and generated video frames per second."""
+  rng = jax.random.key(0)
+  jax.block_until_ready(generator.codes(rng, **inputs))  # compile
+  start = time.perf_counter()
+  for i in range(repeats):
+    jax.block_until_ready(generator.codes(jax.random.fold_in(rng, i + 1), **inputs))
+  seconds = (time.perf_counter() - start) / repeats
+  batch = len(next(v for v in inputs.values() if hasattr(v, '__len__')))
+  generated_frames = config.data.num_frames - max(config.nbp.context_frames, 0)
+  plan = generator.spec.layout.decode_plan(
+      0 if 'context_codes' not in inputs else int(np.prod(inputs['context_codes'].shape[1:])))
+  return {'decode_steps': int(plan.num_steps), 'seconds_per_batch': seconds,
+          'frames_per_s': batch * generated_frames / seconds}
+
+
+def _summary_table(rows: dict[str, dict]) -> str:
+  columns = ['decode_steps', 'frames_per_s'] + sorted({k for r in rows.values() for k in r} -
+                                                      {'decode_steps', 'frames_per_s', 'seconds_per_batch'})
+  lines = ['| model | ' + ' | '.join(columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+  for name, r in rows.items():
+    cells = [f'{r[c]:.3f}' if isinstance(r.get(c), float) else str(r.get(c, '-')) for c in columns]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  print('== 1/5 prepare data')
+  prepare.run(config, workdir)
+  print('== 2/5 train the tokenizer')
+  tokenizer_train.run(config, workdir)
+  print('== 3/5 tokenize')
+  tokenize.run(config, workdir)
+  variants = variant_configs(config, workdir)
+  rows, grids = {}, []
+  for name, c in variants.items():
+    vdir = os.path.join(workdir, name)
+    print(f'== 4/5 train {name} (block {"x".join(map(str, c.nbp.block_shape))})')
+    nbp_train.run(c, vdir)
+  for name, c in variants.items():
+    vdir = os.path.join(workdir, name)
+    print(f'== 5/5 evaluate {name}')
+    generator = sample_lib.load_generator(c, vdir)
+    # Tokenizer reconstruction is the same for both models: evaluate it once.
+    names = tuple(p for p in protocols.auto_protocols(c) if p != 'reconstruction' or name == 'nbp')
+    names = protocols.configured_protocols(c, default=names)
+    report = _finished_eval(c, vdir, generator.step, names)
+    if report is None:
+      report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=workdir)
+    else:
+      print(f'Reusing the evaluation of {name} at step {generator.step} ({vdir}/eval).')
+    speed_inputs = sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size)
+    row = _decode_speed(c, generator, speed_inputs)
+    for protocol, r in report['protocols'].items():
+      for metric, value in r['metrics'].items():
+        row[f'{protocol}/{metric}'] = float(value)
+    rows[name] = row
+    grids.extend(report['grids'].values())
+  summary = {'config': config.name, 'models': rows,
+             'train_steps': {n: _latest_step(os.path.join(workdir, n)) for n in rows}}
+  table = _summary_table(rows)
+  if 'ntp' in rows and 'nbp' in rows:
+    speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
+    table += f'\n\nNBP decodes {speedup:.1f}x faster than NTP ({rows["nbp"]["decode_steps"]} vs ' \
+             f'{rows["ntp"]["decode_steps"]} steps per clip, same model size, same CPU, one run).'
+    summary['speedup'] = speedup
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(table + '\n')
+  _stack_grids(grids, os.path.join(workdir, 'grid.png'))
+  print(table)
+  print(f'Summary: {os.path.join(workdir, "summary.md")}; picture: {os.path.join(workdir, "grid.png")}')
+  return summary
+
+
+def _finished_eval(config, vdir: str, step: int, names: tuple[str, ...]):
+  """The saved results of an earlier run at the same checkpoint step and sample count, or None."""
+  path = os.path.join(vdir, 'eval', f'results_step{step}.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    report = json.load(f)
+  done = report.get('protocols', {})
+  if all(n in done for n in names) and report.get('num_samples_requested') == config.eval.num_samples:
+    return {**report, 'protocols': {n: done[n] for n in names}}
+  return None
+
+
+def _latest_step(vdir: str) -> int:
+  ckpt = checkpoint_lib.Checkpointer(vdir, read_only=True)
+  try:
+    return int(ckpt.latest_step() or 0)
+  finally:
+    ckpt.close()
+
+
+def _stack_grids(paths: list[str], out: str, gap: int = 6) -> None:
+  """One PNG of every protocol's grid, stacked vertically (left-aligned, white between)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = [np.asarray(Image.open(p).convert('RGB')) for p in paths if os.path.exists(p)]
+  if not images:
+    return
+  width = max(i.shape[1] for i in images)
+  canvas = np.full((sum(i.shape[0] for i in images) + gap * (len(images) - 1), width, 3), 255, np.uint8)
+  y = 0
+  for image in images:
+    canvas[y:y + image.shape[0], :image.shape[1]] = image
+    y += image.shape[0] + gap
+  Image.fromarray(canvas).save(out)

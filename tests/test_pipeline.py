@@ -1,0 +1,40 @@
+"""The whole corridor through the CLI on tiny synthetic data: prepare, tokenizer, tokenize, NBP + NTP, sample, eval."""
+
+import json
+import numpy as np
+from PIL import Image
+
+from conftest import REPO, TINY_PIPELINE_FLAGS, run_main
+
+
+def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline):
+  workdir = tiny_pipeline
+
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert set(summary['models']) == {'nbp', 'ntp'}
+  nbp, ntp = summary['models']['nbp'], summary['models']['ntp']
+  # 3x2x2 codes, 2 latent frames of context (8 tokens) given: 4 tokens left = 2 blocks of 2 vs 4 single tokens.
+  assert nbp['decode_steps'] < ntp['decode_steps']
+  for row in (nbp, ntp):
+    for key in ('class/fvd', 'frame_prediction/fvd', 'frame_prediction/psnr', 'frame_prediction/ssim',
+                'frame_prediction/lpips'):
+      assert np.isfinite(row[key]), (key, row)
+  assert np.isfinite(nbp['reconstruction/rfvd']) and np.isfinite(nbp['reconstruction/psnr'])
+  assert '| nbp |' in (workdir / 'summary.md').read_text()
+  grid = np.asarray(Image.open(workdir / 'grid.png'))
+  assert grid.ndim == 3 and grid.shape[0] > 16 and grid.std() > 0
+  assert (workdir / 'nbp' / 'eval').is_dir() and any(p.suffix == '.mp4' for p in (workdir / 'nbp' / 'eval').iterdir())
+  assert (workdir / 'tokenizer' / 'checkpoints').is_dir() and (workdir / 'ntp' / 'checkpoints').is_dir()
+
+  # A finished run resumes: no stage trains or evaluates again.
+  logs = {n: (workdir / n / 'metrics.jsonl').read_text() for n in ('nbp', 'ntp', 'tokenizer')}
+  again = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {n: (workdir / n / 'metrics.jsonl').read_text() for n in logs} == logs
+  assert 'Reusing the evaluation of nbp' in again.stdout and 'Reusing the evaluation of ntp' in again.stdout
+
+  # sample / eval need only --workdir (the saved config).
+  sample = run_main(f'--workdir={workdir / "nbp"}', '--mode=sample')
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  grids = list((workdir / 'nbp' / 'samples').glob('step_*/sample_grid.png'))
+  assert grids, sample.stdout
