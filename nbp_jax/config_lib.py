@@ -29,8 +29,11 @@ MODEL_SIZES = {
 # encoder stages of widths 128*(1,2,2,4), 4 residual units each, then 4 more at the widest; down-sampling
 # (1,2,2), (2,2,2), (2,2,2) after the first three stages; the decoder mirrors it.
 TOKENIZER_SIZES = {
-    'micro': dict(channels=8, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=4),
-    'tiny': dict(channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=8),
+    'micro': dict(channels=8, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=4,
+                  discriminator_channels=8),
+    # The CPU demo's: full-resolution stages kept narrow (the decoder's cost is there).
+    'tiny': dict(channels=16, channel_multipliers=(1, 1, 2, 4), num_res_blocks=1, num_groups=8,
+                 discriminator_channels=16),
     'official': dict(channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=4, num_groups=32),
 }
 
@@ -98,12 +101,14 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.perceptual_weight = 0.1
   c.adversarial_weight = 0.1
   c.discriminator_start_step = 5000
-  c.discriminator_channels = 64
+  c.discriminator_channels = c.get('discriminator_channels', 64)  # sizes may set it
   c.discriminator_layers = 3
   c.adaptive_weight = True  # VQGAN-style ratio of gradient norms at the last decoder layer
   c.lecam_weight = 0.0
   c.lecam_decay = 0.999  # EMA of the discriminator's mean logits, for LeCam
   c.dtype = 'auto'  # compute dtype; 'auto' = bfloat16 on accelerators, float32 on CPU
+  c.conv_impl = 'auto'  # '3d' convs, or '2d' (sum over time taps; 2-4x faster on CPU); 'auto' = '2d' on CPU only
+  c.remat = False  # recompute residual units in the backward pass (the official size at batch 64 needs it)
   # Both optimizers: AdamW, linear warmup then cosine to 0 over num_steps (the discriminator's starts at its start step).
   c.lr = 1e-4
   c.discriminator_lr = 1e-4

@@ -45,10 +45,11 @@ def _naive_causal_conv(x, kernel, bias, stride):
   return out
 
 
+@pytest.mark.parametrize('impl', ['3d', '2d'])
 @pytest.mark.parametrize('stride,kernel', [((1, 1, 1), 3), ((1, 2, 2), 3), ((2, 2, 2), 3), ((1, 1, 1), 1)])
-def test_causal_conv_matches_naive_reference(stride, kernel):
+def test_causal_conv_matches_naive_reference(stride, kernel, impl):
   x = np.random.default_rng(0).normal(size=(2, 5, 6, 6, 2)).astype(np.float32)
-  conv = M.CausalConv3d(3, kernel, stride)
+  conv = M.CausalConv3d(3, kernel, stride, impl=impl)
   params = conv.init(jax.random.key(1), x)
   p = nn.unbox(params)['params']['conv']
   bias = np.random.default_rng(2).normal(size=3).astype(np.float32)  # a non-zero bias is checked too
@@ -178,3 +179,12 @@ def test_gradient_reaches_encoder_through_quantiser(micro):
   for name in ('encoder_layers_0', 'encoder_layers_1', f'encoder_layers_{len(M.encoder_layers(model.spec)) - 1}'):
     norm = sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads[name]))
     assert norm > 0, f'no gradient reached {name}'
+
+
+def test_remat_and_conv_impl_keep_the_parameter_tree():
+  spec = M.TokenizerSpec.from_config(config_lib.tokenizer_config('micro'))
+  shapes = lambda m: jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(lambda r: M.init_params(m, r),
+                                                                              jax.random.key(0))))
+  base = shapes(M.Tokenizer(spec))
+  assert shapes(M.Tokenizer(spec, remat=True)) == base
+  assert shapes(M.Tokenizer(spec, conv_impl='2d')) == base

@@ -9,12 +9,14 @@ import functools
 import math
 import os
 import pickle
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nbp_jax.tokenizer.model import Conv3d
 
 Dtype = Any
 
@@ -80,33 +82,45 @@ def perceptual_loss(lpips_fn, recon: jax.Array, target: jax.Array) -> jax.Array:
 # 3D PatchGAN discriminator.
 
 
+def _same_pad(x: jax.Array, kernel: Sequence[int], strides: Sequence[int]) -> jax.Array:
+  """Zero padding of T, H, W so that a VALID conv gives ceil(n / stride) outputs (as padding='SAME')."""
+  pads = [(0, 0)]
+  for n, k, s in zip(x.shape[1:4], kernel, strides):
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    pads.append((total // 2, total - total // 2))
+  return jnp.pad(x, pads + [(0, 0)])
+
+
 class PatchDiscriminator(nn.Module):
   """PatchGAN over space-time: [B, T, H, W, 3] in [-1, 1] -> patch logits [B, t', h', w'].
 
-  Conv (3,4,4) stride (1,2,2) -> LeakyReLU; then (num_layers - 1) convs stride 2 in T, H, W with GroupNorm; one
-  stride-1 conv; a 1-channel conv. GroupNorm instead of the original BatchNorm keeps the model stateless.
+  Conv (3,4,4) stride (1,2,2) -> LeakyReLU; then num_layers convs (stride 2 in T, H, W but the last) with GroupNorm
+  and LeakyReLU; a 1-channel conv. GroupNorm instead of the original BatchNorm keeps the model stateless. Convs go
+  through tokenizer.model.Conv3d, so conv_impl='2d' speeds the discriminator up on CPU as well.
   """
   channels: int = 64
   num_layers: int = 3
   dtype: Dtype = jnp.float32
+  conv_impl: str = '3d'
 
   @nn.compact
   def __call__(self, x):
     kernel = (3, 4, 4)
-    conv = functools.partial(
-        nn.Conv, kernel_size=kernel, padding='SAME', dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, None, 'conv_in', None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+    def conv(features, strides=(1, 1, 1), narrow=False):
+      layer = Conv3d(features, kernel, strides, self.conv_impl, narrow_output=narrow, dtype=self.dtype)
+      return lambda v: layer(_same_pad(v, kernel, strides))
+
     norm = lambda c: nn.GroupNorm(num_groups=math.gcd(c, 32), epsilon=1e-5, dtype=self.dtype,
                                   scale_init=nn.with_logical_partitioning(nn.initializers.ones, (None,)),
                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
     x = x.astype(self.dtype)
-    x = nn.leaky_relu(conv(self.channels, strides=(1, 2, 2))(x), 0.2)
+    x = nn.leaky_relu(conv(self.channels, (1, 2, 2))(x), 0.2)
     for i in range(1, self.num_layers + 1):
       c = self.channels * min(2 ** i, 8)
-      x = conv(c, strides=(2, 2, 2) if i < self.num_layers else (1, 1, 1), use_bias=False)(x)
+      x = conv(c, (2, 2, 2) if i < self.num_layers else (1, 1, 1))(x)
       x = nn.leaky_relu(norm(c)(x), 0.2)
-    return conv(1)(x)[..., 0].astype(jnp.float32)
+    return conv(1, narrow=True)(x)[..., 0].astype(jnp.float32)
 
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:

@@ -44,7 +44,8 @@ _GAN_METRICS = ('g_loss', 'd_weight', 'd_loss', 'lecam_loss', 'logits_real', 'lo
 def make_discriminator(config: ml_collections.ConfigDict) -> losses.PatchDiscriminator:
   tok = config.tokenizer
   dtype = config_lib.resolve_dtype(tok.get('dtype', 'float32'))
-  return losses.PatchDiscriminator(tok.discriminator_channels, tok.discriminator_layers, jnp.dtype(dtype))
+  return losses.PatchDiscriminator(tok.discriminator_channels, tok.discriminator_layers, jnp.dtype(dtype),
+                                   tokenizer_model.resolve_conv_impl(tok.get('conv_impl', 'auto')))
 
 
 def _to_unit(video: jax.Array) -> jax.Array:
