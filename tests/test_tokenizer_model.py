@@ -76,7 +76,8 @@ def test_depth_to_space_matches_naive_loop(factors):
             for dw in range(fw):
               for ci in range(c):
                 # The block factors are the outermost channel dims (official view(b, ft, fh, fw, c, t, h, w)).
-                full[:, ti * ft + dt, hi * fh + dh, wi * fw + dw, ci] = x[:, ti, hi, wi, ((dt * fh + dh) * fw + dw) * c + ci]
+                channel = ((dt * fh + dh) * fw + dw) * c + ci
+                full[:, ti * ft + dt, hi * fh + dh, wi * fw + dw, ci] = x[:, ti, hi, wi, channel]
   np.testing.assert_array_equal(out, full[:, ft - 1:])
   assert out.shape[1] == t * ft - (ft - 1)
 

@@ -25,9 +25,9 @@ def _config():
   c.data.synthetic.num_train, c.data.synthetic.num_val = 16, 12
   # Fewer layers than 'micro' (no middle blocks, no width changes): the 8-device train step compiles faster.
   c.tokenizer.update(dict(num_mid_blocks=0, channel_multipliers=(1, 1, 1, 1)))
-  c.tokenizer.update(dict(num_steps=2, batch_size=8, warmup_steps=1, discriminator_start_step=1, dtype='float32', adaptive_weight=False,
-                          discriminator_channels=8, discriminator_layers=2, perceptual_weight=0.0, num_samples=2,
-                          tokenize_batch_size=8))
+  c.tokenizer.update(dict(num_steps=2, batch_size=8, warmup_steps=1, discriminator_start_step=1, dtype='float32',
+                          adaptive_weight=False, discriminator_channels=8, discriminator_layers=2,
+                          perceptual_weight=0.0, num_samples=2, tokenize_batch_size=8))
   c.train.update(dict(eval_every=0, checkpoint_every=2, log_every=1, sample_every=0))
   return c  # mesh (-1, 1, 1): data-parallel over the 8 fake CPU devices of conftest.py
 

@@ -250,7 +250,8 @@ class FrameGroupNorm(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     if c % self.num_groups:
-      raise ValueError(f'tokenizer.num_groups={self.num_groups} does not divide width {c}; change tokenizer.num_groups.')
+      raise ValueError(f'tokenizer.num_groups={self.num_groups} does not divide width {c}; '
+                       'change tokenizer.num_groups.')
     scale = self.param('scale', _vector_init(nn.initializers.ones), (c,))
     bias = self.param('bias', _vector_init(nn.initializers.zeros), (c,))
     y = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))

@@ -22,7 +22,7 @@ earlier steps do not pay for the discriminator); with train=False the loss is th
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
