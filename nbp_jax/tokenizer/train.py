@@ -53,6 +53,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   eval_data = pipeline.make_dataset(tconfig, workdir, 'eval', seed=0)  # re-iterated from the start at every eval
   state = trainer.train(tconfig, tdir, task, train_data, eval_data)
   step = int(jax.device_get(state.step))
+  if step < tconfig.train.num_steps:  # preempted: the checkpoint is saved; leave at once
+    return {'step': step}
 
   # The whole held-out split, once, with the trained parameters.
   setup = trainer.make_setup(tconfig, task)
