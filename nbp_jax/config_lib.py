@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import')
+MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import', 'pipeline')
 
 # Transformer sizes. The paper's three (official_nbp.md) plus small ones for CPU tests, demo and benchmarks.
 MODEL_SIZES = {
