@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m nbp_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=prepare_data
+	$(PY) -m nbp_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=pipeline
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
