@@ -27,7 +27,8 @@ def _batch(b=2, seed=0):
 
 
 def _reference_loss(spec, params, batch):
-  """CE from the full forward (all positions, full vocabulary), scoring by hand: position q predicts z[q - P]."""
+  """CE, accuracy and top-5 accuracy from the full forward (all positions, full vocabulary), scoring by hand:
+  position q predicts z[q - P]; top-5 by sorting each row."""
   layout, vocab = spec.layout, spec.vocab
   z = np.asarray(layout.grid_to_seq(batch['codes']))
   prefix = vocab.prefix_ids(batch['label'], z.shape[0])
@@ -36,12 +37,16 @@ def _reference_loss(spec, params, batch):
   logits = np.asarray(fwd(nn.meta.unbox(params), ids))
   lo, hi = vocab.video_slice
   p, off = layout.prefix_len, layout.target_offset
-  losses = []
+  losses, hits, hits5 = [], [], []
   for q in range(p, layout.seq_len):  # the prefix outputs are skipped
     v = logits[:, q, lo:hi]
+    target = z[:, q - p + off]
     logp = v - v.max(-1, keepdims=True) - np.log(np.exp(v - v.max(-1, keepdims=True)).sum(-1, keepdims=True))
-    losses.append(-logp[np.arange(z.shape[0]), z[:, q - p + off]])
-  return np.mean(losses)
+    losses.append(-logp[np.arange(z.shape[0]), target])
+    top5 = np.argsort(-v, axis=-1)[:, :5]
+    hits.append(top5[:, 0] == target)
+    hits5.append((top5 == target[:, None]).any(-1))
+  return np.mean(losses), np.mean(hits), np.mean(hits5)
 
 
 def test_loss_scores_video_targets_only():
@@ -50,8 +55,11 @@ def test_loss_scores_video_targets_only():
     params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
     batch = _batch()
     loss, metrics = jax.jit(lambda p, b, spec=spec: train.loss_fn(spec, p, b, None, train=False))(params, batch)
-    np.testing.assert_allclose(loss, _reference_loss(spec, params, batch), rtol=1e-5)
-    assert 0 <= metrics['accuracy'] <= metrics['top5_accuracy'] <= 1
+    ref_loss, ref_accuracy, ref_top5 = _reference_loss(spec, params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics['accuracy'], ref_accuracy, atol=1e-6)
+    np.testing.assert_allclose(metrics['top5_accuracy'], ref_top5, atol=1e-6)
+    assert ref_accuracy < ref_top5 < 1  # the metrics are informative for this batch (16 codes, random model)
     logits, targets = jax.eval_shape(lambda p, spec=spec: train.logits_fn(spec, p, batch), params)
     assert logits.shape == (2, spec.layout.num_targets, 16) and targets.shape == (2, spec.layout.num_targets)
 

@@ -4,14 +4,33 @@ The mask is never passed around as an [T, T] tensor: each query and key carries 
 query may attend to a key iff `key_block <= query_block` (DESIGN.md, the block rule). Training passes the same
 positions for queries and keys; decoding passes the new group's positions (a query offset) against the cache's.
 Keys not yet written to the cache have larger block ids than any query, so they are masked by the same rule.
+
+Implementations (config `model.attention`):
+  xla     materialised [Tq, Tk] mask, scores in float32; the reference, runs everywhere.
+  cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, the fused GPU kernel (bf16/fp16 inputs).
+  splash  Pallas splash attention (TPU). The mask is built from the block ids at run time and the kernel skips the
+          tiles it masks entirely (above the block diagonal: about half of them in training). Sequences are padded
+          to whole tiles. Steps with fewer than SPLASH_MIN_QUERIES queries (decoding one block against the cache) use
+          the xla path, which is faster there. Off TPU the kernel runs in Pallas interpret mode (CPU tests only).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+from nbp_jax.parallel import sharding as sharding_lib
 
 IMPLS = ('xla', 'cudnn', 'splash')
+SPLASH_TILES = (512, 256, 128)  # candidate tile lengths (queries and keys); the smallest padding wins, then the larger
+SPLASH_MIN_QUERIES = 128
+_PAD_BLOCK = np.iinfo(np.int32).max  # block id of padding: no real query sees a padded key
 
 
 def block_mask(q_block: jax.Array, k_block: jax.Array) -> jax.Array:
@@ -37,14 +56,70 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
     if jax.default_backend() != 'gpu':
       raise ValueError(f"model.attention='cudnn' needs a GPU (backend is {jax.default_backend()!r}); "
                        "use --config.model.attention=xla.")
-    mask = block_mask(q_block, k_block)[None, None]
-    out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                       mask=mask, implementation='cudnn')
-    return out.transpose(0, 2, 1, 3)
+    return fused_attention(q, k, v, block_mask(q_block, k_block), implementation='cudnn')
   if impl == 'splash':
-    raise NotImplementedError("model.attention='splash' (Pallas splash attention on TPU) is not wired into "
-                              "nbp_jax.nbp.attention yet; use --config.model.attention=xla.")
+    if jax.default_backend() == 'gpu':
+      raise ValueError("model.attention='splash' is a TPU kernel; on GPU use --config.model.attention=cudnn.")
+    if q.shape[2] < SPLASH_MIN_QUERIES:
+      return _xla_attention(q, k, v, block_mask(q_block, k_block))
+    return splash_attention(q, k, v, q_block, k_block, interpret=jax.default_backend() != 'tpu')
   raise ValueError(f'model.attention={impl!r} is unknown; pick one of {IMPLS}.')
+
+
+def fused_attention(q, k, v, mask, *, implementation: str):
+  """`jax.nn.dot_product_attention` on our [B, H, T, D] layout (it wants [B, T, H, D]); mask bool [Tq, Tk]."""
+  out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                     mask=mask[None, None], implementation=implementation)
+  return out.transpose(0, 2, 1, 3)
+
+
+def splash_tile(length: int) -> int:
+  """Tile length for a sequence of `length`: the one of SPLASH_TILES that pads least (ties: the larger tile)."""
+  return min(SPLASH_TILES, key=lambda t: (-length % t, -t))
+
+
+def splash_attention(q, k, v, q_block, k_block, *, interpret: bool = False):
+  """Block-causal attention with the Pallas splash kernel; same arguments and result as `attention`.
+
+  Under a mesh (`jax.set_mesh`) the kernel runs per shard through `jax.shard_map`: the batch split as the logical
+  axis 'batch' and the heads as 'heads' (the current `nn.logical_axis_rules`), the sequence whole on every device.
+  """
+  _, _, tq, d = q.shape
+  tk = k.shape[2]
+  tile_q, tile_k = splash_tile(tq), splash_tile(tk)
+  pad_q, pad_k = -tq % tile_q, -tk % tile_k
+  q_block = jnp.pad(q_block.astype(jnp.int32), (0, pad_q), constant_values=_PAD_BLOCK)
+  k_block = jnp.pad(k_block.astype(jnp.int32), (0, pad_k), constant_values=_PAD_BLOCK)
+  q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, 0), (0, pad_q), (0, 0)))  # the kernel does not scale
+  k = jnp.pad(k, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
+  run = functools.partial(_splash_per_shard, tiles=(tile_q, tile_k), interpret=interpret)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    out = run(q, k, v, q_block, k_block)
+  else:
+    spec = sharding_lib.fit_spec(nn.logical_to_mesh_axes(('batch', 'heads', None, None)), q.shape, mesh,
+                                 'splash attention')
+    ids = jax.P()
+    out = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, ids, ids), out_specs=spec,
+                        check_vma=False)(q, k, v, q_block, k_block)
+  return out[:, :, :tq].astype(v.dtype)
+
+
+def _splash_per_shard(q, k, v, q_block, k_block, *, tiles, interpret):
+  tile_q, tile_k = tiles
+  sizes = splash.BlockSizes(block_q=tile_q, block_kv=tile_k, block_kv_compute=tile_k,
+                            block_q_dkv=tile_q, block_kv_dkv=tile_k, block_kv_dkv_compute=tile_k,
+                            block_q_dq=tile_q, block_kv_dq=tile_k)
+  # One [1, Tq, Tk] mask shared by all heads; as a traced array it is a "dynamic" splash mask, whose tile
+  # classification (empty / full / partial) is computed on device.
+  kernel = splash.make_splash_mha(block_mask(q_block, k_block)[None], block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+  # make_splash_mha turns the flag `is_dynamic_mask` into an array, a tracer under jit that the kernel's
+  # `__call__` then tests with `if`; only that named scope reads it, so restore the Python bool.
+  kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
+  return jax.vmap(kernel)(q, k, v)
 
 
 def _xla_attention(q, k, v, mask):

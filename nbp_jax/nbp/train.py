@@ -70,11 +70,14 @@ def loss_fn(spec: Spec, params, batch, rng: jax.Array, train: bool = True, cond_
   logits, targets = logits_fn(spec, params, batch, rng, train, cond_drop_prob)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   loss = ce.mean()
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  # Top-5 by counting the logits above the target's: O(V). lax.top_k fused behind the head's matmul falls back to a
+  # full sort on CPU (seconds per step over 64k codes).
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+  rank = (logits > target_logit).sum(-1)
   metrics = {
       'loss': loss,
-      'accuracy': (top5[..., 0] == targets).mean(),
-      'top5_accuracy': (top5 == targets[..., None]).any(-1).mean(),
+      'accuracy': (jnp.argmax(logits, -1) == targets).mean(),
+      'top5_accuracy': (rank < 5).mean(),
       'perplexity': jnp.exp(loss),
   }
   return loss, metrics
