@@ -274,10 +274,13 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.data.synthetic.num_classes = 4
     c.tokenizer = tokenizer_config('tiny')
     c.tokenizer.batch_size = 8
-    c.tokenizer.num_steps = 300
-    c.tokenizer.warmup_steps = 30
+    # Held-out PSNR is flat from about step 150 on here (~15.3 dB at 150, ~15.5 at 300), so 200 steps it is.
+    c.tokenizer.num_steps = 200
+    c.tokenizer.warmup_steps = 20
     c.tokenizer.lr = 1e-3
-    c.tokenizer.discriminator_start_step = 200
+    # No GAN phase: on CPU it doubles the step time, and over 300 steps reconstruction (PSNR) matters more than the
+    # sharpness the adversarial loss buys late in a long run.
+    c.tokenizer.discriminator_start_step = 10**9  # never
     c.tokenizer.perceptual_weight = 0.0
     c.nbp.block_shape = (1, 1, 4)
     c.nbp.condition = 'class'

@@ -77,22 +77,41 @@ def _summary_table(rows: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
+class _StageClock:
+  """Wall-clock seconds of each stage of this run (a resumed run times only what it redid)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._name, self._start = None, 0.0
+
+  def start(self, name: str, title: str) -> None:
+    self.stop()
+    print(f'== {title}', flush=True)
+    self._name, self._start = name, time.perf_counter()
+
+  def stop(self) -> None:
+    if self._name is not None:
+      self.seconds[self._name] = round(time.perf_counter() - self._start, 1)
+      self._name = None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  print('== 1/5 prepare data')
+  clock = _StageClock()
+  clock.start('prepare_data', '1/5 prepare data')
   prepare.run(config, workdir)
-  print('== 2/5 train the tokenizer')
+  clock.start('train_tokenizer', '2/5 train the tokenizer')
   tokenizer_train.run(config, workdir)
-  print('== 3/5 tokenize')
+  clock.start('tokenize', '3/5 tokenize')
   tokenize.run(config, workdir)
   variants = variant_configs(config, workdir)
   rows, grids = {}, []
   for name, c in variants.items():
     vdir = os.path.join(workdir, name)
-    print(f'== 4/5 train {name} (block {"x".join(map(str, c.nbp.block_shape))})')
+    clock.start(f'train_{name}', f'4/5 train {name} (block {"x".join(map(str, c.nbp.block_shape))})')
     nbp_train.run(c, vdir)
   for name, c in variants.items():
     vdir = os.path.join(workdir, name)
-    print(f'== 5/5 evaluate {name}')
+    clock.start(f'eval_{name}', f'5/5 evaluate {name}')
     generator = sample_lib.load_generator(c, vdir)
     # Tokenizer reconstruction is the same for both models: evaluate it once.
     names = tuple(p for p in protocols.auto_protocols(c) if p != 'reconstruction' or name == 'nbp')
@@ -108,9 +127,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for metric, value in r['metrics'].items():
         row[f'{protocol}/{metric}'] = float(value)
     rows[name] = row
-    grids.extend(report['grids'].values())
+    block = 'x'.join(map(str, c.nbp.block_shape))
+    grids.extend((f'{name} ({block} blocks): {_GRID_TITLES.get(protocol, protocol)}', path)
+                 for protocol, path in report['grids'].items())
+  clock.stop()
   summary = {'config': config.name, 'models': rows,
-             'train_steps': {n: _latest_step(os.path.join(workdir, n)) for n in rows}}
+             'train_steps': {n: _latest_step(os.path.join(workdir, n)) for n in rows},
+             'stage_seconds': clock.seconds}
   table = _summary_table(rows)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
@@ -123,6 +146,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f.write(table + '\n')
   _stack_grids(grids, os.path.join(workdir, 'grid.png'))
   print(table)
+  print('Stage times this run: ' + ', '.join(f'{k} {v:.0f}s' for k, v in clock.seconds.items()) +
+        f' (total {sum(clock.seconds.values()) / 60:.1f} min)')
   print(f'Summary: {os.path.join(workdir, "summary.md")}; picture: {os.path.join(workdir, "grid.png")}')
   return summary
 
@@ -148,16 +173,26 @@ def _latest_step(vdir: str) -> int:
     ckpt.close()
 
 
-def _stack_grids(paths: list[str], out: str, gap: int = 6) -> None:
-  """One PNG of every protocol's grid, stacked vertically (left-aligned, white between)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  images = [np.asarray(Image.open(p).convert('RGB')) for p in paths if os.path.exists(p)]
-  if not images:
+_GRID_TITLES = {
+    'class': 'class-conditional samples, one clip per row, frames left to right',
+    'frame_prediction': 'frame prediction: real | predicted, first frames given',
+    'reconstruction': 'tokenizer reconstruction: real | reconstructed',
+}
+
+
+def _stack_grids(panels: list[tuple[str, str]], out: str, gap: int = 6, title_height: int = 14) -> None:
+  """One PNG of every (title, grid PNG) panel, stacked vertically with its title above it (left-aligned)."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  panels = [(title, Image.open(p).convert('RGB')) for title, p in panels if os.path.exists(p)]
+  if not panels:
     return
-  width = max(i.shape[1] for i in images)
-  canvas = np.full((sum(i.shape[0] for i in images) + gap * (len(images) - 1), width, 3), 255, np.uint8)
+  width = max(max(image.width for _, image in panels), 8 * max(len(title) for title, _ in panels))
+  height = sum(title_height + image.height + gap for _, image in panels) - gap
+  canvas = Image.new('RGB', (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
   y = 0
-  for image in images:
-    canvas[y:y + image.shape[0], :image.shape[1]] = image
-    y += image.shape[0] + gap
-  Image.fromarray(canvas).save(out)
+  for title, image in panels:
+    draw.text((2, y + 1), title, fill=(0, 0, 0))  # PIL's built-in bitmap font: no font file needed
+    canvas.paste(image, (0, y + title_height))
+    y += title_height + image.height + gap
+  canvas.save(out)

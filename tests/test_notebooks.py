@@ -2,7 +2,6 @@
 the helpers they call (nbp_jax/notebook_utils.py)."""
 
 import ast
-import json
 import os
 import shutil
 
@@ -95,24 +94,9 @@ def test_load_config_relocates_a_moved_pipeline_workdir(tmp_path):
   assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
 
 
-def _relocate_tokens(workdir, old_workdir) -> None:
-  """Points the copied codes' metadata at the copied tokenizer.
-
-  --mode=tokenize records the tokenizer by its absolute path and stops on codes written from another path ("delete
-  that folder to re-tokenize"), so a copied or moved pipeline workdir does not resume as it is. Drop this once
-  tokenize identifies the tokenizer relative to the workdir.
-  """
-  for meta in (workdir / 'tokens').rglob('metadata.json'):
-    data = json.loads(meta.read_text())
-    if data.get('tokenizer') == os.path.abspath(old_workdir / 'tokenizer'):
-      data['tokenizer'] = os.path.abspath(workdir / 'tokenizer')
-      meta.write_text(json.dumps(data))
-
-
 def test_notebooks_run_on_cpu(tiny_pipeline, tmp_path):
   workdir = tmp_path / 'demo'
   shutil.copytree(tiny_pipeline, workdir)  # the notebooks must not change the session fixture
-  _relocate_tokens(workdir, tiny_pipeline)
   logs = {n: (workdir / n / 'metrics.jsonl').read_text() for n in ('tokenizer', 'nbp', 'ntp')}
 
   # quickstart: the demo pipeline resumes (same config: nothing trains again), then samples, videos and the table.

@@ -8,7 +8,7 @@
 Order of operations: records -> global shuffle (seeded, a new permutation every epoch) -> repeat -> this host's
 shard (every shard_count-th element) -> batches. All hosts compute the same permutation, so the hosts' shards
 are disjoint within an epoch and together cover it. The pipeline is generic over the record's features: the
-pre-tokenized dataset ('codes' int16 [t, h, w], 'label') goes through the same function with its `location`.
+pre-tokenized dataset ('codes' uint16 [t, h, w], 'label') goes through the same function with its `location`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ readable with `pipeline.make_dataset(config, workdir, split, location=tokens_loc
 
 Multi-host: each host encodes its shard of every split (every process_count-th clip) on its local devices.
 Resumable: each encoded batch is saved at once under <tokens dir>/_work/; a rerun skips the batches already there.
-When every host is done, process 0 writes the array_record shards (metadata: tokenizer path and step) and removes
+When every host is done, process 0 writes the array_record shards (metadata: the tokenizer, relative to the workdir when inside it, and its step) and removes
 the work files. An existing tokenized dataset is reused if it came from the same tokenizer checkpoint.
 """
 
@@ -131,11 +131,20 @@ def _read_split(work: str, split: str):
           yield f'{host_dir}/{name}/{i}', {'codes': codes, 'label': label}
 
 
+def tokenizer_reference(tokenizer_dir: str, workdir: str) -> str:
+  """How the codes' metadata names their tokenizer: relative to the workdir when it lies inside it (so a moved or
+  copied workdir still recognises its own codes), else its absolute path."""
+  tokenizer_dir, workdir = os.path.abspath(tokenizer_dir), os.path.abspath(workdir)
+  if os.path.commonpath([tokenizer_dir, workdir]) == workdir:
+    return os.path.relpath(tokenizer_dir, workdir)
+  return tokenizer_dir
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   location = tokens_location(config, workdir)
   model, params, step = load.load_tokenizer(config, workdir)
   spec = model.spec
-  tdir = os.path.abspath(load.tokenizer_workdir(config, workdir))
+  tdir = tokenizer_reference(load.tokenizer_workdir(config, workdir), workdir)
   ft, fs = spec.temporal_factor, spec.spatial_factor
   grid = (1 + (config.data.num_frames - 1) // ft, config.data.resolution // fs, config.data.resolution // fs)
   dtype = codes_dtype(spec.fsq_levels)
