@@ -278,7 +278,7 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.tokenizer.num_steps = 200
     c.tokenizer.warmup_steps = 20
     c.tokenizer.lr = 1e-3
-    # No GAN phase: on CPU it doubles the step time, and over 300 steps reconstruction (PSNR) matters more than the
+    # No GAN phase: on CPU it doubles the step time, and over a few hundred steps reconstruction matters more than the
     # sharpness the adversarial loss buys late in a long run.
     c.tokenizer.discriminator_start_step = 10**9  # never
     c.tokenizer.perceptual_weight = 0.0
