@@ -1,4 +1,5 @@
 """What the Colab notebooks (notebooks/*.ipynb) call, so that the notebooks stay thin and this logic is tested.
+`decode_speed` also times the models of --mode=pipeline.
 
   quickstart.ipynb      demo_config -> pipeline.run -> load_generator -> generate -> show_videos
   tpu_generate.ipynb    data_mesh -> load_generator(mesh=...) -> generate (batch split over the cores)

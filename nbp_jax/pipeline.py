@@ -19,11 +19,10 @@ import json
 import os
 import time
 
-import jax
 import ml_collections
-import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import notebook_utils
 from nbp_jax.data import prepare
 from nbp_jax.evaluation import protocols
 from nbp_jax.nbp import sample as sample_lib
@@ -49,22 +48,10 @@ def variant_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   return out
 
 
-def _decode_speed(config, generator: sample_lib.Generator, inputs: dict, repeats: int = 3) -> dict[str, float]:
-  """Seconds per batch of clips (codes only, compile excluded) and generated video frames per second."""
-  rng = jax.random.key(0)
-  jax.block_until_ready(generator.codes(rng, **inputs))  # compile
-  times = []
-  for i in range(repeats):  # the best of several runs: the least disturbed by other work on the machine
-    start = time.perf_counter()
-    jax.block_until_ready(generator.codes(jax.random.fold_in(rng, i + 1), **inputs))
-    times.append(time.perf_counter() - start)
-  seconds = min(times)
-  batch = len(next(v for v in inputs.values() if hasattr(v, '__len__')))
-  generated_frames = config.data.num_frames - max(config.nbp.context_frames, 0)
-  plan = generator.spec.layout.decode_plan(
-      0 if 'context_codes' not in inputs else int(np.prod(inputs['context_codes'].shape[1:])))
-  return {'decode_steps': int(plan.num_steps), 'seconds_per_batch': seconds,
-          'frames_per_s': batch * generated_frames / seconds}
+def _decode_speed(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
+  """Seconds per batch of clips (codes only, compile excluded, best of 3) and generated video frames per second."""
+  row = notebook_utils.decode_speed(generator, inputs, block_shapes={'model': None})['model']
+  return {'decode_steps': row['steps'], 'seconds_per_batch': row['seconds'], 'frames_per_s': row['frames_per_s']}
 
 
 def _summary_table(rows: dict[str, dict]) -> str:
@@ -122,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       print(f'Reusing the evaluation of {name} at step {generator.step} ({vdir}/eval).')
     speed_inputs = sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size)
-    row = _decode_speed(c, generator, speed_inputs)
+    row = _decode_speed(generator, speed_inputs)
     for protocol, r in report['protocols'].items():
       for metric, value in r['metrics'].items():
         row[f'{protocol}/{metric}'] = float(value)
