@@ -7,12 +7,15 @@
 
 Saves are asynchronous and atomic (written to a temporary directory, renamed when complete), so a run killed at
 any moment leaves only complete checkpoints behind. The manager keeps the last `keep` checkpoints plus the best
-by validation loss. A checkpoint that cannot be read is reported by name, moved aside to `<step>.corrupt`, and
-the previous one is used.
+by validation loss. A checkpoint whose content is damaged (metadata unreadable, data that does not decode) is
+reported by name, moved aside to `<step>.corrupt`, and the previous one is used; one that fails for an I/O error
+of the storage (EIO, a stale NFS handle, a timeout, no permission) is left in place and the run stops, naming it.
+A checkpoint of another config is refused naming the config fields that differ.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any, Optional
@@ -25,6 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nbp_jax import errors
+
 PyTree = Any
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -32,8 +37,64 @@ CONFIG_FILE = 'config.json'
 BEST_METRIC = 'val_loss'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The checkpoint was written by another config (a parameter's shape or the parameter set differs)."""
+
+
+class CheckpointReadError(errors.UserError, OSError):
+  """A checkpoint could not be read for a reason outside its content (storage I/O); it was left in place."""
+
+
+# Config fields that decide the shapes and the set of the saved arrays; named when a checkpoint is refused.
+STRUCTURE_FIELDS = (
+    'model.num_layers', 'model.emb_dim', 'model.num_heads', 'model.mlp_ratio', 'model.max_positions',
+    'model.scan_layers', 'model.param_dtype', 'nbp.block_shape', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout',
+    'data.num_frames', 'data.resolution', 'data.num_classes', 'tokenizer.channels', 'tokenizer.channel_multipliers',
+    'tokenizer.num_res_blocks', 'tokenizer.num_mid_blocks', 'tokenizer.num_groups', 'tokenizer.kernel_size',
+    'tokenizer.temporal_downsample', 'tokenizer.fsq_levels', 'tokenizer.discriminator_channels',
+    'tokenizer.discriminator_layers', 'optim.grad_clip', 'optim.weight_decay', 'optim.grad_accum_steps')
+
+# errno values of a storage that failed to answer, as opposed to a file whose content is wrong.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,
+                     errno.EPERM, errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOLCK,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH,
+                     errno.EHOSTUNREACH, errno.EREMOTEIO}
+# tensorstore / gRPC status names of the same kind, found in the messages of the errors they raise.
+_TRANSIENT_STATUS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'ABORTED',
+                     'Input/output error', 'Stale file handle', 'Permission denied', 'Connection reset')
+
+
+def is_transient_io_error(error: BaseException) -> bool:
+  """True when `error` (or one it was raised from) is a storage I/O failure, not a sign of damaged content."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+      return True
+    if isinstance(error, (TimeoutError, ConnectionError, PermissionError)):
+      return True
+    if any(status in str(error) for status in _TRANSIENT_STATUS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(d, ml_collections.ConfigDict):
+    d = config_to_dict(d)
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = _tuplify(v)
+  return out
+
+
+def config_differences(saved: Any, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """(field, value in `config`, value in `saved`) for every STRUCTURE_FIELDS entry where the two differ."""
+  a, b = _flat(config), _flat(saved)
+  return [(k, a[k], b[k]) for k in STRUCTURE_FIELDS if k in a and k in b and a[k] != b[k]]
 
 
 class _IteratorState:
@@ -93,8 +154,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run in `workdir` was started with (WORKDIR/config.json)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir!r} is not a training workdir '
-                            '(train first with --mode=train, or pass --config).')
+    raise errors.MissingError(f'{path} does not exist: {workdir!r} is not a training workdir '
+                              '(train first with --mode=train, or pass --config).')
   with open(path) as f:
     return config_from_dict(json.load(f))
 
@@ -130,19 +191,22 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 def check_shapes(saved: PyTree, wanted: PyTree, what: str, where: str) -> None:
   """Raises CheckpointMismatchError naming the first parameter whose shape (or presence) differs."""
   s, w = _shapes(saved), _shapes(wanted)
-  fix = ('It was written by another config: resume with the config it was trained with (WORKDIR/config.json) '
-         'or start a fresh --workdir.')
+  detail = None
   for name in sorted(w):
     if name not in s:
-      raise CheckpointMismatchError(f'{where}: {what} {name!r} (shape {w[name]}) is missing from the checkpoint. '
-                                    + fix)
-    if s[name] != w[name]:
-      raise CheckpointMismatchError(f'{where}: {what} {name!r} has shape {s[name]} in the checkpoint but '
-                                    f'{w[name]} in this config. ' + fix)
+      detail = f'{what} {name!r} (shape {w[name]}) is missing from the checkpoint.'
+    elif s[name] != w[name]:
+      detail = f'{what} {name!r} has shape {s[name]} in the checkpoint but {w[name]} in this config.'
+    if detail:
+      break
   extra = sorted(set(s) - set(w))
-  if extra:
-    raise CheckpointMismatchError(f'{where}: the checkpoint has {what} {extra[0]!r} (shape {s[extra[0]]}) that this '
-                                  'config does not have. ' + fix)
+  if detail is None and extra:
+    detail = f'the checkpoint has {what} {extra[0]!r} (shape {s[extra[0]]}) that this config does not have.'
+  if detail is not None:
+    error = CheckpointMismatchError(f'{where}: {detail} It was written by another config: resume with the config it '
+                                    'was trained with (WORKDIR/config.json) or start a fresh --workdir.')
+    error.detail = detail
+    raise error
 
 
 def _item_handlers() -> dict[str, Any]:
@@ -196,6 +260,19 @@ class Checkpointer:
       if m and BEST_METRIC in m and (best_val is None or m[BEST_METRIC] < best_val):
         best, best_val = step, m[BEST_METRIC]
     return best
+
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The config saved with checkpoint `step` (a dict), else WORKDIR/config.json's, else None."""
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
+    except Exception:  # pylint: disable=broad-except  (older checkpoints have no config item)
+      pass
+    path = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
 
   def params_metadata(self, step: int) -> PyTree:
     """Tree of orbax ArrayMetadata (shape, dtype) of the params saved at `step`."""
@@ -260,18 +337,20 @@ class Checkpointer:
         raise FileNotFoundError(f'{where} has no readable train_state metadata')
       check_shapes(ts.tree, abstract_train_state, 'optimizer-state entry', where)
 
-  def restore(self, abstract_params: PyTree, abstract_train_state: PyTree,
-              data_iter: Any = None) -> Optional[tuple[int, PyTree, PyTree]]:
+  def restore(self, abstract_params: PyTree, abstract_train_state: PyTree, data_iter: Any = None,
+              config: Optional[ml_collections.ConfigDict] = None) -> Optional[tuple[int, PyTree, PyTree]]:
     """Restores the latest readable checkpoint onto the shardings in the abstract trees.
 
     Args:
       abstract_params, abstract_train_state: jax.ShapeDtypeStruct trees with `.sharding` set (any mesh: a
         checkpoint written on 8 devices restores onto 1).
       data_iter: if given, its state is set to the state saved with the checkpoint.
+      config: this run's config; a refusal then names the config fields that differ from the checkpoint's.
     Returns:
       (step, params, train_state), or None when there is no checkpoint (a fresh run).
     Raises:
       CheckpointMismatchError: the checkpoint belongs to another config (not retried on older checkpoints).
+      CheckpointReadError: the storage failed to read it (left in place: rerun when the storage answers).
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -287,9 +366,23 @@ class Checkpointer:
             logging.warning('Checkpoint %s has no data-iterator state; the data pipeline starts from the '
                             'beginning.', self.step_dir(step))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-      except CheckpointMismatchError:
-        raise
+      except CheckpointMismatchError as e:
+        fields = config_differences(self.saved_config(step) or {}, config) if config is not None else []
+        if not fields:
+          raise
+        config_json = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
+        raise CheckpointMismatchError(
+            f'checkpoint {self.step_dir(step)} was written by another config: this config has '
+            f'{", ".join(f"{k}={a!r}" for k, a, _ in fields)}, the checkpoint '
+            f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(e, "detail", e)}) Resume with the config '
+            f'it was trained with ({config_json}, or {" ".join(f"--config.{k}={b!r}" for k, _, b in fields)}) '
+            'or start a fresh --workdir.') from e
       except Exception as e:  # pylint: disable=broad-except
+        if is_transient_io_error(e):
+          raise CheckpointReadError(
+              f'checkpoint {self.step_dir(step)} could not be read ({type(e).__name__}: '
+              f'{str(e).splitlines()[0][:300] if str(e) else e!r}); the storage failed, not the checkpoint, so it '
+              'was left in place: rerun when the storage answers.') from e
         self._quarantine(step, e)
         continue
       if 'data' in items:
@@ -315,15 +408,18 @@ def restore_params(workdir: str, step: Optional[int] = None, *, shardings: Optio
     shardings: a tree of shardings matching the params (e.g. from `parallel.logical_shardings`) to restore
       straight onto a mesh; default: replicated over `mesh`, or on the first local device when no mesh is given.
   """
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: train first '
+                              f'(--mode=train --workdir={workdir}).')
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     if step is None:
       step = ckpt.best_step() if best else None
       step = step if step is not None else ckpt.latest_step()
     if step is None:
-      raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
+      raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
     if step not in ckpt.all_steps():
-      raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
+      raise errors.MissingError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
     tree = ckpt.params_metadata(step)
     if shardings is not None:
       abstract = jax.tree_util.tree_map(

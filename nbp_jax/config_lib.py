@@ -12,7 +12,10 @@ import os
 
 import ml_collections
 
-MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import', 'pipeline')
+from nbp_jax import errors
+
+MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import', 'pipeline',
+         'study')
 
 # Transformer sizes. The paper's three (official_nbp.md) plus small ones for CPU tests, demo and benchmarks.
 MODEL_SIZES = {
@@ -31,7 +34,13 @@ MODEL_SIZES = {
 TOKENIZER_SIZES = {
     'micro': dict(channels=8, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, num_groups=4,
                   discriminator_channels=8),
-    # The CPU demo's: full-resolution stages kept narrow (the decoder's cost is there).
+    # The CPU demo's (docs/tokenizer_recipes.md): 4x down in space and time (17x32x32 -> 5x8x8 codes), no
+    # residual units at full resolution, no normalisation (per-frame GroupNorm removes each frame's mean colour,
+    # which this small net then fails to relearn within a CPU budget), 1000 codes (a head a CPU can train).
+    'demo': dict(channels=16, channel_multipliers=(1, 1, 2), temporal_downsample=(True, True),
+                 num_res_blocks=(0, 1, 1), num_mid_blocks=1, num_groups=8, norm='none', fsq_levels=(8, 5, 5, 5),
+                 discriminator_channels=16),
+    # The released architecture at a CPU size (8x down in space: 4x4 codes at 32x32; learns only the mean colour).
     'tiny': dict(channels=16, channel_multipliers=(1, 1, 2, 4), num_res_blocks=1, num_groups=8,
                  discriminator_channels=16),
     'official': dict(channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=4, num_groups=32),
@@ -58,7 +67,7 @@ DEFAULT_AXIS_RULES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field is wrong; the message names the field and the fix."""
 
 
@@ -88,13 +97,17 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'tokenizer.size={size!r} is unknown; pick one of {sorted(TOKENIZER_SIZES)}.')
   c = ml_collections.ConfigDict()
   c.size = size
-  c.update(TOKENIZER_SIZES[size])
   # Per stage: down-sample time by 2 after this stage? (space is halved after every stage but the last).
   c.temporal_downsample = (False, True, True)
-  c.num_mid_blocks = c.num_res_blocks
   c.kernel_size = 3
   c.fsq_levels = (8, 8, 8, 5, 5, 5)
+  c.norm = 'group'  # 'group' (GroupNorm per frame, the release) or 'none'
+  c.update(TOKENIZER_SIZES[size])
+  # Residual units per stage: an int for every stage, or a tuple with one count per stage.
+  c.num_mid_blocks = c.get('num_mid_blocks', c.num_res_blocks)
   c.checkpoint = ''  # a workdir or orbax checkpoint of a trained tokenizer, used by tokenize/sample/eval
+  # --mode=train_tokenizer starts from this finished tokenizer workdir instead of training ('demo' = the bundled one).
+  c.pretrained = ''
   # Training (`--mode=train_tokenizer`).
   c.recon_loss = 'l1'
   c.recon_weight = 1.0
@@ -204,6 +217,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.fvd_resize = 0  # resize to this square size before the I3D resize (64 for K600); 0 = keep
   c.eval.protocols = 'auto'  # comma-separated from class, frame_prediction, reconstruction; auto = what fits
   c.eval.num_video_files = 4  # samples written as mp4/gif (and in the grid) per protocol
+  # 'class' protocol: steps of the class-accuracy classifier trained on the real train clips; 0 = no accuracy.
+  c.eval.classifier_steps = 300
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
@@ -261,40 +276,41 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.train.num_steps = 470_000
     c.eval.num_samples = 50_000
     c.eval.fvd_resize = 64
-  elif task == 'demo':
-    # Everything tiny, on synthetic videos, on CPU in minutes.
+  elif task in ('demo', 'study'):
+    # Everything small, on synthetic videos, on CPU in minutes: 17x32x32 clips -> 5x8x8 codes of 1000 values.
     c.data.source = 'synthetic'
     c.data.num_frames = 17
     c.data.resolution = 32
     c.data.fps = 8
     c.data.num_classes = 4
-    c.data.batch_size = 8
-    c.data.synthetic.num_train = 256
-    c.data.synthetic.num_val = 32
+    c.data.batch_size = 16
+    c.data.synthetic.num_train = 1024
+    c.data.synthetic.num_val = 64
     c.data.synthetic.num_classes = 4
-    c.tokenizer = tokenizer_config('tiny')
+    c.tokenizer = tokenizer_config('demo')
     c.tokenizer.batch_size = 8
-    # Held-out PSNR is flat from about step 150 on here (~15.3 dB at 150, ~15.5 at 300), so 200 steps it is.
-    c.tokenizer.num_steps = 200
-    c.tokenizer.warmup_steps = 20
+    c.tokenizer.num_steps = 3000
+    c.tokenizer.warmup_steps = 50
     c.tokenizer.lr = 1e-3
-    # No GAN phase: on CPU it doubles the step time, and over a few hundred steps reconstruction matters more than the
-    # sharpness the adversarial loss buys late in a long run.
+    c.tokenizer.b1 = 0.9
+    c.tokenizer.b2 = 0.99
+    # No GAN phase: on CPU it doubles the step time, and over a few thousand steps reconstruction matters more than
+    # the sharpness the adversarial loss buys late in a long run.
     c.tokenizer.discriminator_start_step = 10**9  # never
     c.tokenizer.perceptual_weight = 0.0
-    c.nbp.block_shape = (1, 1, 4)
+    c.nbp.block_shape = (1, 1, 8)  # one latent row: 40 steps per clip instead of 320
     c.nbp.condition = 'class'
     c.nbp.first_block = 'bov'
     c.nbp.context_frames = 5
     c.nbp.cond_drop_prob = 0.1
     c.model.dropout = 0.0
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 20
-    c.train.num_steps = 300
-    c.train.log_every = 10
-    c.train.eval_every = 100
+    c.optim.warmup_steps = 50
+    c.train.num_steps = 600
+    c.train.log_every = 20
+    c.train.eval_every = 200
     c.train.num_eval_batches = 2
-    c.train.checkpoint_every = 100
+    c.train.checkpoint_every = 200
     c.train.sample_every = 0
     c.sample.num_samples = 8
     c.sample.batch_size = 8
@@ -302,8 +318,15 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.sample.top_p = 1.0
     c.eval.num_samples = 32
     c.eval.batch_size = 8
+    if task == 'study':
+      # --mode=study (nbp_jax/study.py): the demo's data, tokenizer and transformer, one run per block shape and
+      # seed. The latent grid is 5x8x8, so blocks with t > 1 other than whole clips cannot tile it: the non-row
+      # shapes are 1x2x4 (vs the row 1x1x8) and 1x4x4 (vs two rows, 1x2x8).
+      c.study = ml_collections.ConfigDict()
+      c.study.block_shapes = ((1, 1, 1), (1, 1, 4), (1, 1, 8), (1, 2, 4), (1, 2, 8), (1, 4, 4), (1, 8, 8))
+      c.study.seeds = (0, 1)
   else:
-    raise ConfigError(f'task {task!r} is unknown; pick one of ucf101, k600, demo.')
+    raise ConfigError(f'task {task!r} is unknown; pick one of ucf101, k600, demo, study.')
   return c
 
 
@@ -355,10 +378,52 @@ def _require(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+# What each mode uses, so that a mode is never refused for a setting it does not read (prepare_data only cuts clips).
+TOKENIZER_MODES = ('train_tokenizer', 'tokenize', 'train', 'sample', 'eval', 'export', 'import', 'pipeline', 'study')
+TRANSFORMER_MODES = ('train', 'sample', 'eval', 'export', 'import', 'pipeline', 'study')
+
+
 def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
-  """Checks the config once at start; raises ConfigError naming the field and the fix."""
+  """Checks the config once at start for what `mode` uses; raises ConfigError naming the field and the fix."""
   _require(mode in MODES, f'--mode={mode!r} is unknown; pick one of {", ".join(MODES)}.')
   m, tok, d, nbp = config.model, config.tokenizer, config.data, config.nbp
+
+  ft, fs = temporal_factor(tok), spatial_factor(tok)
+  _require((d.num_frames - 1) % ft == 0,
+           f'data.num_frames={d.num_frames} is not 1 + a multiple of {ft}; use e.g. {1 + ft * 4} frames.')
+  _require(d.resolution % fs == 0,
+           f'data.resolution={d.resolution} is not divisible by {fs}; use a multiple of {fs} (e.g. 128).')
+  _require(d.source in ('synthetic', 'ucf101', 'k600'),
+           f"data.source={d.source!r} is unknown; pick 'synthetic', 'ucf101' or 'k600'.")
+  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
+  needs_raw = mode == 'prepare_data' and d.source != 'synthetic'
+  if needs_raw:
+    _require(bool(d.raw_dir), f'data.raw_dir is empty; pass --config.data.raw_dir=/path/to/your/{d.source} folder.')
+    _require(os.path.isdir(d.raw_dir),
+             f'data.raw_dir={d.raw_dir!r} does not exist; point --config.data.raw_dir at your local '
+             f'{d.source} folder (this project never downloads datasets).')
+  if mode == 'prepare_data':
+    return
+
+  _require(tok.get('norm', 'group') in ('group', 'none'),
+           f"tokenizer.norm={tok.get('norm')!r} is unknown; pick 'group' (the release) or 'none'.")
+  blocks = tok.num_res_blocks
+  _require(isinstance(blocks, int) or len(blocks) == len(tok.channel_multipliers),
+           f'tokenizer.num_res_blocks={blocks} needs one count per stage ({len(tok.channel_multipliers)} stages, '
+           'tokenizer.channel_multipliers) or a single int.')
+  _require(len(tok.channel_multipliers) == len(tok.temporal_downsample) + 1,
+           f'tokenizer.channel_multipliers has {len(tok.channel_multipliers)} stages but '
+           f'tokenizer.temporal_downsample describes {len(tok.temporal_downsample)} down-samplings; '
+           'give one more multiplier than down-samplings.')
+  for i, mult in enumerate(tok.channel_multipliers):
+    _require(tok.get('norm', 'group') != 'group' or (tok.channels * mult) % tok.num_groups == 0,
+             f'tokenizer.num_groups={tok.num_groups} does not divide stage {i} width {tok.channels * mult}; '
+             'change tokenizer.num_groups or tokenizer.channels.')
+  mesh = tuple(config.mesh.shape)
+  _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1,
+           f'mesh.shape={mesh} must give 3 sizes for {MESH_AXES} with at most one -1.')
+  if mode not in TRANSFORMER_MODES:
+    return
 
   _require(m.emb_dim % m.num_heads == 0,
            f'model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}; '
@@ -368,24 +433,6 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f"model.attention={m.attention!r} is unknown; pick 'xla', 'cudnn' or 'splash'.")
   _require(m.dtype in ('auto', 'float32', 'bfloat16'),
            f"model.dtype={m.dtype!r} is unknown; pick 'auto', 'float32' or 'bfloat16'.")
-
-  ft, fs = temporal_factor(tok), spatial_factor(tok)
-  _require(len(tok.channel_multipliers) == len(tok.temporal_downsample) + 1,
-           f'tokenizer.channel_multipliers has {len(tok.channel_multipliers)} stages but '
-           f'tokenizer.temporal_downsample describes {len(tok.temporal_downsample)} down-samplings; '
-           'give one more multiplier than down-samplings.')
-  for i, mult in enumerate(tok.channel_multipliers):
-    _require((tok.channels * mult) % tok.num_groups == 0,
-             f'tokenizer.num_groups={tok.num_groups} does not divide stage {i} width {tok.channels * mult}; '
-             'change tokenizer.num_groups or tokenizer.channels.')
-  _require((d.num_frames - 1) % ft == 0,
-           f'data.num_frames={d.num_frames} is not 1 + a multiple of {ft}; use e.g. {1 + ft * 4} frames.')
-  _require(d.resolution % fs == 0,
-           f'data.resolution={d.resolution} is not divisible by {fs}; use a multiple of {fs} (e.g. 128).')
-  _require(d.source in ('synthetic', 'ucf101', 'k600'),
-           f"data.source={d.source!r} is unknown; pick 'synthetic', 'ucf101' or 'k600'.")
-  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
-
   grid = latent_shape(config)
   block = tuple(nbp.block_shape)
   _require(len(block) == 3 and all(b > 0 for b in block),
@@ -394,6 +441,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f'nbp.block_shape={block} does not tile the latent grid {grid} '
            f'(data.num_frames={d.num_frames}, data.resolution={d.resolution}); '
            f'each of (t, h, w) must divide the grid, e.g. (1, 1, {grid[2]}) or (1, {grid[1]}, {grid[2]}).')
+  if mode == 'study':
+    _require('study' in config, '--mode=study needs a config.study section; use --config=configs/study.py.')
+    _require(len(config.study.seeds) > 0 and len(config.study.block_shapes) > 0,
+             'study.block_shapes and study.seeds must each name at least one entry.')
+    for shape in config.study.block_shapes:
+      _require(len(shape) == 3 and all(g % b == 0 for g, b in zip(grid, shape)),
+               f'study.block_shapes has {tuple(shape)}, which does not tile the latent grid {grid}; each of '
+               '(t, h, w) must divide the grid.')
   _require(nbp.condition in ('class', 'none'), f"nbp.condition={nbp.condition!r} must be 'class' or 'none'.")
   _require(nbp.condition == 'none' or d.num_classes > 0,
            "nbp.condition='class' needs data.num_classes > 0; set it or use nbp.condition='none'.")
@@ -410,17 +465,6 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(num_tokens + math.prod(block) + 16 <= m.max_positions,
            f'{num_tokens} tokens per clip do not fit model.max_positions={m.max_positions}; '
            'raise it or use shorter/smaller clips.')
-
-  mesh = tuple(config.mesh.shape)
-  _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1,
-           f'mesh.shape={mesh} must give 3 sizes for {MESH_AXES} with at most one -1.')
-
-  needs_raw = mode == 'prepare_data' and d.source != 'synthetic'
-  if needs_raw:
-    _require(bool(d.raw_dir), f'data.raw_dir is empty; pass --config.data.raw_dir=/path/to/your/{d.source} folder.')
-    _require(os.path.isdir(d.raw_dir),
-             f'data.raw_dir={d.raw_dir!r} does not exist; point --config.data.raw_dir at your local '
-             f'{d.source} folder (this project never downloads datasets).')
   if mode == 'train' and d.source != 'synthetic' and d.dir:
     _require(os.path.isdir(d.dir), f'data.dir={d.dir!r} does not exist; run --mode=prepare_data first or fix the path.')
 

@@ -3,12 +3,18 @@ r"""Command line entry point: one config, one workdir, one mode.
   python -m nbp_jax.main --config=configs/k600_3b.py --workdir=/tmp/k600 --mode=train \
       --config.optim.lr=1e-4 --config.nbp.block_shape='(1,4,4)'
 
-Each mode is one stage of the corridor (DESIGN.md); this file only validates the config and dispatches.
+Each mode is one stage of the corridor (DESIGN.md); this file only validates the config and dispatches. Expected
+failures (`nbp_jax.errors.UserError`: a wrong field, a missing file, a stage not run yet) print one line and exit
+with status 2 (`--verbose` or NBP_VERBOSE=1 shows their traceback); anything else is a bug and keeps its traceback.
+Third-party INFO logs (orbax, TFDS, XLA) stay quiet unless `--verbosity` is given (e.g. `--verbosity=0` for INFO).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import logging as py_logging
 import os
 import sys
 
@@ -18,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/demo.py', 'Config file (ml_collections); override fields with --config.section.field=value.',
@@ -25,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where data, checkpoints, metrics and samples go. '
                                'Default: workdirs/<config.name>.')
 _MODE = flags.DEFINE_enum('mode', 'train', config_lib.MODES, 'What to run.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of expected errors too (or set NBP_VERBOSE=1).')
 
 # Modes that use a finished run: without --config they take the config saved in the workdir.
 _USES_SAVED_CONFIG = ('sample', 'eval', 'export')
@@ -38,6 +46,7 @@ STAGES = {
     'sample': 'nbp_jax.nbp.sample:run',
     'eval': 'nbp_jax.evaluation.protocols:run',
     'pipeline': 'nbp_jax.pipeline:run',
+    'study': 'nbp_jax.study:run',
     'import': 'nbp_jax.export.official:run',
     'export': 'nbp_jax.export.bundle:run',
 }
@@ -70,24 +79,145 @@ def _resolve_config(mode: str, workdir: str | None):
   return config
 
 
+def _verbose() -> bool:
+  return _VERBOSE.value or os.environ.get('NBP_VERBOSE', '') not in ('', '0')
+
+
+# Libraries whose INFO and WARNING lines are bookkeeping (orbax's option dumps and read-only notes, TFDS's "Load
+# dataset info", grain's worker notes); their errors still show.
+_CHATTY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/etils/')
+
+
+class _QuietLibraries(py_logging.Filter):
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.ERROR or not any(m in record.pathname for m in _CHATTY)
+
+
+def quiet_logs() -> None:
+  """Third-party logs off unless --verbosity was given: INFO everywhere, and the warnings of orbax, TFDS and grain;
+  XLA's C++ log (its slow-compile alarm is an ERROR line). Must run before jax is imported."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def _fail(error: BaseException) -> None:
+  """Prints an expected error as one line on stderr and exits with status 2 (re-raises it with --verbose)."""
+  if _verbose():
+    raise error
+  prefix = 'Config error' if isinstance(error, config_lib.ConfigError) else 'Error'
+  print(f'{prefix}: {" ".join(str(error).splitlines())}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _remove_empty_dirs(root: str) -> None:
+  """Removes `root` and the folders below it that hold no file (what a failed command created and left empty)."""
+  for path, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+    try:
+      os.rmdir(path)
+    except OSError:
+      pass  # not empty
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_logs()
   from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
   mode = _MODE.value
-  config = _resolve_config(mode, _WORKDIR.value)
   try:
+    config = _resolve_config(mode, _WORKDIR.value)
     config_lib.validate(config, mode)
-  except config_lib.ConfigError as e:
-    print(f'Config error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except errors.UserError as e:
+    _fail(e)
   workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
   stage = resolve_stage(mode)
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   logging.info('mode=%s workdir=%s config=%s', mode, workdir, config.name)
-  stage(config, workdir)
+  try:
+    stage(config, workdir)
+  except BaseException as e:
+    if created:
+      _remove_empty_dirs(workdir)  # a failed command leaves no empty new workdir behind
+    if isinstance(e, errors.UserError):
+      _fail(e)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flag parsing: an unknown --config.x key is named with the nearest valid ones.
+
+
+def _config_path(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return flags.FLAGS['config'].default or ''
+
+
+def _load_config_file(path: str):
+  arg = None
+  if not os.path.exists(path) and ':' in path:
+    path, arg = path.split(':', 1)
+  spec = importlib.util.spec_from_file_location('_nbp_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def _field_paths(node, prefix: str = '') -> list[str]:
+  out = []
+  for key in node.keys():
+    path = f'{prefix}{key}'
+    out.append(path)
+    if hasattr(node[key], 'keys'):
+      out += _field_paths(node[key], path + '.')
+  return out
+
+
+def unknown_config_key(argv) -> str | None:
+  """'--config.a.b: ... nearest: ...' for the first override whose field the config lacks, or None."""
+  try:
+    config = _load_config_file(_config_path(argv))
+  except Exception:  # pylint: disable=broad-except  (the config file's own error is reported by the flag parser)
+    return None
+  paths = _field_paths(config)
+  for arg in argv:
+    if not arg.startswith(('--config.', '--noconfig.')):
+      continue
+    key = arg.split('=', 1)[0].split('config.', 1)[1]
+    if key in paths:
+      continue
+    parent, _, last = key.rpartition('.')
+    while parent and parent not in paths:
+      parent = parent.rpartition('.')[0]
+    siblings = [p for p in paths if p.rpartition('.')[0] == parent]
+    name = lambda p: p.rpartition('.')[2]  # noqa: E731
+    near = [p for p in siblings if name(p) in difflib.get_close_matches(last, [name(q) for q in siblings], cutoff=0.6)]
+    near += [p for p in paths if p not in near and name(p) in
+             difflib.get_close_matches(last, [name(q) for q in paths], cutoff=0.8)]
+    hint = (f'nearest valid: {", ".join(near[:3])}' if near else
+            f'valid fields{" of " + parent if parent else ""}: {", ".join(siblings)}')
+    return f'--config.{key}: the config has no field {key!r}; {hint}.'
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    message = unknown_config_key(argv) or f'a --config override failed: {e}'
+    print(f'Config error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

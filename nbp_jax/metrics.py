@@ -5,6 +5,7 @@ Only process 0 writes; on other processes the writer is a no-op, so callers need
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -58,16 +59,26 @@ def mfu(flops_per_example: float, examples_per_s: float, num_devices: int, peak_
 
 
 class MetricWriter:
-  """TensorBoard + metrics.jsonl writer (one JSON object per logged step, always with 'step')."""
+  """TensorBoard + metrics.jsonl writer (one JSON object per logged step, always with 'step').
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+  The TensorBoard event file is opened at the first write, so a run that logs nothing (a finished run rerun, a
+  refused resume) leaves no empty event file behind. `purge_step`: a resumed run's first step; TensorBoard then hides
+  the events of earlier files from that step on (written after the checkpoint it resumed from), so no step shows twice.
+  """
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None, purge_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.purge_step = purge_step
     self._tb = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+
+  def _tensorboard(self):
+    if self._tb is None:
+      os.makedirs(self.workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      self._tb = SummaryWriter(logdir=self.workdir, flush_secs=30, purge_step=self.purge_step)
+    return self._tb
 
   def truncate_after(self, step: int) -> None:
     """Drops metrics.jsonl lines of steps > `step` (written after the checkpoint a resumed run restarts from),
@@ -91,11 +102,13 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
+    tb = self._tensorboard()
     for k, v in clean.items():
       if math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
+        tb.add_scalar(k, v, step)
     record = {'step': int(step)}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
+    os.makedirs(self.workdir, exist_ok=True)
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
@@ -107,6 +120,11 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def has_events(workdir: str) -> bool:
+  """True when WORKDIR holds TensorBoard event files (of an earlier run in that workdir)."""
+  return bool(glob.glob(os.path.join(workdir, 'events.out.tfevents.*')))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -26,13 +26,11 @@ from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import load as tokenizer_load
 
 # The micro pipeline of the tests (tests/conftest.py TINY_PIPELINE_FLAGS, the same fields and values; a test checks
-# that they agree): 9 frames at 16x16 -> 3x2x2 codes, blocks of 1x1x2, two training steps per stage.
+# that they agree): 9 frames at 16x16 -> 3x4x4 codes, blocks of 1x1x2, two training steps per stage.
 TINY_OVERRIDES: dict[str, Any] = {
     'data.num_frames': 9, 'data.resolution': 16,
     'data.synthetic.num_train': 8, 'data.synthetic.num_val': 4, 'data.batch_size': 4,
-    'tokenizer.channels': 8, 'tokenizer.channel_multipliers': (1, 2, 2, 4),
-    'tokenizer.discriminator_channels': 8, 'tokenizer.num_res_blocks': 1,
-    'tokenizer.num_groups': 4, 'tokenizer.num_mid_blocks': 1,
+    'tokenizer.channels': 8, 'tokenizer.discriminator_channels': 8, 'tokenizer.pretrained': '',
     'tokenizer.num_steps': 2, 'tokenizer.batch_size': 4, 'tokenizer.num_samples': 2,
     'model.num_layers': 1, 'model.num_heads': 2, 'model.emb_dim': 32,
     'nbp.block_shape': (1, 1, 2), 'nbp.context_frames': 5,
@@ -40,7 +38,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     'train.checkpoint_every': 2, 'train.num_eval_batches': 1,
     'sample.num_samples': 4, 'sample.batch_size': 4,
     'eval.num_samples': 4, 'eval.batch_size': 4, 'eval.fvd_num_frames': 9,
-    'eval.num_video_files': 2,
+    'eval.num_video_files': 2, 'eval.classifier_steps': 5,
 }
 
 # Saved paths that point into a pipeline workdir; relocated when the workdir was moved or copied (Drive, /content).

@@ -31,21 +31,61 @@ from nbp_jax.tokenizer import tokenize
 from nbp_jax.tokenizer import train as tokenizer_train
 
 
+def model_config(config: ml_collections.ConfigDict, workdir: str, name: str, block_shape, seed: int | None = None
+                 ) -> ml_collections.ConfigDict:
+  """`config` for one model of a comparison: its block shape (and seed), reading WORKDIR's data, tokenizer, codes."""
+  c = config.copy_and_resolve_references()
+  c.name = f'{config.name}_{name}'
+  c.nbp.block_shape = tuple(block_shape)
+  if seed is not None:
+    c.seed = int(seed)
+  c.data.dir = config.data.dir or os.path.join(workdir, 'data')
+  c.data.tokenized_dir = config.data.tokenized_dir or os.path.join(workdir, 'tokens')
+  c.tokenizer.checkpoint = config.tokenizer.checkpoint or os.path.join(workdir, 'tokenizer')
+  return c
+
+
 def variant_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
   """{'nbp': config's block shape, 'ntp': 1x1x1}, both reading WORKDIR's data, tokenizer and codes."""
   variants = {'nbp': tuple(config.nbp.block_shape), 'ntp': (1, 1, 1)}
-  out = {}
-  for name, block in variants.items():
-    c = config.copy_and_resolve_references()
-    c.name = f'{config.name}_{name}'
-    c.nbp.block_shape = block
-    c.data.dir = config.data.dir or os.path.join(workdir, 'data')
-    c.data.tokenized_dir = config.data.tokenized_dir or os.path.join(workdir, 'tokens')
-    c.tokenizer.checkpoint = config.tokenizer.checkpoint or os.path.join(workdir, 'tokenizer')
-    out[name] = c
+  out = {name: model_config(config, workdir, name, block) for name, block in variants.items()}
   if variants['nbp'] == variants['ntp']:
     del out['ntp']  # the config already asks for next-token prediction
   return out
+
+
+def shared_stages(config: ml_collections.ConfigDict, workdir: str, clock: '_StageClock', total: int = 5) -> None:
+  """The stages every model of a comparison shares: data, tokenizer, codes (each reused when finished)."""
+  clock.start('prepare_data', f'1/{total} prepare data')
+  prepare.run(config, workdir)
+  clock.start('train_tokenizer', f'2/{total} train the tokenizer')
+  tokenizer_train.run(config, workdir)
+  clock.start('tokenize', f'3/{total} tokenize')
+  tokenize.run(config, workdir)
+
+
+def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ...], *, stats_dir: str,
+                   recorded: dict | None = None) -> tuple[dict, dict]:
+  """Evaluates the model trained in `vdir` (reusing a finished evaluation) and times its decoding.
+
+  Returns (row: {'decode_steps', 'seconds_per_batch', 'frames_per_s', '<protocol>/<metric>': ...}, eval report).
+  `recorded` holds decode timings of an earlier run at the same checkpoint, kept instead of timing again.
+  """
+  generator = sample_lib.load_generator(c, vdir)
+  report = _finished_eval(c, vdir, generator.step, names)
+  if report is None:
+    report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=stats_dir)
+  else:
+    print(f'Reusing the evaluation of {os.path.basename(vdir)} at step {generator.step} ({vdir}/eval).')
+  recorded = recorded or {}
+  if all(k in recorded for k in _SPEED_KEYS):
+    row = {k: recorded[k] for k in _SPEED_KEYS}
+  else:
+    row = _decode_speed(generator, sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size))
+  for protocol, r in report['protocols'].items():
+    for metric, value in r['metrics'].items():
+      row[f'{protocol}/{metric}'] = float(value)
+  return row, report
 
 
 def _decode_speed(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
@@ -84,50 +124,42 @@ class _StageClock:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = _StageClock()
-  clock.start('prepare_data', '1/5 prepare data')
-  prepare.run(config, workdir)
-  clock.start('train_tokenizer', '2/5 train the tokenizer')
-  tokenizer_train.run(config, workdir)
-  clock.start('tokenize', '3/5 tokenize')
-  tokenize.run(config, workdir)
+  shared_stages(config, workdir, clock)
   variants = variant_configs(config, workdir)
   rows, grids = {}, []
   for name, c in variants.items():
     vdir = os.path.join(workdir, name)
     clock.start(f'train_{name}', f'4/5 train {name} (block {"x".join(map(str, c.nbp.block_shape))})')
     nbp_train.run(c, vdir)
+  summary_path = os.path.join(workdir, 'summary.json')
+  previous = _load_json(summary_path)
+  train_steps = {n: _latest_step(os.path.join(workdir, n)) for n in variants}
+  # The same checkpoints as the recorded run: keep its record (the stage times of the work actually done, its decode
+  # timings); this run's times, mostly spent reusing finished stages, are kept beside it.
+  reuse = previous.get('train_steps') == train_steps
   for name, c in variants.items():
-    vdir = os.path.join(workdir, name)
     clock.start(f'eval_{name}', f'5/5 evaluate {name}')
-    generator = sample_lib.load_generator(c, vdir)
     # Tokenizer reconstruction is the same for both models: evaluate it once.
     names = tuple(p for p in protocols.auto_protocols(c) if p != 'reconstruction' or name == 'nbp')
     names = protocols.configured_protocols(c, default=names)
-    report = _finished_eval(c, vdir, generator.step, names)
-    if report is None:
-      report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=workdir)
-    else:
-      print(f'Reusing the evaluation of {name} at step {generator.step} ({vdir}/eval).')
-    speed_inputs = sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size)
-    row = _decode_speed(generator, speed_inputs)
-    for protocol, r in report['protocols'].items():
-      for metric, value in r['metrics'].items():
-        row[f'{protocol}/{metric}'] = float(value)
-    rows[name] = row
+    rows[name], report = evaluate_model(c, os.path.join(workdir, name), names, stats_dir=workdir,
+                                        recorded=previous.get('models', {}).get(name) if reuse else None)
     block = 'x'.join(map(str, c.nbp.block_shape))
     grids.extend((f'{name} ({block} blocks): {_GRID_TITLES.get(protocol, protocol)}', path)
                  for protocol, path in report['grids'].items())
   clock.stop()
-  summary = {'config': config.name, 'models': rows,
-             'train_steps': {n: _latest_step(os.path.join(workdir, n)) for n in rows},
-             'stage_seconds': clock.seconds}
+  summary = {'config': config.name, 'models': rows, 'train_steps': train_steps,
+             'stage_seconds': previous.get('stage_seconds', clock.seconds) if reuse else clock.seconds}
+  if reuse:
+    summary['last_rerun_stage_seconds'] = clock.seconds
   table = _summary_table(rows)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
     table += f'\n\nNBP decodes {speedup:.1f}x faster than NTP ({rows["nbp"]["decode_steps"]} vs ' \
              f'{rows["ntp"]["decode_steps"]} steps per clip, same model size, same CPU, one run).'
     summary['speedup'] = speedup
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+  summary['result_line'] = result_line(rows, summary.get('speedup'))
+  with open(summary_path, 'w') as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
     f.write(table + '\n')
@@ -136,7 +168,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print('Stage times this run: ' + ', '.join(f'{k} {v:.0f}s' for k, v in clock.seconds.items()) +
         f' (total {sum(clock.seconds.values()) / 60:.1f} min)')
   print(f'Summary: {os.path.join(workdir, "summary.md")}; picture: {os.path.join(workdir, "grid.png")}')
+  print(summary['result_line'], flush=True)
   return summary
+
+
+_SPEED_KEYS = ('decode_steps', 'seconds_per_batch', 'frames_per_s')
+
+# (name in the result line, model row, metric) for `result_line`.
+_RESULT_FIELDS = (
+    ('tokenizer_psnr', 'nbp', 'reconstruction/psnr'),
+    ('real_class_acc', 'nbp', 'class/real_class_acc'),
+    ('nbp_class_acc', 'nbp', 'class/class_acc'),
+    ('ntp_class_acc', 'ntp', 'class/class_acc'),
+    ('nbp_pred_psnr', 'nbp', 'frame_prediction/psnr'),
+    ('ntp_pred_psnr', 'ntp', 'frame_prediction/psnr'),
+    ('copy_last_psnr', 'nbp', 'frame_prediction/copy_last_psnr'),
+    ('nbp_fvd', 'nbp', 'class/fvd'),
+    ('ntp_fvd', 'ntp', 'class/fvd'),
+    ('nbp_steps', 'nbp', 'decode_steps'),
+    ('ntp_steps', 'ntp', 'decode_steps'),
+)
+
+
+def result_line(rows: dict[str, dict], speedup) -> str:
+  """The machine-readable last line: `demo: tokenizer_psnr=.. real_class_acc=.. ... decode_speedup=..`."""
+  def fmt(value):
+    if value is None:
+      return 'nan'
+    return str(value) if isinstance(value, int) else f'{float(value):.4g}'
+  cells = [f'{name}={fmt(rows.get(model, {}).get(key))}' for name, model, key in _RESULT_FIELDS]
+  return 'demo: ' + ' '.join(cells + [f'decode_speedup={fmt(speedup)}'])
+
+
+def _load_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def _finished_eval(config, vdir: str, step: int, names: tuple[str, ...]):

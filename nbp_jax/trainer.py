@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -39,6 +40,7 @@ import optax
 import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import errors
 from nbp_jax import metrics as metrics_lib
 from nbp_jax import parallel
 from nbp_jax.parallel import sharding as sharding_lib
@@ -47,7 +49,7 @@ from nbp_jax.task import Task
 PyTree = Any
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """The loss or gradient norm became NaN/Inf; training stopped and the bad state was not saved."""
 
 
@@ -330,15 +332,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   accum = int(config.optim.grad_accum_steps)
   primary = parallel.is_primary()
   setup = make_setup(config, task, mesh)
-  checkpoint_lib.write_config(workdir, config)
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                                      keep_best=eval_data is not None)
-  writer = metrics_lib.MetricWriter(workdir)
   train_iter = _as_iterator(train_data)
 
-  restored = ckpt.restore(setup.abstract_state.params,
-                          {'opt_state': setup.abstract_state.opt_state, 'step': setup.abstract_state.step,
-                           'rng': setup.abstract_state.rng}, data_iter=train_iter)
+  try:
+    restored = ckpt.restore(setup.abstract_state.params,
+                            {'opt_state': setup.abstract_state.opt_state, 'step': setup.abstract_state.step,
+                             'rng': setup.abstract_state.rng}, data_iter=train_iter, config=config)
+  except BaseException:
+    ckpt.close()
+    raise
+  # Only now that the checkpoint (if any) is known to fit: a refused resume leaves the workdir as it was.
+  checkpoint_lib.write_config(workdir, config)
+  start = 0 if restored is None else restored[0]
+  writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1 if metrics_lib.has_events(workdir) else None)
   if restored is None:
     state = init_state(config, task, setup)
     writer.truncate_after(0)  # lines of a run killed before its first checkpoint
@@ -357,8 +365,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   peak = metrics_lib.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0))
   num_devices = setup.mesh.size
   preemption = _Preemption(ckpt)
-  bar = tqdm.tqdm(total=num_steps, initial=start, desc=f'train {task.name}', disable=not primary,
-                  dynamic_ncols=True, smoothing=0.1)
+  label = run_label(config, task)
+  bar = None  # created once the first step (and its compilation) is done, so that the ETA leaves the compile out
+  if start >= num_steps and primary:
+    print(f'{label}: already trained ({start} of {num_steps} steps, {ckpt.step_dir(start)}).', file=sys.stderr,
+          flush=True)
 
   pending: list[tuple[int, dict]] = []  # (step, device metrics) dispatched but not yet checked
   extra: dict[int, dict] = {}  # step -> eval metrics to log with that step's record
@@ -381,7 +392,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
             (f'{ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
             '. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, check the data, then rerun with '
             'the same --workdir to resume from it.')
-      bar.update(step - bar.n)
+      if bar is not None:
+        bar.update(step - bar.n)
       now = time.perf_counter()
       if timer['t'] is None:  # the first step includes compilation: time from its end
         timer['t'], timer['step'] = now, step
@@ -400,7 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
         timer['t'], timer['step'] = now, step
       m.update(extra.pop(step, {}))
       writer.write(step, m)
-      bar.set_postfix({k: f'{m[k]:.4g}' for k in ('loss', 'val_loss') if k in m}, refresh=False)
+      if bar is not None:
+        bar.set_postfix({k: f'{m[k]:.4g}' for k in ('loss', 'val_loss') if k in m}, refresh=False)
 
   step = start
   try:
@@ -413,8 +426,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
       if not global_batch:
         global_batch = _check_batch(local, setup, accum)
       batch = sharding_lib.make_global_batch(local, setup.batch_sharding)
+      if bar is None:
+        t0 = time.perf_counter()
+        if primary:
+          print(f'{label}: compiling the train step ...', file=sys.stderr, flush=True)
       state, dev_metrics = train_step(state, batch)
       step += 1
+      if bar is None:
+        jax.block_until_ready(dev_metrics)
+        if primary:
+          print(f'{label}: compiled and ran step {step} in {time.perf_counter() - t0:.1f} s.', file=sys.stderr,
+                flush=True)
+        bar = tqdm.tqdm(total=num_steps, initial=step - 1, desc=label, disable=not primary, dynamic_ncols=True,
+                        smoothing=0.1)
       pending.append((step, dev_metrics))
       handle(upto_all=False)
 
@@ -444,11 +468,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
         break
     handle(upto_all=True)
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
     preemption.close()
     ckpt.close()
     writer.close()
   return state
+
+
+def run_label(config: ml_collections.ConfigDict, task: Task) -> str:
+  """The progress bar's label: the run's name ('train demo_ntp'), plus the task when the name does not say it."""
+  name = config.get('name', '') or task.name
+  return f'train {name}' if task.name == 'nbp' or task.name in name else f'train {name} {task.name}'
 
 
 def _param_summary(params: PyTree) -> str:

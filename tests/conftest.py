@@ -14,14 +14,13 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The whole pipeline at micro size: 9 frames at 16x16 -> 3x2x2 codes; blocks of one latent row (1x1x2) vs NTP.
+# The whole pipeline at micro size: the demo's recipe, narrower; 9 frames at 16x16 -> 3x4x4 codes; blocks of half a
+# latent row (1x1x2) vs NTP; a tokenizer trained from scratch (the bundled one is for 17x32x32 clips).
 TINY_PIPELINE_FLAGS = (
     '--config=configs/demo.py',
     '--config.data.num_frames=9', '--config.data.resolution=16',
     '--config.data.synthetic.num_train=8', '--config.data.synthetic.num_val=4', '--config.data.batch_size=4',
-    '--config.tokenizer.channels=8', '--config.tokenizer.channel_multipliers=(1,2,2,4)',
-    '--config.tokenizer.discriminator_channels=8', '--config.tokenizer.num_res_blocks=1',
-    '--config.tokenizer.num_groups=4', '--config.tokenizer.num_mid_blocks=1',
+    '--config.tokenizer.channels=8', '--config.tokenizer.discriminator_channels=8', "--config.tokenizer.pretrained=",
     '--config.tokenizer.num_steps=2', '--config.tokenizer.batch_size=4', '--config.tokenizer.num_samples=2',
     '--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.emb_dim=32',
     '--config.nbp.block_shape=(1,1,2)', '--config.nbp.context_frames=5',
@@ -29,7 +28,7 @@ TINY_PIPELINE_FLAGS = (
     '--config.train.checkpoint_every=2', '--config.train.num_eval_batches=1',
     '--config.sample.num_samples=4', '--config.sample.batch_size=4',
     '--config.eval.num_samples=4', '--config.eval.batch_size=4', '--config.eval.fvd_num_frames=9',
-    '--config.eval.num_video_files=2',
+    '--config.eval.num_video_files=2', '--config.eval.classifier_steps=5',
 )
 
 

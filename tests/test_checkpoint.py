@@ -1,6 +1,9 @@
 """Checkpoints: kill-and-resume gives the uninterrupted loss sequence, SIGTERM saves cleanly, corrupt checkpoints
-fall back, another config's checkpoint is refused by name, and an 8-device checkpoint restores onto 1 device."""
+fall back (a storage I/O error does not count as corrupt), another config's checkpoint is refused by name without
+touching the workdir, and an 8-device checkpoint restores onto 1 device."""
 
+import errno
+import glob
 import os
 import shutil
 import signal
@@ -8,14 +11,22 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from nbp_jax import checkpoint
+from nbp_jax import config_lib
 from nbp_jax import metrics
 from nbp_jax import parallel
 from nbp_jax import trainer
+from nbp_jax import trainer_bench
+from nbp_jax.export import official
+from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import train as nbp_train
+from nbp_jax.tokenizer import model as tokenizer_model
 import test_trainer_toy as toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,3 +151,71 @@ def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
   state = trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16), mesh=one)
   assert int(state.step) == 13 and len(state.params['params']['head']['kernel'].sharding.device_set) == 1
   assert checkpoint.load_config(workdir).mesh.shape == (-1, 1, 1)
+
+
+def _snapshot(workdir):
+  """{relative path: bytes} of every file below `workdir`."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+def _nbp_run_config():
+  """A micro class-conditional NBP model on 5-frame 16x16 clips (latents (2, 2, 2)), with a micro tokenizer."""
+  cfg = config_lib.task_config('demo', 'micro')
+  cfg.tokenizer = config_lib.tokenizer_config('micro')
+  cfg.data.num_frames, cfg.data.resolution, cfg.data.batch_size = 5, 16, 2
+  cfg.nbp.block_shape, cfg.nbp.context_frames = (1, 1, 2), 0
+  cfg.train.num_steps, cfg.train.checkpoint_every, cfg.train.log_every = 2, 2, 1
+  cfg.sample.num_samples = cfg.sample.batch_size = 2
+  return cfg
+
+
+def _train_nbp(cfg, workdir):
+  task = nbp_train.make_task(cfg)
+  data = (trainer_bench.random_batch(cfg, cfg.data.batch_size, seed=i) for i in range(cfg.train.num_steps))
+  return trainer.train(cfg, workdir, task, data, mesh=parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+
+
+def test_refused_resume_leaves_the_workdir_unchanged_and_names_the_field(tmp_path):
+  workdir = str(tmp_path / 'w')
+  cfg = _nbp_run_config()
+  _train_nbp(cfg, workdir)
+  tok_model = tokenizer_model.make_model(cfg)
+  tok_params = jax.jit(lambda r: nn.unbox(tokenizer_model.init_params(tok_model, r)))(jax.random.key(0))
+  official.save_workdir(os.path.join(workdir, 'tokenizer'), tok_params, cfg)
+  before = _snapshot(workdir)
+
+  other = _nbp_run_config()
+  other.model.num_layers = 1
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r'this config has model\.num_layers=1, the checkpoint model\.num_layers=2 .*blocks/'):
+    _train_nbp(other, workdir)
+  after = _snapshot(workdir)
+  assert sorted(after) == sorted(before)  # no file added (config.json, TensorBoard events) or removed
+  assert [p for p in before if before[p] != after[p]] == []
+  # The saved config still describes the checkpoint: sample works from the workdir alone.
+  saved = checkpoint.load_config(workdir)
+  assert saved.model.num_layers == 2
+  sample_lib.run(saved, workdir)
+  assert glob.glob(os.path.join(workdir, 'samples', 'step_2', 'sample_0.mp4'))
+
+
+def test_transient_read_error_does_not_quarantine(reference, tmp_path, monkeypatch):
+  """An I/O error of the storage (EIO) stops the run naming the checkpoint and leaves it in place; only damaged
+  content is moved to .corrupt."""
+  ref_dir, _, _ = reference
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(ref_dir, workdir)
+
+  def failing_restore(self, step, *args, **kwargs):
+    raise OSError(errno.EIO, 'Input/output error', os.path.join(workdir, 'checkpoints', str(step)))
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', failing_restore)
+  with pytest.raises(checkpoint.CheckpointReadError, match=r'checkpoints/12 could not be read .*left in place'):
+    _train(workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted(os.listdir(os.path.join(ref_dir,
+                                                                                                   'checkpoints')))

@@ -77,6 +77,7 @@ def test_bad_field_names_the_field(field, value, expected):
 
 def test_block_shape_error_suggests_tiling_shapes():
   c = _demo()
+  c.tokenizer = config_lib.tokenizer_config('micro')  # 8x down in space, 4x in time: 17x32x32 -> (5, 4, 4)
   c.nbp.block_shape = (1, 3, 4)
   with pytest.raises(config_lib.ConfigError, match=r'does not tile the latent grid \(5, 4, 4\)'):
     config_lib.validate(c)
@@ -108,10 +109,53 @@ def test_cli_helpfull_shows_flags():
 
 def test_cli_config_error_is_one_line(tmp_path):
   out = _cli('--config=configs/k600_3b.py', f'--workdir={tmp_path}', '--config.nbp.block_shape=(1,3,3)')
-  assert out.returncode == 1
+  assert out.returncode == 2
   assert out.stderr.strip().startswith('Config error: nbp.block_shape=(1, 3, 3) does not tile')
 
 
 def test_cli_unknown_mode_is_rejected(tmp_path):
   out = _cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=fly')
   assert out.returncode != 0 and '--mode' in out.stderr
+
+
+def test_prepare_data_is_not_refused_for_a_transformer_field():
+  c = _demo()
+  c.tokenizer = config_lib.tokenizer_config('micro')  # GroupNorm: tokenizer.num_groups is checked
+  c.nbp.block_shape = (1, 3, 4)  # does not tile the latent grid: only the transformer's modes care
+  c.model.num_heads = 7
+  config_lib.validate(c, 'prepare_data')
+  c.tokenizer.num_groups = 5  # the tokenizer's modes check the tokenizer, not the transformer
+  with pytest.raises(config_lib.ConfigError, match='tokenizer.num_groups'):
+    config_lib.validate(c, 'train_tokenizer')
+  c.tokenizer.num_groups = 4
+  config_lib.validate(c, 'tokenize')
+  with pytest.raises(config_lib.ConfigError, match='model.num_heads'):
+    config_lib.validate(c, 'train')
+
+
+def _one_line_error(out, prefix='Error: '):
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith(prefix), out.stderr[-3000:]
+  return lines[0]
+
+
+def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
+  workdir = tmp_path / 'new'
+  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample'))
+  assert 'No checkpoint in' in line and 'train first (--mode=train' in line
+  assert not workdir.exists()  # the failed command created it, then removed it again
+  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=train'))
+  assert '--mode=prepare_data, then --mode=train_tokenizer, then --mode=tokenize' in line, line
+  assert not workdir.exists()
+  line = _one_line_error(_cli('--config=configs/k600_700m.py', f'--workdir={workdir}', '--mode=import',
+                              f'--config.import_.checkpoint={tmp_path}/missing.ckpt'))
+  assert 'missing.ckpt does not exist' in line
+  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--config.model.num_layer=2'),
+                         'Config error: ')
+  assert "no field 'model.num_layer'; nearest valid: model.num_layers" in line
+  # --verbose (or NBP_VERBOSE=1) shows the traceback of an expected error.
+  out = _cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample', '--verbose')
+  assert out.returncode != 0 and 'Traceback' in out.stderr and 'MissingError' in out.stderr
+  assert not workdir.exists()

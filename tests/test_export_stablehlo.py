@@ -7,6 +7,8 @@ safetensors files, through the run_generate.py copied into the export folder, an
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ import pytest
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax.data import video_io
 from nbp_jax.export import bundle
 from nbp_jax.export import official
 from nbp_jax.export import safetensors_io
@@ -144,3 +147,70 @@ def test_bfloat16_export_builds(tmp_path):
   assert reader['head/kernel'].dtype.name == 'bfloat16'
   gen = stablehlo.build(config, reader, batch_size=2, context_frames=1)
   assert gen.inputs[2]['name'] == 'context_codes' and gen.inputs[3]['dtype'] == 'bfloat16'
+
+
+def test_printed_command_runs_outside_the_repo(tmp_path, capsys):
+  """The command export prints works as it is, from another folder, without nbp_jax: it reads the example context
+  clips (mp4) written beside the runner and writes the samples and a video; fewer labels/clips than the batch (2)
+  are padded and dropped."""
+  config = _config()
+  workdir = _workdir(tmp_path, config)
+  written = bundle.run(config, workdir)
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith('Run it with JAX alone: ')][-1]
+  argv = shlex.split(line[len('Run it with JAX alone: '):])
+  assert argv[0] == 'python' and argv[1] == os.path.abspath(written['runner'])
+  assert any(a.startswith('--context=') and a.endswith('.mp4') for a in argv)
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  script = _FRESH.replace('SCRIPT', repr(argv[1]))
+
+  def run(*args):
+    proc = subprocess.run([sys.executable, '-c', script, *args], capture_output=True, text=True, timeout=300,
+                          cwd=str(elsewhere), env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  run(*argv[2:])
+  samples = np.load(elsewhere / 'samples.npz')
+  assert samples['video'].shape == (2, 5, 16, 16, 3) and samples['codes'].shape == (2, 2, 2, 2)
+  frames, _ = video_io.read_video(str(elsewhere / 'samples.mp4'))
+  assert frames.shape == (5, 16, 32, 3)  # the two samples side by side
+  # One label and one clip for a batch of 2: padded, and only the one sample is kept.
+  first_clip = written['context'].split(',')[0]
+  run('--seed=1', '--labels=3', f'--context={first_clip}', '--out=one.npz')
+  assert np.load(elsewhere / 'one.npz')['video'].shape == (1, 5, 16, 16, 3)
+
+
+def test_pipeline_workdir_exports_each_model(tmp_path, capsys):
+  config = _config()
+  config.export.stablehlo = False
+  pipeline_dir = tmp_path / 'demo'
+  for name in ('nbp', 'ntp'):
+    os.makedirs(pipeline_dir, exist_ok=True)
+    os.rename(_workdir(tmp_path, config, with_tokenizer=False), pipeline_dir / name)
+  written = bundle.run(config, str(pipeline_dir))
+  assert sorted(written) == ['nbp', 'ntp']
+  for name in ('nbp', 'ntp'):
+    assert os.path.isfile(pipeline_dir / name / 'export' / 'params.safetensors')
+  assert 'holds 2 models (nbp, ntp)' in capsys.readouterr().out
+  with pytest.raises(bundle.errors.MissingError, match='not a training workdir'):
+    bundle.run(config, str(tmp_path / 'empty'))
+
+
+def test_cli_logs_are_quiet_unless_verbosity(tmp_path):
+  """orbax's INFO/WARNING bookkeeping (option dumps, read-only notes) stays out of a run unless --verbosity is set."""
+  workdir = _workdir(tmp_path, _config(), with_tokenizer=False)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def export(*flags):
+    proc = subprocess.run([sys.executable, '-m', 'nbp_jax.main', '--mode=export', f'--workdir={workdir}',
+                           '--config.export.stablehlo=False', *flags], capture_output=True, text=True, timeout=300,
+                          cwd=repo, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  quiet = export()
+  assert 'params.safetensors' in quiet.stdout
+  assert not re.findall(r'^[IW]\d{4} .*', quiet.stderr, re.M), quiet.stderr[-3000:]
+  loud = export('--verbosity=0')
+  assert re.search(r'^I\d{4} .*checkpoint_manager', loud.stderr, re.M), loud.stderr[-3000:]

@@ -11,10 +11,13 @@ from nbp_jax.nbp import train
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import Transformer
 from nbp_jax.task import Task
+import numerics
 
 
 def _config(first_block='bov'):
-  c = config_lib.task_config('demo', 'micro')  # latent (5, 4, 4), block 1x1x4, class prefix, 4 classes
+  c = config_lib.task_config('demo', 'micro')  # class prefix, 4 classes, 17x32x32 clips
+  c.tokenizer = config_lib.tokenizer_config('micro')  # 8x down in space: latent (5, 4, 4) (whatever the demo uses)
+  c.nbp.block_shape = (1, 1, 4)
   c.tokenizer.fsq_levels = (4, 4)  # 16 codes
   c.nbp.first_block = first_block
   return c
@@ -113,8 +116,7 @@ def test_remat_gives_the_same_gradients():
     params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
     loss = lambda p, spec=spec: train.loss_fn(spec, p, _batch(), jax.random.key(1), True, 0.5)[0]  # noqa: E731
     grads.append(jax.jit(jax.grad(loss))(params))
-  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  numerics.assert_trees_close(grads[1], grads[0], rtol=1e-4)  # measured ~3e-7 (tests/numerics.py)
 
 
 def test_logical_axis_names_shard_on_a_2x2x2_mesh():

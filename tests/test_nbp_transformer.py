@@ -11,6 +11,7 @@ import pytest
 from nbp_jax import config_lib
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.transformer import Transformer, TransformerConfig, init_cache, official_name
+import numerics
 
 V, D, H, LAYERS = 20, 32, 2, 2
 
@@ -58,7 +59,8 @@ def test_cached_decode_equals_full_forward(first_block, block, scan):
     pos = np.arange(start, start + size)
     logits, cache = step(ids[:, start:start + size], jnp.int32(start), cache, layout.block_ids(pos), k_block)
     got.append(logits)
-  np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
+  # fp32 paths that sum in another order: ~5e-7 of the logits' scale apart (tests/numerics.py).
+  numerics.assert_close(np.concatenate(got, axis=1), full, 1e-5)
 
 
 # ---- an independent numpy forward of the official architecture (official_nbp.md), plain causal mask ----
@@ -102,7 +104,7 @@ def test_block_1x1x1_is_a_plain_causal_lm():
   ids = jax.random.randint(jax.random.key(5), (2, layout.seq_len), 0, V)
   np.testing.assert_array_equal(np.asarray(layout.train_mask()), np.tril(np.ones((11, 11), bool)))
   got = _full_logits(cfg, params, ids, layout)
-  np.testing.assert_allclose(got, _np_causal_lm(params, np.asarray(ids), H), atol=2e-5, rtol=1e-5)
+  numerics.assert_close(got, _np_causal_lm(params, np.asarray(ids), H), 1e-5)  # float64 reference; ~4e-7
 
 
 def test_scan_and_unrolled_layers_agree():
@@ -112,8 +114,8 @@ def test_scan_and_unrolled_layers_agree():
   params_s = {k: v for k, v in params_u.items() if not k.startswith('blocks_')} | {'blocks': stacked}
   layout = BlockLayout((1, 2, 6), (1, 1, 3), prefix_len=2)
   ids = jax.random.randint(jax.random.key(7), (1, layout.seq_len), 0, V)
-  np.testing.assert_allclose(_full_logits(_cfg(scan_layers=True), params_s, ids, layout),
-                             _full_logits(cfg_u, params_u, ids, layout), atol=1e-5)
+  numerics.assert_close(_full_logits(_cfg(scan_layers=True), params_s, ids, layout),
+                        _full_logits(cfg_u, params_u, ids, layout), 1e-5)
 
 
 def test_null_condition_replaces_the_prefix():
@@ -126,7 +128,7 @@ def test_null_condition_replaces_the_prefix():
   cond = _full_logits(cfg, params, both, layout, jnp.array([False, False]))
   null = _full_logits(cfg, params, both, layout, jnp.array([True, True]))
   assert not np.allclose(cond[0], cond[1])  # the prefix matters ...
-  np.testing.assert_allclose(null[0], null[1], atol=1e-6)  # ... unless it is replaced by the null embedding
+  numerics.assert_close(null[0], null[1], 1e-6)  # ... unless it is replaced by the null embedding
 
 
 def test_params_have_official_names_and_logical_axes():

@@ -10,6 +10,7 @@ import pytest
 
 from nbp_jax import config_lib
 from nbp_jax.tokenizer import model as M
+import numerics
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +58,7 @@ def test_causal_conv_matches_naive_reference(stride, kernel, impl):
   out = np.asarray(conv.apply(params, x))
   ref = _naive_causal_conv(x, np.asarray(p['kernel']), bias, stride)
   assert out.shape == ref.shape
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  numerics.assert_close(out, ref, 1e-5)  # float64 reference; fp32 is ~2e-7 of the scale off
 
 
 @pytest.mark.parametrize('factors', [(2, 2, 2), (1, 2, 2), (2, 1, 3)])

@@ -1,11 +1,15 @@
 """The training loop: schedule, weight-decay mask, gradient accumulation, metrics files, NaN stop, launchers."""
 
+import dataclasses
 import glob
 import math
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,6 +20,7 @@ from nbp_jax import metrics
 from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax.parallel import sharding as sharding_lib
+import numerics
 import test_trainer_toy as toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,23 +60,30 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_grad_accumulation_equals_one_big_batch():
+  """4 micro-batches of 8 give the gradients of one batch of 32, to 1e-4 of each leaf's norm (fp32 sums in another
+  order; measured ~1e-7; tests/numerics.py); a micro-batch left out moves them by ~0.1. SGD, so that the params
+  after the steps do not amplify rounding noise as Adam's division by sqrt(v) + eps does."""
   mesh = parallel.create_mesh((-1, 1, 1))
   batch = next(iter(toy.dataset(32)))
   results = []
   for k in (1, 4):
     cfg = toy.config(batch_size=32)
     cfg.optim.grad_accum_steps = k
-    task = toy.make_task()
+    task = dataclasses.replace(toy.make_task(), make_optimizer=numerics.sgd_recording_gradients)
     setup = trainer.make_setup(cfg, task, mesh)
     state = trainer.init_state(cfg, task, setup)
     step = trainer.make_train_step(task, setup, grad_accum_steps=k)
+    grads = []
     for _ in range(2):
       state, m = step(state, sharding_lib.make_global_batch(batch, setup.batch_sharding))
-    results.append((jax.device_get(m), jax.device_get(state.params)))
-  (m1, p1), (m4, p4) = results
+      grads.append(jax.device_get(numerics.first_gradient(state.opt_state)))
+    results.append((jax.device_get(m), grads, jax.device_get(state.params)))
+  (m1, g1, p1), (m4, g4, p4) = results
   for name in ('loss', 'accuracy', 'grad_norm', 'update_norm'):
     assert m4[name] == pytest.approx(m1[name], rel=1e-5), name
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p4, p1)
+  for i in range(2):
+    numerics.assert_trees_close(g4[i], g1[i], rtol=1e-4, err_msg=f'gradients of step {i + 1}')
+  numerics.assert_trees_close(p4, p1, rtol=1e-5, err_msg='params')
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -140,3 +152,50 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
   params, step = checkpoint.restore_params(str(tmp_path))
   assert step == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
+
+
+def _events(path):
+  """The Event protos of a TensorBoard event file (TFRecord: u64 length, u32 crc, data, u32 crc per record)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = []
+  with open(path, 'rb') as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return out
+
+
+def test_progress_tensorboard_and_reruns(tmp_path, capsys):
+  """The bar is labelled with the run's name and starts after the first step's compile (said and timed, so the ETA
+  leaves it out); a finished run rerun adds no bar and no empty event file; a resumed run's event file purges the
+  steps after its checkpoint (TensorBoard shows each step once)."""
+  workdir = str(tmp_path)
+  cfg = toy.config(num_steps=4, checkpoint_every=2)
+  cfg.name = 'toy_run'
+  trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))
+  err = capsys.readouterr().err
+  compiling = err.index('train toy_run: compiling the train step ...')
+  compiled = re.search(r'train toy_run: compiled and ran step 1 in [0-9.]+ s\.', err)
+  assert compiled and compiling < compiled.start() < err.index('train toy_run:  ')  # then the bar, by name
+  files = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert len(files) == 1
+
+  time.sleep(1.1)  # event file names carry the second they were opened
+  trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))  # finished: nothing to do
+  err = capsys.readouterr().err
+  assert 'already trained (4 of 4 steps' in err and 'compiling' not in err and '%|' not in err
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*')) == files
+
+  # Resume from the step-2 checkpoint (as after a kill between the checkpoints): steps 3.. are purged.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  time.sleep(1.1)
+  trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))
+  new = sorted(set(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))) - set(files))
+  assert len(new) == 1
+  events = _events(new[0])
+  starts = [e.step for e in events if e.HasField('session_log') and e.session_log.status == e.session_log.START]
+  assert starts == [3]
+  assert sorted({e.step for e in events if e.HasField('summary')}) == [3, 4]

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nbp_jax import errors
+
 BUILDER_NAME = 'clips'
 VERSION = '1.0.0'
 
@@ -174,6 +176,6 @@ def data_source(location: Location, split: str):
 
 def _require_exists(location: Location) -> None:
   if not location.exists():
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'No prepared dataset at {location.path}; run `python -m nbp_jax.main --mode=prepare_data` with the same '
         '--config and --workdir first (or point --config.data.dir at the folder holding it).')

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from nbp_jax import errors
 from nbp_jax.data import builder
 from nbp_jax.data import synthetic
 from nbp_jax.data import video_io
@@ -45,7 +46,7 @@ _SPLIT_ALIASES = {'train': 'train', 'training': 'train', 'val': 'validation', 'v
                   'validate': 'validation', 'validation': 'validation', 'test': 'test', 'testing': 'test'}
 
 
-class PrepareError(RuntimeError):
+class PrepareError(errors.UserError, RuntimeError):
   """The raw folder cannot be prepared at all; the message says what is missing and how to fix it."""
 
 

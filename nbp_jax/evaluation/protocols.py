@@ -4,10 +4,12 @@ r"""`--mode=eval`: the numbers papers report, computed the way the field compute
 
 Protocols (config.eval.protocols; 'auto' picks what the model can do):
   - 'class': class-conditional generation; classes drawn like the train split (the labels of the real clips);
-    FVD of the samples against train-split real clips (UCF-101: 10,000 at 128x128).
+    FVD of the samples against train-split real clips (UCF-101: 10,000 at 128x128), and the class accuracy of the
+    samples by a classifier trained on the real train clips (classifier.py; eval.classifier_steps > 0), beside
+    its accuracy on real held-out clips (the ceiling) and on the same clips with shuffled labels (the floor).
   - 'frame_prediction': for held-out clips, condition on the first nbp.context_frames frames, predict the rest;
     FVD of the whole clips against the real ones (K600: resized to 64x64 first), and PSNR/SSIM/LPIPS of the
-    predicted frames against the truth.
+    predicted frames against the truth, beside the PSNR/SSIM of repeating the last given frame (copy_last_*).
   - 'reconstruction': the tokenizer alone: rFVD, PSNR, SSIM, LPIPS of decode(encode(x)) on held-out clips.
 Writes WORKDIR/eval/results_step<step>.json (config, checkpoint step, sample counts, every metric), a PNG grid and
 mp4s of the first samples beside it, and prints a table.
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from nbp_jax import config_lib
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
+from nbp_jax.evaluation import classifier as classifier_lib
 from nbp_jax.evaluation import fvd
 from nbp_jax.evaluation import metrics
 from nbp_jax.nbp import sample as sample_lib
@@ -100,22 +103,49 @@ def _num_batches(num: int, batch_size: int) -> int:
   return -(-num // batch_size)
 
 
+def eval_classifier(config, workdir: str, stats_dir: Optional[str] = None):
+  """The class-accuracy classifier of config's dataset (trained on every train clip once, cached in STATS_DIR)."""
+  split = 'train'
+  num = pipeline.num_examples(config, workdir, split)
+
+  def train_clips():
+    batches = list(_real_batches(config, workdir, split, num, config.eval.batch_size))
+    return (np.concatenate([b['video'] for b in batches]), np.concatenate([b['label'] for b in batches]))
+
+  key = {'dataset': builder.video_dataset_name(config), 'split': split, 'num_clips': num, 'seed': config.seed}
+  return classifier_lib.cached_classifier(stats_dir or workdir, key, train_clips, config.data.num_classes,
+                                          config.data.num_frames, config.eval.classifier_steps)
+
+
+def classifier_references(config, workdir: str, predict) -> dict[str, float]:
+  """The classifier's accuracy on real held-out clips (ceiling) and on them with shuffled labels (floor)."""
+  split = pipeline.eval_split(config, workdir)
+  batches = list(_real_batches(config, workdir, split, config.eval.num_samples, config.eval.batch_size))
+  labels = np.concatenate([b['label'] for b in batches])
+  predicted = predict(np.concatenate([b['video'] for b in batches]))
+  return {'real_class_acc': classifier_lib.accuracy(predicted, labels),
+          'shuffled_class_acc': classifier_lib.accuracy(predicted, classifier_lib.shuffled(labels, config.seed))}
+
+
 def evaluate_class(config, workdir: str, generator: sample_lib.Generator, feature_fn, rng, *, keep: int,
                    stats_dir: Optional[str] = None) -> dict:
-  """Class-conditional FVD: samples with the real clips' labels vs those real train clips."""
+  """Class-conditional FVD (samples with the real clips' labels vs those real train clips) and class accuracy."""
   ev = config.eval
   real_split = 'train'
   # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
   labels = np.concatenate([b['label'] for b in _real_batches(config, workdir, real_split, ev.num_samples,
                                                              ev.batch_size)]).astype(np.int32)
   stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
+  predict = eval_classifier(config, workdir, stats_dir) if ev.classifier_steps > 0 else None
   fake = _Collector(feature_fn, keep)
   for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
     chunk = labels[start:start + ev.batch_size]
     codes = generator.codes(jax.random.fold_in(rng, i), labels=chunk)
-    fake.add(generator.decode(codes))
-  fake_features, _, kept = fake.result()
-  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats)},
+    videos = generator.decode(codes)
+    fake.add(videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
+  fake_features, means, kept = fake.result()
+  extra = classifier_references(config, workdir, predict) if predict else {}
+  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means, **extra},
           'num_samples': int(len(labels)), 'real_split': real_split, 'videos': kept}
 
 
@@ -137,15 +167,27 @@ def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Genera
                             context_codes=generator.context_codes(truth))
     pred = generator.decode(codes)
     pf, tf = pred[:, given:], truth[:, given:]
+    copy_last = copy_last_prediction(truth, given)[:, given:]
     lpips = np.stack([np.asarray(lpips_fn(pf[:, t], tf[:, t])) for t in range(pf.shape[1])], 1).mean(1)
     # Sample files show truth | prediction side by side.
     fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(metrics.psnr(pf, tf)),
-             ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips)
+             ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips,
+             copy_last_psnr=np.asarray(metrics.psnr(copy_last, tf)),
+             copy_last_ssim=np.asarray(metrics.ssim(copy_last, tf)))
     count += len(truth)
   fake_features, means, kept = fake.result()
   return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
           'num_samples': count,
           'real_split': split, 'videos': kept}
+
+
+def copy_last_prediction(videos: np.ndarray, given: int) -> np.ndarray:
+  """The copy-last-frame baseline: [B, T, H, W, 3] with every frame from `given` on replaced by frame given-1."""
+  if not 0 < given < videos.shape[1]:
+    raise ValueError(f'copy_last_prediction needs 0 < given < T; got given={given} for {videos.shape[1]} frames.')
+  out = np.array(videos, copy=True)
+  out[:, given:] = videos[:, given - 1:given]
+  return out
 
 
 def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, *,

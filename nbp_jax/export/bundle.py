@@ -1,13 +1,20 @@
 r"""--mode=export: a trained or imported workdir -> WORKDIR/export/, for serving stacks and other frameworks.
 
-  python -m nbp_jax.main --mode=export --workdir=workdirs/demo --config.export.dtype=bfloat16
+  python -m nbp_jax.main --mode=export --workdir=workdirs/demo/nbp --config.export.dtype=bfloat16
+  python -m nbp_jax.main --mode=export --workdir=workdirs/demo   # a --mode=pipeline workdir: nbp/ and ntp/ each
+
+WORKDIR is a training workdir (it holds config.json and checkpoints/: --mode=train, --mode=import, or one model of a
+--mode=pipeline run, e.g. workdirs/demo/nbp). Given a pipeline workdir, every model in it is exported to its own
+WORKDIR/<model>/export/.
 
   WORKDIR/export/params.safetensors     transformer weights, flat per-layer names (safetensors_io), export.dtype;
                                         the header's metadata holds the run's config (JSON) and step
   WORKDIR/export/tokenizer.safetensors  tokenizer weights, when the workdir has a tokenizer (below)
   WORKDIR/export/generate.stablehlo     the generation function (stablehlo.py), export.stablehlo=True
   WORKDIR/export/generate.json          its signature: inputs in order (weights by file and tensor), outputs
-  WORKDIR/export/run_generate.py        runs it with JAX alone: python run_generate.py --seed=0 --out=s.npz
+  WORKDIR/export/run_generate.py        runs it with JAX alone (the command is printed at the end)
+  WORKDIR/export/context_<i>.mp4        example context clips (frame prediction exports; held-out clips, else
+                                        synthetic ones), so that the printed command runs as it is
 
 The model, sampling settings and sizes come from WORKDIR/config.json (the run's own config); only the `export`
 section is taken from the command line. The tokenizer is found as everywhere else: `tokenizer.checkpoint` of the
@@ -19,12 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from typing import Any, Optional
 
 import ml_collections
+import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import errors
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -47,7 +57,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str
   tdir = tokenizer_dir(config, workdir)
   if not os.path.isdir(os.path.join(tdir, checkpoint_lib.CHECKPOINT_DIR)):
     if config.tokenizer.get('checkpoint', ''):
-      raise FileNotFoundError(f'tokenizer.checkpoint={tdir!r} holds no checkpoints/; point it at a tokenizer '
+      raise errors.MissingError(f'tokenizer.checkpoint={tdir!r} holds no checkpoints/; point it at a tokenizer '
                               'workdir (from --mode=train_tokenizer or --mode=import).')
     return None
   try:
@@ -61,8 +71,38 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str
   return tokenizer_model.make_model(tok), params, tok
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """--mode=export (see the module docstring). Returns {what: path} of the files written."""
+def training_workdirs(workdir: str) -> list[str]:
+  """WORKDIR when it holds a run (config.json + checkpoints/), else its sub-folders that do (a pipeline's nbp/,
+  ntp/)."""
+  def is_run(d):
+    return (os.path.isfile(os.path.join(d, checkpoint_lib.CONFIG_FILE)) and
+            os.path.isdir(os.path.join(d, checkpoint_lib.CHECKPOINT_DIR)))
+  if is_run(workdir):
+    return [workdir]
+  if not os.path.isdir(workdir):
+    return []
+  subs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir) if d not in (TOKENIZER_SUBDIR, EXPORT_SUBDIR))
+  return [d for d in subs if is_run(d)]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=export (see the module docstring). Returns {what: path} of the files written ({model: that} for a
+  pipeline workdir)."""
+  runs = training_workdirs(workdir)
+  if not runs:
+    raise errors.MissingError(
+        f'{workdir!r} is not a training workdir: neither it nor a sub-folder holds {checkpoint_lib.CONFIG_FILE} and '
+        f'{checkpoint_lib.CHECKPOINT_DIR}/ (train first with --mode=train, --mode=pipeline or --mode=import).')
+  if runs == [workdir]:
+    return export_workdir(config, workdir)
+  names = [os.path.basename(r) for r in runs]
+  print(f'{workdir} holds {len(runs)} models ({", ".join(names)}): exporting each (pass --workdir='
+        f'{runs[0]} to export one).', flush=True)
+  return {name: export_workdir(config, r) for name, r in zip(names, runs)}
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Exports the one training run in `workdir`; returns {what: path} of the files written."""
   ex = config.export
   run_config = checkpoint_lib.load_config(workdir)
   params, step = checkpoint_lib.restore_params(workdir)
@@ -83,6 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
                         metadata={'tokenizer': json.dumps(tok_config.to_dict()), 'what': 'nbp tokenizer'})
     del tparams
 
+  command = None
   if ex.stablehlo:
     batch = int(ex.batch_size) or int(run_config.sample.batch_size)
     context = int(ex.context_frames) if int(ex.context_frames) >= 0 else int(run_config.nbp.context_frames)
@@ -94,8 +135,72 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     written['program'], written['signature'] = stablehlo.export(gen, out, tuple(ex.platforms))
     written['runner'] = os.path.join(out, 'run_generate.py')
     shutil.copyfile(os.path.join(os.path.dirname(__file__), 'run_generate.py'), written['runner'])
+    example, command = example_command(run_config, workdir, gen, written['runner'])
+    written.update(example)
 
   print('Exported:\n' + '\n'.join(f'  {k:10s} {v}' for k, v in written.items()), flush=True)
-  if 'runner' in written:
-    print(f'Run it with JAX alone: python {written["runner"]} --seed=0 --out=samples.npz', flush=True)
+  if command:
+    print(f'Run it with JAX alone: {command}', flush=True)
   return written
+
+
+def example_command(run_config: ml_collections.ConfigDict, workdir: str, gen: stablehlo.Generation,
+                    runner: str) -> tuple[dict[str, str], str]:
+  """({what: path} of the example inputs written beside the runner, a command that runs the export as it is).
+
+  Frame prediction needs context clips: the first held-out clips of the run's prepared data when they are there,
+  else synthetic clips of the same size, written as mp4 (or .npy codes for an export without tokenizer).
+  """
+  inputs = {i['name']: i for i in gen.inputs if 'file' not in i}
+  batch = int(gen.info['batch_size'])
+  n = min(batch, 4)
+  out_dir = os.path.dirname(os.path.abspath(runner))
+  written, args = {}, ['python', os.path.abspath(runner), '--seed=0']
+  labels = np.arange(n) % max(int(gen.info['num_classes']), 1)
+  if 'context_video' in inputs:
+    _, frames, res, _, _ = inputs['context_video']['shape']
+    clips, clip_labels = _example_clips(run_config, workdir, n, frames, res)
+    if clip_labels is not None:
+      labels = clip_labels
+    from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
+    paths = []
+    for i, clip in enumerate(clips):
+      paths.append(os.path.join(out_dir, f'context_{i}.mp4'))
+      video_io.write_mp4(paths[-1], clip[:frames], float(run_config.data.fps))
+    written['context'] = ','.join(paths)
+    args.append(f'--context={written["context"]}')
+  elif 'context_codes' in inputs:
+    shape = [n] + list(inputs['context_codes']['shape'][1:])
+    codes = np.random.default_rng(0).integers(0, _codebook_size(run_config), shape).astype(np.int32)
+    written['context'] = os.path.join(out_dir, 'context_codes.npy')
+    np.save(written['context'], codes)  # placeholder codes: pass the codes of your own clips instead
+    args.append(f'--context={written["context"]}')
+  if 'labels' in inputs:
+    args.append('--labels=' + ','.join(str(int(x)) for x in labels[:n]))
+  args.append('--out=samples.npz')
+  if gen.outputs[-1]['name'] == 'video':
+    args.append('--video=samples.mp4')
+  return written, ' '.join(shlex.quote(a) for a in args)
+
+
+def _codebook_size(config: ml_collections.ConfigDict) -> int:
+  return int(np.prod(config.tokenizer.fsq_levels))
+
+
+def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, frames: int,
+                   resolution: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """(uint8 [n, >= frames, R, R, 3], labels or None): held-out clips of the run's data, else synthetic ones."""
+  try:
+    from nbp_jax.nbp import sample as sample_lib  # pylint: disable=g-import-not-at-top
+    held_out = sample_lib.held_out_videos(config, workdir, n)
+    video = held_out['video']
+    if video.shape[0] == n and video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
+      labels = held_out.get('label')
+      classes = int(config.data.num_classes)
+      ok = labels is not None and classes > 0 and bool(np.all((labels >= 0) & (labels < classes)))
+      return video, (labels.astype(np.int32) if ok else None)
+  except Exception:  # pylint: disable=broad-except  (no prepared data here: synthetic clips will do)
+    pass
+  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  classes = max(int(config.data.num_classes), 1)
+  return np.stack([synthetic.generate_video(i, i % classes, frames, resolution) for i in range(n)]), None

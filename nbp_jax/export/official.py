@@ -38,6 +38,7 @@ import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax.export import convert_torch
 from nbp_jax.export import safetensors_io
 from nbp_jax.nbp import layout as layout_lib
@@ -56,7 +57,7 @@ LLAMA_VOCAB_SIZE = 32000  # text ids 16..32015 of the UCF-101 model are LLaMA-2 
 TORCH_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin')
 
 
-class OfficialImportError(ValueError):
+class OfficialImportError(errors.UserError, ValueError):
   """The checkpoint does not match what the config describes; the message names the key or field and the fix."""
 
 
@@ -107,7 +108,7 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> StateDict:
     raise OfficialImportError('no checkpoint given: pass --config.import_.checkpoint=/path/to/model.ckpt '
                               '(or .safetensors) and/or --config.import_.tokenizer_checkpoint=/path/magvit2.pt.')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist; check --config.import_.checkpoint / tokenizer_checkpoint.')
+    raise errors.MissingError(f'{path} does not exist; check --config.import_.checkpoint / tokenizer_checkpoint.')
   if path.endswith('.safetensors'):
     reader = safetensors_io.Reader(path)
     keys = {k: k for k in reader}
@@ -349,8 +350,8 @@ def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layo
                               'sentencepiece==0.2.3, listed in requirements-torch.txt), or pass precomputed ids '
                               'with --config.import_.class_ids=ids.json.') from None
   if not os.path.exists(model_path):
-    raise FileNotFoundError(f'import_.llama_tokenizer={model_path!r} does not exist; pass the LLaMA-2 '
-                            'tokenizer.model.')
+    raise errors.MissingError(f'import_.llama_tokenizer={model_path!r} does not exist; pass the LLaMA-2 '
+                              'tokenizer.model.')
   sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
   rows = []
   for text in prompts:

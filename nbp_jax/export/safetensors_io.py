@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from nbp_jax import errors
+
 PyTree = Any
 
 FORMAT = 'nbp-jax'
@@ -33,7 +35,7 @@ SCANNED = ('blocks',)  # top-level subtrees whose leaves carry a leading layer a
 _LIST_ENTRY = re.compile(r'^(.+)_(\d+)$')
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(errors.UserError, ValueError):
   """A file does not hold what the caller expects; the message names the tensor and the fix."""
 
 
@@ -141,9 +143,13 @@ class Reader(Mapping[str, np.ndarray]):
   def __init__(self, path: str):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} does not exist.')
+      raise errors.MissingError(f'{path} does not exist.')
     self.path = path
-    self._file = safe_open(path, framework='numpy')
+    try:
+      self._file = safe_open(path, framework='numpy')
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError: header too large, invalid JSON, ...)
+      raise SafetensorsError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}); is it damaged, '
+                             'or a file of another format with a .safetensors name?') from e
     self._keys = list(self._file.keys())
     self.metadata: dict[str, str] = dict(self._file.metadata() or {})
 

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax.export import safetensors_io
 from nbp_jax.nbp import decode as decode_lib
 from nbp_jax.nbp.sampling import Sampling
@@ -45,7 +46,7 @@ TOKENIZER_FILE = 'tokenizer.safetensors'
 FORMAT = 'nbp-jax generate v1'
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError, ValueError):
   """The generation cannot be exported as configured; the message names the field and the fix."""
 
 
@@ -155,7 +156,7 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
   info = dict(
       batch_size=batch_size, latent_shape=list(layout.latent_shape), block_shape=list(layout.block_shape),
       context_frames=max(context_frames, 0), context_tokens=plan.num_context, num_steps=plan.num_steps,
-      num_classes=vocab.num_classes, id_layout=config.nbp.get('id_layout', 'native'),
+      num_classes=vocab.num_classes, id_layout=config.nbp.get('id_layout', 'native'), fps=float(config.data.fps),
       sampling=dict(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p),
                     cfg_scale=float(sampling.cfg_scale), greedy=bool(sampling.greedy)),
       embedded_params=bool(embed_params))

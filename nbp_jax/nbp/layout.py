@@ -31,6 +31,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from nbp_jax import errors
+
 FIRST_BLOCK_MODES = ('bov', 'hybrid', 'none')
 
 # Kinds of input positions (see BlockLayout.input_sources).
@@ -44,7 +46,7 @@ OFFICIAL_UCF_PREFIX_LEN = 8
 OFFICIAL_CODEBOOK_SIZE = 64000
 
 
-class LayoutError(ValueError):
+class LayoutError(errors.UserError, ValueError):
   """A block or id layout does not fit; the message names the field and the fix."""
 
 

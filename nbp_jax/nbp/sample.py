@@ -73,8 +73,8 @@ class Generator:
 def load_generator(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None) -> Generator:
   """Restores the transformer from WORKDIR/checkpoints and the tokenizer (WORKDIR/tokenizer or
   config.tokenizer.checkpoint) onto the first local device."""
+  params, step = checkpoint_lib.restore_params(workdir, step)  # first: "train first" is the apt error of an empty one
   model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
-  params, step = checkpoint_lib.restore_params(workdir, step)
   return Generator(config=config, spec=spec_from_config(config), params=params, step=step, tokenizer=model,
                    tokenizer_params=tok_params)
 

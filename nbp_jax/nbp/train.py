@@ -20,7 +20,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import errors
 from nbp_jax import trainer
+from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.nbp import decode
 from nbp_jax.nbp.spec import Spec, spec_from_config
@@ -124,11 +127,31 @@ def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok
   return write
 
 
+def missing_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The modes still to run, in order, before `--mode=train` has data: prepare_data, train_tokenizer, tokenize."""
+  if config.data.use_tokenized and tokenize.tokens_location(config, workdir).exists():
+    return []
+  have_tokenizer = os.path.isdir(os.path.join(tokenizer_load.tokenizer_workdir(config, workdir),
+                                              checkpoint_lib.CHECKPOINT_DIR))
+  needed = [] if builder.video_location(config, workdir).exists() else ['prepare_data']
+  needed += [] if have_tokenizer else ['train_tokenizer']
+  return needed + (['tokenize'] if config.data.use_tokenized else [])
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
   """`--mode=train`: trains the transformer on pre-tokenized codes (data.use_tokenized) or on clips encoded on the
   fly by the trained tokenizer; checkpoints, metrics and samples go to WORKDIR."""
   task = make_task(config)
   spec = spec_from_config(config)
+  missing = missing_stages(config, workdir)
+  if missing:
+    where = (tokenize.tokens_location(config, workdir).path if config.data.use_tokenized else
+             builder.video_location(config, workdir).path if 'prepare_data' in missing else
+             tokenizer_load.tokenizer_workdir(config, workdir))
+    raise errors.MissingError(
+        f'Nothing to train on yet ({where} does not exist). Run first, in order, with the same --config and '
+        f'--workdir: {", then ".join(f"--mode={m}" for m in missing)} (or --mode=pipeline, which runs every stage).'
+        + (' Or encode clips on the fly with --config.data.use_tokenized=False.' if config.data.use_tokenized else ''))
   try:
     tok_model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
   except FileNotFoundError:
@@ -137,9 +160,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
     tok_model = tok_params = None  # training on stored codes needs no tokenizer; samples do
   if config.data.use_tokenized:
     location = tokenize.tokens_location(config, workdir)
-    if not location.exists():
-      raise FileNotFoundError(f'No tokenized dataset at {location.path}: run --mode=tokenize first, or train on '
-                              'clips encoded on the fly with --config.data.use_tokenized=False.')
   else:
     location = None
     encode = functools.partial(tokenizer_model.encode, model=tok_model)

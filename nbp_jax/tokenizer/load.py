@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import errors
 from nbp_jax.tokenizer import model as tokenizer_model
 
 TOKENIZER_SUBDIR = 'tokenizer'
@@ -43,7 +44,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: Option
   try:
     params, step = checkpoint_lib.restore_params(tdir, step)
   except FileNotFoundError as e:
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'No trained tokenizer in {tdir}: run --mode=train_tokenizer with this --workdir first, or point '
         '--config.tokenizer.checkpoint at a tokenizer workdir.') from e
   gen = params['generator'] if 'generator' in params else params

@@ -59,20 +59,25 @@ class TokenizerSpec:
   """Hashable architecture hyperparameters (from `config.tokenizer`); see config_lib.tokenizer_config."""
   channels: int = 128
   channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
-  num_res_blocks: int = 4
+  num_res_blocks: int | tuple[int, ...] = 4  # per stage, or one count for every stage
   num_mid_blocks: int = 4
   temporal_downsample: tuple[bool, ...] = (False, True, True)
   num_groups: int = 32
   kernel_size: int = 3
   fsq_levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
+  # 'group' (GroupNorm per frame, the release) or 'none' (no normalisation layers: the small demo recipe, which
+  # learns colour and position far faster on CPU budgets; see config_lib.TOKENIZER_SIZES).
+  norm: str = 'group'
 
   @classmethod
   def from_config(cls, tok: ml_collections.ConfigDict) -> 'TokenizerSpec':
+    blocks = tok.num_res_blocks
+    blocks = int(blocks) if isinstance(blocks, int) else tuple(int(b) for b in blocks)
     return cls(channels=int(tok.channels), channel_multipliers=tuple(int(m) for m in tok.channel_multipliers),
-               num_res_blocks=int(tok.num_res_blocks), num_mid_blocks=int(tok.num_mid_blocks),
+               num_res_blocks=blocks, num_mid_blocks=int(tok.num_mid_blocks),
                temporal_downsample=tuple(bool(t) for t in tok.temporal_downsample),
                num_groups=int(tok.num_groups), kernel_size=int(tok.kernel_size),
-               fsq_levels=tuple(int(v) for v in tok.fsq_levels))
+               fsq_levels=tuple(int(v) for v in tok.fsq_levels), norm=str(tok.get('norm', 'group')))
 
   @property
   def temporal_factor(self) -> int:
@@ -86,6 +91,15 @@ class TokenizerSpec:
   def latent_dim(self) -> int:
     return len(self.fsq_levels)
 
+  def res_blocks(self, stage: int) -> int:
+    """Residual units of encoder stage `stage` (and of the decoder stage that mirrors it)."""
+    if isinstance(self.num_res_blocks, int):
+      return self.num_res_blocks
+    if len(self.num_res_blocks) != len(self.channel_multipliers):
+      raise ValueError(f'tokenizer.num_res_blocks={self.num_res_blocks} needs one count per stage '
+                       f'(tokenizer.channel_multipliers={self.channel_multipliers}), or a single int.')
+    return self.num_res_blocks[stage]
+
 
 def encoder_layers(spec: TokenizerSpec) -> list[Layer]:
   """Official: conv 3->128; 4 res; down (1,2,2); res 128->256 + 3 res; down (2,2,2); 4 res; down (2,2,2);
@@ -97,7 +111,7 @@ def encoder_layers(spec: TokenizerSpec) -> list[Layer]:
   width = spec.channels * spec.channel_multipliers[0]
   layers = [Layer('conv', 3, width, k)]
   for s, mult in enumerate(spec.channel_multipliers):
-    for _ in range(spec.num_res_blocks):
+    for _ in range(spec.res_blocks(s)):
       layers.append(Layer('res', width, spec.channels * mult, k))
       width = spec.channels * mult
     if s < len(spec.temporal_downsample):
@@ -115,7 +129,7 @@ def decoder_layers(spec: TokenizerSpec) -> list[Layer]:
   layers = [Layer('conv', spec.latent_dim, width, k)]
   layers += [Layer('res', width, width, k)] * spec.num_mid_blocks
   for s in reversed(range(len(spec.channel_multipliers))):
-    for _ in range(spec.num_res_blocks):
+    for _ in range(spec.res_blocks(s)):
       layers.append(Layer('res', width, spec.channels * spec.channel_multipliers[s], k))
       width = spec.channels * spec.channel_multipliers[s]
     if s > 0:
@@ -272,20 +286,35 @@ class SwishBeta(nn.Module):
     return x * jax.nn.sigmoid(beta.astype(self.dtype) * x)
 
 
+class Identity(nn.Module):
+  """Stands where a normalisation layer would be when tokenizer.norm='none' (no params; indices stay the release's)."""
+
+  def __call__(self, x):
+    return x
+
+
+def make_norm(spec: 'TokenizerSpec', dtype: Dtype) -> nn.Module:
+  if spec.norm == 'group':
+    return FrameGroupNorm(spec.num_groups, dtype)
+  if spec.norm == 'none':
+    return Identity()
+  raise ValueError(f"tokenizer.norm={spec.norm!r} is unknown; pick 'group' (the release) or 'none'.")
+
+
 class ResidualUnit(nn.Module):
   """GN -> Swish -> causal conv -> GN -> Swish -> causal conv, plus a 1x1x1 causal conv shortcut if widths differ."""
   cin: int
   cout: int
   kernel: int = 3
-  num_groups: int = 32
+  spec: 'TokenizerSpec' = None
   impl: str = '3d'
   dtype: Dtype = jnp.float32
 
   def setup(self):
     # Lists name their entries fn_0..fn_5 and residual_fn_0, as `fn.{j}` / `residual_fn.0` in the release.
     conv = lambda k: CausalConv3d(self.cout, k, impl=self.impl, dtype=self.dtype)
-    self.fn = [FrameGroupNorm(self.num_groups, self.dtype), SwishBeta(self.dtype), conv(self.kernel),
-               FrameGroupNorm(self.num_groups, self.dtype), SwishBeta(self.dtype), conv(self.kernel)]
+    norm = lambda: make_norm(self.spec, self.dtype)
+    self.fn = [norm(), SwishBeta(self.dtype), conv(self.kernel), norm(), SwishBeta(self.dtype), conv(self.kernel)]
     self.residual_fn = [conv(1)] if self.cin != self.cout else []
 
   def __call__(self, x):
@@ -324,9 +353,9 @@ def _build(layer: Layer, spec: TokenizerSpec, dtype: Dtype, impl: str, remat: bo
   if layer.kind == 'res':
     # Rematerialised units keep only their input for the backward pass; the parameter tree is unchanged.
     unit = nn.remat(ResidualUnit) if remat else ResidualUnit
-    return unit(layer.cin, layer.cout, layer.kernel, spec.num_groups, impl, dtype)
+    return unit(layer.cin, layer.cout, layer.kernel, spec, impl, dtype)
   if layer.kind == 'norm':
-    return FrameGroupNorm(spec.num_groups, dtype)
+    return make_norm(spec, dtype)
   if layer.kind == 'swish':
     return SwishBeta(dtype)
   if layer.kind == 'proj':

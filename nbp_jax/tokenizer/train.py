@@ -10,17 +10,26 @@ reconstruction PSNR/SSIM over the whole held-out split and writes them to WORKDI
 
 Steps and batch come from config.tokenizer (num_steps, batch_size); logging, evaluation, checkpoint and sample
 intervals from config.train.
+
+config.tokenizer.pretrained names a finished tokenizer workdir to start from instead of training ('demo' = the one
+bundled in nbp_jax/assets/demo_tokenizer, made by this mode with configs/demo.py). It is copied into WORKDIR/tokenizer
+when that holds no checkpoint yet, only if it was trained with the same tokenizer and clip settings; the run then
+resumes at its last step (so nothing is trained) and evaluates it on this workdir's held-out clips.
+`--config.tokenizer.pretrained=''` trains from scratch with the same recipe.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
 import numpy as np
 
+from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import trainer
 from nbp_jax.data import pipeline
 from nbp_jax.tokenizer import load
@@ -42,8 +51,62 @@ def held_out_clips(config: ml_collections.ConfigDict, workdir: str, count: int) 
   return np.asarray(ds[0]['video'])[:count]
 
 
+BUNDLED = {'demo': os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
+                                 'demo_tokenizer')}
+# What a pretrained tokenizer must share with the config that uses it (besides compute-only fields).
+_SAME_TOKENIZER = ('channels', 'channel_multipliers', 'num_res_blocks', 'num_mid_blocks', 'temporal_downsample',
+                   'num_groups', 'kernel_size', 'fsq_levels', 'norm', 'num_steps')
+_SAME_DATA = ('source', 'num_frames', 'resolution')
+
+
+def pretrained_dir(config: ml_collections.ConfigDict) -> str:
+  """The folder config.tokenizer.pretrained names ('' = none; 'demo' = the bundled one)."""
+  name = config.tokenizer.get('pretrained', '')
+  return BUNDLED.get(name, name)
+
+
+def install_pretrained(config: ml_collections.ConfigDict, tdir: str) -> bool:
+  """Copies config.tokenizer.pretrained into `tdir` if `tdir` has no checkpoint yet; True if it did."""
+  source = pretrained_dir(config)
+  if not source or os.path.isdir(os.path.join(tdir, checkpoint_lib.CHECKPOINT_DIR)):
+    return False
+  if not os.path.isdir(os.path.join(source, checkpoint_lib.CHECKPOINT_DIR)):
+    raise config_lib.ConfigError(
+        f'tokenizer.pretrained={config.tokenizer.pretrained!r}: {source} holds no tokenizer checkpoint; point it at '
+        "a finished --mode=train_tokenizer workdir, or set --config.tokenizer.pretrained='' to train one.")
+  saved = checkpoint_lib.load_config(source)
+  differ = [f'tokenizer.{k}' for k in _SAME_TOKENIZER if _norm(saved.tokenizer.get(k)) != _norm(config.tokenizer.get(k))]
+  differ += [f'data.{k}' for k in _SAME_DATA if _norm(saved.data.get(k)) != _norm(config.data.get(k))]
+  if differ:
+    raise config_lib.ConfigError(
+        f'tokenizer.pretrained={config.tokenizer.pretrained!r} was trained with other settings ({", ".join(differ)} '
+        f"differ: {', '.join(f'{k}={_norm(_get(saved, k))!r}' for k in differ)}); "
+        "set --config.tokenizer.pretrained='' to train a tokenizer for this config.")
+  os.makedirs(tdir, exist_ok=True)
+  shutil.copytree(os.path.join(source, checkpoint_lib.CHECKPOINT_DIR),
+                  os.path.join(tdir, checkpoint_lib.CHECKPOINT_DIR))
+  shutil.copy(os.path.join(source, checkpoint_lib.CONFIG_FILE), os.path.join(tdir, checkpoint_lib.CONFIG_FILE))
+  print(f'Starting from the pretrained tokenizer {source} (tokenizer.pretrained={config.tokenizer.pretrained!r}; '
+        "--config.tokenizer.pretrained='' trains one from scratch).", flush=True)
+  return True
+
+
+def _norm(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _get(config, dotted: str):
+  section, field = dotted.split('.')
+  return config[section].get(field)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   tdir = load.tokenizer_workdir(config, workdir)
+  if jax.process_index() == 0:
+    install_pretrained(config, tdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('install_pretrained_tokenizer')
   tconfig = training_config(config)
   samples = held_out_clips(tconfig, workdir, tconfig.tokenizer.num_samples) if tconfig.tokenizer.num_samples else None
   task = tokenizer_task.make_task(tconfig, sample_videos=samples)
