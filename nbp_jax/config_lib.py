@@ -288,6 +288,9 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.data.synthetic.num_val = 64
     c.data.synthetic.num_classes = 4
     c.tokenizer = tokenizer_config('demo')
+    # Start from the tokenizer bundled in nbp_jax/assets/demo_tokenizer, made by --mode=train_tokenizer with exactly
+    # this recipe (3000 steps, about 45 min on 2 cores); --config.tokenizer.pretrained='' retrains it.
+    c.tokenizer.pretrained = 'demo'
     c.tokenizer.batch_size = 8
     c.tokenizer.num_steps = 3000
     c.tokenizer.warmup_steps = 50
@@ -306,16 +309,16 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
-    c.train.num_steps = 600
+    c.train.num_steps = 500
     c.train.log_every = 20
-    c.train.eval_every = 200
+    c.train.eval_every = 250
     c.train.num_eval_batches = 2
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 250
     c.train.sample_every = 0
     c.sample.num_samples = 8
     c.sample.batch_size = 8
     c.sample.top_k = 0
-    c.sample.top_p = 1.0
+    c.sample.top_p = 0.9
     c.eval.num_samples = 32
     c.eval.batch_size = 8
     if task == 'study':
