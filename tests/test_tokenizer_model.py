@@ -190,3 +190,24 @@ def test_remat_and_conv_impl_keep_the_parameter_tree():
   base = shapes(M.Tokenizer(spec))
   assert shapes(M.Tokenizer(spec, remat=True)) == base
   assert shapes(M.Tokenizer(spec, conv_impl='2d')) == base
+
+
+def test_demo_recipe_layers_and_norm_free_params():
+  # tokenizer_config('demo'): 2 down-samplings (4x in space and time), no residual units at full resolution, no norm.
+  spec = M.TokenizerSpec(channels=16, channel_multipliers=(1, 1, 2), temporal_downsample=(True, True),
+                         num_res_blocks=(0, 1, 1), num_mid_blocks=1, norm='none', fsq_levels=(8, 5, 5, 5))
+  kinds = [layer.kind for layer in M.encoder_layers(spec)]
+  # conv in, (no res), down, res, down, res, mid res, norm, swish, proj: hand-written from the stage counts.
+  assert kinds == ['conv', 'conv', 'res', 'conv', 'res', 'res', 'norm', 'swish', 'proj']
+  assert [layer.kind for layer in M.decoder_layers(spec)] == [
+      'conv', 'res', 'res', 'conv', 'd2s', 'res', 'conv', 'd2s', 'norm', 'swish', 'conv']
+  model = M.Tokenizer(spec, conv_impl='2d')
+  video = jnp.zeros((1, 17, 32, 32, 3))
+  variables = model.init(jax.random.key(0), video)
+  names = {'/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(
+      variables)}
+  assert not any(n.endswith('scale') for n in names)  # no GroupNorm parameters anywhere
+  recon, codes = model.apply(variables, video)
+  assert recon.shape == video.shape and codes.shape == (1, 5, 8, 8) and int(codes.max()) < 1000
+  with pytest.raises(ValueError, match='one count per stage'):
+    M.encoder_layers(M.TokenizerSpec(num_res_blocks=(1, 1)))

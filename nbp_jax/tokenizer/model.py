@@ -65,8 +65,8 @@ class TokenizerSpec:
   num_groups: int = 32
   kernel_size: int = 3
   fsq_levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
-  # 'group' (GroupNorm per frame, the release) or 'none' (no normalisation layers: the small demo recipe, which
-  # learns colour and position far faster on CPU budgets; see config_lib.TOKENIZER_SIZES).
+  # 'group' (GroupNorm per frame, the release) or 'none' (no normalisation layers: the CPU demo's recipe, which leaves
+  # the mean-colour plateau where the released one does not; docs/tokenizer_recipes.md).
   norm: str = 'group'
 
   @classmethod
@@ -293,7 +293,8 @@ class Identity(nn.Module):
     return x
 
 
-def make_norm(spec: 'TokenizerSpec', dtype: Dtype) -> nn.Module:
+def make_norm(spec: TokenizerSpec, dtype: Dtype) -> nn.Module:
+  """The normalisation layer tokenizer.norm names."""
   if spec.norm == 'group':
     return FrameGroupNorm(spec.num_groups, dtype)
   if spec.norm == 'none':
@@ -306,7 +307,7 @@ class ResidualUnit(nn.Module):
   cin: int
   cout: int
   kernel: int = 3
-  spec: 'TokenizerSpec' = None
+  spec: TokenizerSpec = TokenizerSpec()
   impl: str = '3d'
   dtype: Dtype = jnp.float32
 
