@@ -13,11 +13,11 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline):
   summary = json.loads((workdir / 'summary.json').read_text())
   assert set(summary['models']) == {'nbp', 'ntp'}
   nbp, ntp = summary['models']['nbp'], summary['models']['ntp']
-  # 3x2x2 codes, 2 latent frames of context (8 tokens) given: 4 tokens left = 2 blocks of 2 vs 4 single tokens.
-  assert nbp['decode_steps'] < ntp['decode_steps']
+  # 3x4x4 codes, 2 latent frames of context (32 tokens) given: 16 tokens left = 8 blocks of 2 vs 16 single tokens.
+  assert (nbp['decode_steps'], ntp['decode_steps']) == (8, 16)
   for row in (nbp, ntp):
-    for key in ('class/fvd', 'frame_prediction/fvd', 'frame_prediction/psnr', 'frame_prediction/ssim',
-                'frame_prediction/lpips'):
+    for key in ('class/fvd', 'class/class_acc', 'frame_prediction/fvd', 'frame_prediction/psnr',
+                'frame_prediction/ssim', 'frame_prediction/lpips', 'frame_prediction/copy_last_psnr'):
       assert np.isfinite(row[key]), (key, row)
   assert np.isfinite(nbp['reconstruction/rfvd']) and np.isfinite(nbp['reconstruction/psnr'])
   assert '| nbp |' in (workdir / 'summary.md').read_text()
@@ -32,6 +32,17 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline):
   assert again.returncode == 0, again.stderr[-3000:]
   assert {n: (workdir / n / 'metrics.jsonl').read_text() for n in logs} == logs
   assert 'Reusing the evaluation of nbp' in again.stdout and 'Reusing the evaluation of ntp' in again.stdout
+  # The rerun keeps the first run's record (stage times, decode timings) and files its own times beside it.
+  rerun = json.loads((workdir / 'summary.json').read_text())
+  assert rerun['stage_seconds'] == summary['stage_seconds']
+  assert set(rerun['last_rerun_stage_seconds']) == set(summary['stage_seconds'])
+  for name in ('nbp', 'ntp'):
+    for key in ('decode_steps', 'seconds_per_batch', 'frames_per_s'):
+      assert rerun['models'][name][key] == summary['models'][name][key]
+  assert again.stdout.strip().splitlines()[-1].startswith('demo: tokenizer_psnr=')
+  line = dict(cell.split('=') for cell in again.stdout.strip().splitlines()[-1][len('demo: '):].split())
+  assert int(line['nbp_steps']) == nbp['decode_steps'] and int(line['ntp_steps']) == ntp['decode_steps']
+  assert float(line['real_class_acc']) == float(f"{nbp['class/real_class_acc']:.4g}")
 
   # sample / eval need only --workdir (the saved config).
   sample = run_main(f'--workdir={workdir / "nbp"}', '--mode=sample')

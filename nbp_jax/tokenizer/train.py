@@ -118,18 +118,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   step = int(jax.device_get(state.step))
   if step < tconfig.train.num_steps:  # preempted: the checkpoint is saved; leave at once
     return {'step': step}
+  eval_path = os.path.join(tdir, 'eval.json')
+  num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
+  if os.path.exists(eval_path):  # a rerun of a finished tokenizer: its evaluation on these clips is done
+    with open(eval_path) as f:
+      result = json.load(f)
+    if result.get('step') == step and result.get('eval_clips') == num_clips - num_clips % tconfig.data.batch_size:
+      print(f'tokenizer at step {step}: held-out psnr={result["psnr"]:.4g} (evaluated before, {eval_path})', flush=True)
+      return result
 
   # The whole held-out split, once, with the trained parameters.
   setup = trainer.make_setup(tconfig, task)
   metrics = trainer.evaluate(trainer.make_eval_step(task, setup), state.params, eval_data, setup, num_batches=0)
   result = {k[len('val_'):]: v for k, v in metrics.items() if k in ('val_psnr', 'val_ssim', 'val_recon_loss')}
-  num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
   result.update(step=step, eval_clips=num_clips - num_clips % tconfig.data.batch_size)
   out = None
   if task.write_samples is not None:
     out = task.write_samples(state.params, step, tdir)
   if jax.process_index() == 0:
-    with open(os.path.join(tdir, 'eval.json'), 'w') as f:
+    with open(eval_path, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
                                                               if k not in ('step',)), flush=True)
