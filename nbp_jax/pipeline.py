@@ -54,7 +54,7 @@ def variant_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   return out
 
 
-def shared_stages(config: ml_collections.ConfigDict, workdir: str, clock: '_StageClock', total: int = 5) -> None:
+def shared_stages(config: ml_collections.ConfigDict, workdir: str, clock: 'StageClock', total: int = 5) -> None:
   """The stages every model of a comparison shares: data, tokenizer, codes (each reused when finished)."""
   clock.start('prepare_data', f'1/{total} prepare data')
   prepare.run(config, workdir)
@@ -104,7 +104,7 @@ def _summary_table(rows: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
-class _StageClock:
+class StageClock:
   """Wall-clock seconds of each stage of this run (a resumed run times only what it redid)."""
 
   def __init__(self):
@@ -123,7 +123,7 @@ class _StageClock:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  clock = _StageClock()
+  clock = StageClock()
   shared_stages(config, workdir, clock)
   variants = variant_configs(config, workdir)
   rows, grids = {}, []

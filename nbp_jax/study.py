@@ -24,6 +24,7 @@ import time
 
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from nbp_jax import config_lib
 from nbp_jax import pipeline
@@ -158,9 +159,8 @@ def is_raster(block_shape, grid) -> bool:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   study = config.study
-  clock = pipeline._StageClock()  # pylint: disable=protected-access
+  clock = pipeline.StageClock()
   pipeline.shared_stages(config, workdir, clock, total=4)
   todo = [(tuple(b), int(s)) for b in study.block_shapes for s in study.seeds]
   runs = []
