@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import config_lib
+from nbp_jax import metrics as metrics_lib
 from nbp_jax import pipeline
 from nbp_jax.nbp import train as nbp_train
 
@@ -55,13 +56,8 @@ def run_name(block_shape, seed: int) -> str:
 
 def _val_loss(vdir: str) -> float:
   """The last validation loss in WORKDIR/metrics.jsonl (the trainer's held-out teacher-forced loss)."""
-  value = float('nan')
-  path = os.path.join(vdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        value = json.loads(line).get('val_loss', value)
-  return float(value)
+  losses = [r['val_loss'] for r in metrics_lib.read_metrics(vdir) if 'val_loss' in r]
+  return float(losses[-1]) if losses else float('nan')
 
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: int) -> dict:
