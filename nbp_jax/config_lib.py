@@ -289,7 +289,8 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.data.synthetic.num_classes = 4
     c.tokenizer = tokenizer_config('demo')
     # Start from the tokenizer bundled in nbp_jax/assets/demo_tokenizer, made by --mode=train_tokenizer with exactly
-    # this recipe (3000 steps, about 45 min on 2 cores); --config.tokenizer.pretrained='' retrains it.
+    # this recipe (3000 steps, 64 min on this 2-core CPU beside other jobs);
+    # --config.tokenizer.pretrained='' retrains it.
     c.tokenizer.pretrained = 'demo'
     c.tokenizer.batch_size = 8
     c.tokenizer.num_steps = 3000

@@ -75,7 +75,8 @@ def install_pretrained(config: ml_collections.ConfigDict, tdir: str) -> bool:
         f'tokenizer.pretrained={config.tokenizer.pretrained!r}: {source} holds no tokenizer checkpoint; point it at '
         "a finished --mode=train_tokenizer workdir, or set --config.tokenizer.pretrained='' to train one.")
   saved = checkpoint_lib.load_config(source)
-  differ = [f'tokenizer.{k}' for k in _SAME_TOKENIZER if _norm(saved.tokenizer.get(k)) != _norm(config.tokenizer.get(k))]
+  differ = [f'tokenizer.{k}' for k in _SAME_TOKENIZER
+            if _norm(saved.tokenizer.get(k)) != _norm(config.tokenizer.get(k))]
   differ += [f'data.{k}' for k in _SAME_DATA if _norm(saved.data.get(k)) != _norm(config.data.get(k))]
   if differ:
     raise config_lib.ConfigError(
