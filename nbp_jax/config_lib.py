@@ -326,6 +326,8 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
       # --mode=study (nbp_jax/study.py): the demo's data, tokenizer and transformer, one run per block shape and
       # seed. The latent grid is 5x8x8, so blocks with t > 1 other than whole clips cannot tile it: the non-row
       # shapes are 1x2x4 (vs the row 1x1x8) and 1x4x4 (vs two rows, 1x2x8).
+      # Twice the demo's training clips (codes are cheap to make; each run sees every clip about 4 times).
+      c.data.synthetic.num_train = 2048
       c.study = ml_collections.ConfigDict()
       c.study.block_shapes = ((1, 1, 1), (1, 1, 4), (1, 1, 8), (1, 2, 4), (1, 2, 8), (1, 4, 4), (1, 8, 8))
       c.study.seeds = (0, 1)

@@ -81,14 +81,14 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
   if all(k in recorded for k in _SPEED_KEYS):
     row = {k: recorded[k] for k in _SPEED_KEYS}
   else:
-    row = _decode_speed(generator, sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size))
+    row = time_decoding(generator, sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size))
   for protocol, r in report['protocols'].items():
     for metric, value in r['metrics'].items():
       row[f'{protocol}/{metric}'] = float(value)
   return row, report
 
 
-def _decode_speed(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
+def time_decoding(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
   """Seconds per batch of clips (codes only, compile excluded, best of 3) and generated video frames per second."""
   row = notebook_utils.decode_speed(generator, inputs, block_shapes={'model': None})['model']
   return {'decode_steps': row['steps'], 'seconds_per_batch': row['seconds'], 'frames_per_s': row['frames_per_s']}

@@ -29,9 +29,11 @@ from tqdm import tqdm
 from nbp_jax import config_lib
 from nbp_jax import metrics as metrics_lib
 from nbp_jax import pipeline
+from nbp_jax.nbp import sample as sample_lib
 from nbp_jax.nbp import train as nbp_train
 
 RESULT_FILE = 'study_result.json'
+TIMING_FILE = 'study_timing.json'
 _PROTOCOLS = ('class', 'frame_prediction')
 
 # Table columns: (header, key in a run's row).
@@ -80,6 +82,32 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: 
     json.dump(row, f, indent=2)
   os.replace(path + '.tmp', path)
   return row
+
+
+def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict[str, dict]:
+  """Decode timings of every run, measured back to back in one pass after all training, so that the frames/s
+  ratios between block shapes come from one quiet stretch of the machine rather than from timings taken hours apart.
+
+  Kept in WORKDIR/study_timing.json; a rerun reuses it when it covers every run and times them all again otherwise.
+  """
+  path = os.path.join(workdir, TIMING_FILE)
+  names = [run_name(b, s) for b, s in todo]
+  if os.path.exists(path):
+    with open(path) as f:
+      timings = json.load(f)
+    if all(n in timings for n in names):
+      return timings
+  timings = {}
+  for (block, seed), name in zip(todo, tqdm(names, desc='decode timing', unit='run')):
+    vdir = os.path.join(workdir, 'runs', name)
+    c = pipeline.model_config(config, workdir, name, block, seed)
+    generator = sample_lib.load_generator(c, vdir)
+    timings[name] = pipeline.time_decoding(generator, sample_lib.sample_inputs(c, vdir, generator,
+                                                                               c.sample.batch_size))
+  with open(path + '.tmp', 'w') as f:
+    json.dump(timings, f, indent=2)
+  os.replace(path + '.tmp', path)
+  return timings
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -165,7 +193,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for i, (block, seed) in enumerate(tqdm(todo, desc='study', unit='run')):
     print(f'== run {i + 1}/{len(todo)}: block {shape_name(block)}, seed {seed}', flush=True)
     runs.append(run_one(config, workdir, block, seed))
+  clock.start('timing', f'timing the decoding of all {len(todo)} runs, back to back')
+  timings = time_all_runs(config, workdir, todo)
   clock.stop()
+  for row, (block, seed) in zip(runs, todo):
+    row['frames_per_s_at_eval'] = row['frames_per_s']
+    row.update(timings[run_name(block, seed)])
   entries = aggregate(runs)
   table = format_table(entries)
   report = {'config': config.name, 'runs': runs, 'aggregate': entries, 'stage_seconds': clock.seconds,

@@ -1,4 +1,4 @@
-"""`--mode=study` end to end at micro size: two block shapes, two seeds, a table, a plot, and a resumed rerun."""
+"""`--mode=study` end to end at micro size: two block shapes, two seeds, a table, a plot, , one timing pass, and a resumed rerun."""
 
 import json
 import shutil
@@ -40,6 +40,12 @@ def test_study_end_to_end_then_rerun_skips_finished_runs(tiny_pipeline, tmp_path
   plot = np.asarray(Image.open(workdir / 'study.png'))
   assert plot.ndim == 3 and plot.shape[0] > 100 and plot.std() > 0
 
+  # frames/s come from the one timing pass after all runs (the eval's own timing is kept beside it).
+  timing = json.loads((workdir / 'study_timing.json').read_text())
+  assert set(timing) == {'1x1x1_s0', '1x1x4_s0'}
+  for r in report['runs']:
+    assert r['frames_per_s'] == timing[study.run_name(r['block_shape'], r['seed'])]['frames_per_s']
+    assert np.isfinite(r['frames_per_s_at_eval'])
   assert 'train the tokenizer' in out.stdout  # the shared stage ran and reused the copied tokenizer
   assert not list((workdir / 'tokenizer').glob('checkpoints/*.corrupt'))
 
