@@ -1,26 +1,31 @@
-# The two commands of the README. Both build .venv from the pinned requirements.txt when it is missing or stale.
+# The two commands of the README, and lint. Each builds .venv when it is missing or stale: the pinned runtime lock
+# (requirements.txt), the test and lint tools (requirements-dev.txt), and this package (editable: `nbp-jax`).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: venv
 	$(PY) -m nbp_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=pipeline
 
+# Everything, the slow end-to-end tests too (PYTEST_ARGS="-m 'not slow'" leaves those out).
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check nbp_jax tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -5,7 +5,8 @@ r"""Benchmarks that measure things side by side in one run and print ratios.
   python -m nbp_jax.bench train --config=configs/k600_700m.py
   python -m nbp_jax.bench fvd --config=configs/demo.py
 
-Each benchmark lives beside the stage it measures and prints a machine-readable last line (key=value ...).
+Each benchmark lives beside the stage it measures and prints a machine-readable last line (key=value ...). They time
+with nbp_jax.timing (best of N, compilation excluded), as does `Generator.generation_speed`.
 """
 
 from __future__ import annotations

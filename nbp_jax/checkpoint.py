@@ -171,21 +171,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def _keystr(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
-
-
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """{'params/dense/kernel': shape} of every array (or array metadata) leaf; names as in the error messages."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
-  return {_keystr(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape')}
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(x.shape) for p, x in leaves
+          if hasattr(x, 'shape')}
 
 
 def check_shapes(saved: PyTree, wanted: PyTree, what: str, where: str) -> None:

@@ -1,14 +1,18 @@
 """Shared config pieces: model sizes, tokenizer sizes, task presets, and validation.
 
-Every file in `configs/` is a thin `get_config()` over `task_config(task, size)`; nothing is copied between
-them. A config is checked once at start by `validate(config, mode)`, which raises `ConfigError` with a
-one-line message naming the field and the fix.
+Every file in `configs/` (a link to nbp_jax/configs, so that they are installed with the package) is a thin
+`get_config()` over `task_config(task, size)`; nothing is copied between them. `apply_overrides` sets
+`--config.x=y` fields, and a `model.size` / `tokenizer.size` override chooses that size's fields. A config is
+checked once at start by `validate(config, mode)`, which raises `ConfigError` with a one-line message naming the
+field and the fix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -74,7 +78,7 @@ class ConfigError(errors.UserError, ValueError):
 def model_config(size: str) -> ml_collections.ConfigDict:
   """Transformer hyperparameters (official architecture: pre-LN, q/k/v with bias, GELU MLP 4d)."""
   if size not in MODEL_SIZES:
-    raise ConfigError(f'model.size={size!r} is unknown; pick one of {sorted(MODEL_SIZES)}.')
+    raise ConfigError(f'model.size={size!r} is unknown; pick one of {", ".join(MODEL_SIZES)}.')
   c = ml_collections.ConfigDict()
   c.size = size
   c.update(MODEL_SIZES[size])
@@ -94,7 +98,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   """Video tokenizer hyperparameters (causal 3D CNN + FSQ)."""
   if size not in TOKENIZER_SIZES:
-    raise ConfigError(f'tokenizer.size={size!r} is unknown; pick one of {sorted(TOKENIZER_SIZES)}.')
+    raise ConfigError(f'tokenizer.size={size!r} is unknown; pick one of {", ".join(TOKENIZER_SIZES)}.')
   c = ml_collections.ConfigDict()
   c.size = size
   # Per stage: down-sample time by 2 after this stage? (space is halved after every stage but the last).
@@ -122,7 +126,7 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.dtype = 'auto'  # compute dtype; 'auto' = bfloat16 on accelerators, float32 on CPU
   c.conv_impl = 'auto'  # '3d' convs, or '2d' (sum over time taps; 2-4x faster on CPU); 'auto' = '2d' on CPU only
   c.remat = False  # recompute residual units in the backward pass (the official size at batch 64 needs it)
-  # Both optimizers: AdamW, linear warmup then cosine to 0 over num_steps (the discriminator's starts at its start step).
+  # Both optimizers: AdamW, linear warmup then cosine to 0 over num_steps (the discriminator's from its start step).
   c.lr = 1e-4
   c.discriminator_lr = 1e-4
   c.b1 = 0.5
@@ -198,6 +202,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.sample_every = 5000
   c.train.peak_tflops = 0.0  # per-device peak for the MFU estimate; 0 = look up the device kind
+  c.train.profile_steps = 0  # >0: a jax.profiler trace of this many steps (after the compiled first) in WORKDIR/profile
   c.train.bench_steps = 10  # python -m nbp_jax.bench train: timed steps after bench_warmup
   c.train.bench_warmup = 2
 
@@ -334,6 +339,67 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
   else:
     raise ConfigError(f'task {task!r} is unknown; pick one of ucf101, k600, demo, study.')
   return c
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Overrides (`--config.x=y`) and the bundled config files.
+
+# The fields `model.size` / `tokenizer.size` choose: what their size tables set (num_mid_blocks follows
+# num_res_blocks).
+_SIZE_FIELDS = {
+    'model': frozenset(k for fields in MODEL_SIZES.values() for k in fields),
+    'tokenizer': frozenset(k for fields in TOKENIZER_SIZES.values() for k in fields) | {'num_mid_blocks'},
+}
+_SECTION_BUILDERS = {'model': model_config, 'tokenizer': tokenizer_config}
+
+# configs/ of the checkout is a link to this folder, so the bundled configs are there once installed too.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted fields ({'model.size': '3b', 'model.num_layers': 4}) as `--config.x=y` does, then lets a size
+  choose its section: an overridden `model.size` or `tokenizer.size` sets the fields of that size's table
+  (MODEL_SIZES, TOKENIZER_SIZES), except the fields overridden too, which win in any order. The section's other
+  fields (dropout, dtype, ...) and the task's fields (e.g. the K600 learning rate of the preset's own size) stay:
+  `--config=configs/k600.py:3b` is the paper's whole preset at another size. main.py passes its --config.x=y flags
+  here; notebooks and tests build configs the same way. Unknown fields raise KeyError naming them; an unknown size
+  raises ConfigError naming the valid ones. Returns `config`, changed in place."""
+  for path, value in overrides.items():
+    *parents, name = path.split('.')
+    node = config
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise KeyError(f'config has no field {".".join(parents[:i + 1])!r} (from override {path!r}).')
+      node = node[p]
+    if name not in node:
+      raise KeyError(f'config has no field {path!r}; see nbp_jax/config_lib.py for the fields.')
+    node[name] = tuple(value) if isinstance(value, list) else value
+  for section, build in _SECTION_BUILDERS.items():
+    if f'{section}.size' not in overrides:
+      continue
+    old = config[section]
+    kept = {k: v for k, v in old.items() if k not in _SIZE_FIELDS[section] or f'{section}.{k}' in overrides}
+    # A new section rather than field by field: sizes may differ in a field's type (num_res_blocks int or tuple).
+    resized = ml_collections.ConfigDict({**build(old.size).to_dict(), **kept})
+    if config.is_locked:
+      resized.lock()
+    config[section] = resized
+  return config
+
+
+def config_file(spec: str) -> str:
+  """A --config value as a path: an existing file as given, else a bundled config by name: `k600_3b`, `k600:3b`,
+  or `configs/k600.py:3b` outside the checkout, each the file of that name in CONFIG_DIR. Raises ConfigError naming
+  the bundled configs when neither exists. `:ARG` is kept: it is get_config's argument."""
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  name = os.path.basename(path)
+  bundled = os.path.join(CONFIG_DIR, name if name.endswith('.py') else name + '.py')
+  if os.path.dirname(path) in ('', 'configs') and os.path.isfile(bundled):
+    return bundled + sep + arg
+  names = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py'))
+  raise ConfigError(f'--config={spec}: {path} is not a file, nor the name of a bundled config ({", ".join(names)}).')
 
 
 # --------------------------------------------------------------------------------------------------------------

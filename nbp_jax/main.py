@@ -2,6 +2,10 @@ r"""Command line entry point: one config, one workdir, one mode.
 
   python -m nbp_jax.main --config=configs/k600_3b.py --workdir=/tmp/k600 --mode=train \
       --config.optim.lr=1e-4 --config.nbp.block_shape='(1,4,4)'
+  nbp-jax --config=k600:3b --workdir=/tmp/k600 --mode=train    # the installed command; a bundled config by name
+
+--config is a config file, `file.py:ARG` for its get_config(ARG), or a bundled config by name (config_lib.config_file).
+The --config.x=y overrides go through config_lib.apply_overrides (`--config.model.size=3b` chooses the 3b fields).
 
 Each mode is one stage of the corridor (DESIGN.md); this file only validates the config and dispatches. Expected
 failures (`nbp_jax.errors.UserError`: a wrong field, a missing file, a stage not run yet) print one line and exit
@@ -21,14 +25,17 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from nbp_jax import config_lib
 from nbp_jax import errors
 
+_DEFAULT_CONFIG = config_lib.config_file('demo')
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/demo.py', 'Config file (ml_collections); override fields with --config.section.field=value.',
-    lock_config=True)
+    'config', _DEFAULT_CONFIG,
+    'Config file (ml_collections; FILE.py:ARG passes ARG to its get_config) or a bundled config by name (demo, '
+    'k600:3b, k600_3b); override fields with --config.section.field=value.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where data, checkpoints, metrics and samples go. '
                                'Default: workdirs/<config.name>.')
 _MODE = flags.DEFINE_enum('mode', 'train', config_lib.MODES, 'What to run.')
@@ -62,21 +69,16 @@ def resolve_stage(mode: str):
   return getattr(importlib.import_module(module_name), fn_name)
 
 
-def _resolve_config(mode: str, workdir: str | None):
-  """--config, or for sample/eval/export with no --config the workdir's saved config (plus --config.x=y overrides)."""
+def config_from_flags(mode: str, workdir: str | None) -> ml_collections.ConfigDict:
+  """--config, or for sample/eval/export with no --config the workdir's saved config; with the --config.x=y
+  overrides applied by config_lib.apply_overrides (so that a size override chooses that size's fields)."""
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
   saved = os.path.join(workdir or '', 'config.json')
   if mode not in _USES_SAVED_CONFIG or flags.FLAGS['config'].present or not workdir or not os.path.exists(saved):
-    return _CONFIG.value
+    return config_lib.apply_overrides(_CONFIG.value, overrides)
   from nbp_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  config = checkpoint.load_config(workdir)
-  for path, value in config_flags.get_override_values(flags.FLAGS['config']).items():
-    *parents, name = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[name] = value
   logging.info('Using the config saved in %s', saved)
-  return config
+  return config_lib.apply_overrides(checkpoint.load_config(workdir), overrides)
 
 
 def _verbose() -> bool:
@@ -122,7 +124,7 @@ def _remove_empty_dirs(root: str) -> None:
       pass  # not empty
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_logs()
@@ -130,7 +132,7 @@ def main(argv):
   distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
   mode = _MODE.value
   try:
-    config = _resolve_config(mode, _WORKDIR.value)
+    config = config_from_flags(mode, _WORKDIR.value)
     config_lib.validate(config, mode)
   except errors.UserError as e:
     _fail(e)
@@ -150,19 +152,36 @@ def main(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flag parsing: an unknown --config.x key is named with the nearest valid ones.
+# Flag parsing: --config may name a bundled config; an unknown --config.x key is named with the nearest valid ones.
 
 
-def _config_path(argv) -> str:
+def _config_index(argv: list[str]) -> int | None:
+  """Index in argv of the --config value (`--config=X` or `--config X`), or None when --config is not given."""
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg[len('--config='):]
+      return i
     if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return flags.FLAGS['config'].default or ''
+      return i + 1
+  return None
 
 
-def _load_config_file(path: str):
+def _config_path(argv: list[str]) -> str:
+  i = _config_index(argv)
+  if i is None:
+    return _DEFAULT_CONFIG
+  return argv[i].removeprefix('--config=')
+
+
+def _with_config_file(argv: list[str]) -> list[str]:
+  """argv with the --config value as a path (config_lib.config_file: a bundled config by name)."""
+  i = _config_index(argv)
+  if i is None:
+    return argv
+  prefix = '--config=' if argv[i].startswith('--config=') else ''
+  return [*argv[:i], prefix + config_lib.config_file(_config_path(argv)), *argv[i + 1:]]
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
   arg = None
   if not os.path.exists(path) and ':' in path:
     path, arg = path.split(':', 1)
@@ -172,7 +191,7 @@ def _load_config_file(path: str):
   return module.get_config() if arg is None else module.get_config(arg)
 
 
-def _field_paths(node, prefix: str = '') -> list[str]:
+def _field_paths(node: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
   out = []
   for key in node.keys():
     path = f'{prefix}{key}'
@@ -182,7 +201,7 @@ def _field_paths(node, prefix: str = '') -> list[str]:
   return out
 
 
-def unknown_config_key(argv) -> str | None:
+def unknown_config_key(argv: list[str]) -> str | None:
   """'--config.a.b: ... nearest: ...' for the first override whose field the config lacks, or None."""
   try:
     config = _load_config_file(_config_path(argv))
@@ -199,7 +218,7 @@ def unknown_config_key(argv) -> str | None:
     while parent and parent not in paths:
       parent = parent.rpartition('.')[0]
     siblings = [p for p in paths if p.rpartition('.')[0] == parent]
-    name = lambda p: p.rpartition('.')[2]  # noqa: E731
+    name = lambda p: p.rpartition('.')[2]
     near = [p for p in siblings if name(p) in difflib.get_close_matches(last, [name(q) for q in siblings], cutoff=0.6)]
     near += [p for p in paths if p not in near and name(p) in
              difflib.get_close_matches(last, [name(q) for q in paths], cutoff=0.8)]
@@ -209,15 +228,34 @@ def unknown_config_key(argv) -> str | None:
   return None
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
+def _config_error(message: str) -> None:
+  print(f'Config error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with --config a bundled config by name too, and a wrong --config (no such file, an
+  unknown size in `k600.py:5b`) or an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
+  try:
+    argv = _with_config_file(argv)
+  except config_lib.ConfigError as e:
+    _config_error(str(e))
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    message = unknown_config_key(argv) or f'a --config override failed: {e}'
-    print(f'Config error: {message}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    _config_error(unknown_config_key(argv) or f'a --config override failed: {e}')
+  except flags.IllegalFlagValueError:
+    try:  # the config file's own expected error (config_flags wraps it in a traceback)
+      _load_config_file(_config_path(argv))
+    except errors.UserError as e:
+      _config_error(' '.join(str(e).splitlines()))
+    raise
+
+
+def cli() -> None:
+  """The `nbp-jax` command (pyproject.toml): the same as `python -m nbp_jax.main`."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli()

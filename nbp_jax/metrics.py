@@ -1,4 +1,5 @@
-"""Scalar metrics to TensorBoard (event files in WORKDIR) and WORKDIR/metrics.jsonl; MFU bookkeeping.
+"""Metrics to TensorBoard (event files in WORKDIR: scalars, sample images, the config as text) and scalars to
+WORKDIR/metrics.jsonl; MFU bookkeeping.
 
 Only process 0 writes; on other processes the writer is a no-op, so callers need no `if process_index == 0`.
 """
@@ -12,6 +13,7 @@ import os
 from typing import Mapping, Optional
 
 import jax
+import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -111,6 +113,21 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+
+  def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """One image uint8 [H, W, 3] (e.g. a sample grid) to TensorBoard's images tab; not to metrics.jsonl."""
+    if not self.enabled:
+      return
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+      raise ValueError(f'{tag}: expected an image uint8 [H, W, 3], got {image.dtype} {image.shape}.')
+    self._tensorboard().add_image(tag, image, step, dataformats='HWC')
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """Text to TensorBoard's text tab, shown verbatim (as a markdown code block: every line indented 4 spaces)."""
+    if not self.enabled:
+      return
+    self._tensorboard().add_text(tag, '\n'.join('    ' + line for line in text.splitlines()), step)
 
   def flush(self) -> None:
     if self._tb is not None:

@@ -22,7 +22,6 @@ import time
 import ml_collections
 
 from nbp_jax import checkpoint as checkpoint_lib
-from nbp_jax import notebook_utils
 from nbp_jax.data import prepare
 from nbp_jax.evaluation import protocols
 from nbp_jax.nbp import sample as sample_lib
@@ -71,7 +70,7 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
   Returns (row: {'decode_steps', 'seconds_per_batch', 'frames_per_s', '<protocol>/<metric>': ...}, eval report).
   `recorded` holds decode timings of an earlier run at the same checkpoint, kept instead of timing again.
   """
-  generator = sample_lib.load_generator(c, vdir)
+  generator = sample_lib.Generator.load(vdir, c)
   report = _finished_eval(c, vdir, generator.step, names)
   if report is None:
     report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=stats_dir)
@@ -90,7 +89,7 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
 
 def time_decoding(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
   """Seconds per batch of clips (codes only, compile excluded, best of 3) and generated video frames per second."""
-  row = notebook_utils.decode_speed(generator, inputs, block_shapes={'model': None})['model']
+  row = generator.generation_speed(inputs)
   return {'decode_steps': row['steps'], 'seconds_per_batch': row['seconds'], 'frames_per_s': row['frames_per_s']}
 
 

@@ -101,7 +101,7 @@ def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict
   for (block, seed), name in zip(todo, tqdm(names, desc='decode timing', unit='run')):
     vdir = os.path.join(workdir, 'runs', name)
     c = pipeline.model_config(config, workdir, name, block, seed)
-    generator = sample_lib.load_generator(c, vdir)
+    generator = sample_lib.Generator.load(vdir, c)
     timings[name] = pipeline.time_decoding(generator, sample_lib.sample_inputs(c, vdir, generator,
                                                                                c.sample.batch_size))
   with open(path + '.tmp', 'w') as f:

@@ -6,10 +6,11 @@ One jitted step (explicit in/out shardings, donated state): gradients accumulate
 `config.optim.grad_accum_steps` micro-batches by a `lax.scan`, then one optax update (clip by global norm, AdamW
 with weight decay on matrices only, linear warmup from 0 then cosine to 0). Parameters and optimizer state are
 created already sharded (`jax.eval_shape(init)` -> logical axis names -> mesh shardings -> `jax.jit(init,
-out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard, WORKDIR/metrics.jsonl and a progress bar;
-checkpoints (with the data-iterator state) to WORKDIR/checkpoints. A killed run resumes from the latest complete
-checkpoint and repeats the same loss sequence; SIGTERM saves at the next step boundary and returns; a non-finite
-loss stops training without saving the bad state.
+out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard (with the config as text and the samples' PNGs
+as images), WORKDIR/metrics.jsonl and a progress bar; checkpoints (with the data-iterator state) to
+WORKDIR/checkpoints; `train.profile_steps` > 0 traces that many steps with jax.profiler into WORKDIR/profile. A
+killed run resumes from the latest complete checkpoint and repeats the same loss sequence; SIGTERM saves at the next
+step boundary and returns; a non-finite loss stops training without saving the bad state.
 
 Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
 config.data.batch_size / jax.process_count()): a grain DatasetIterator / DataLoaderIterator (its state is
@@ -20,7 +21,10 @@ checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoad
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -37,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
+import PIL.Image
 import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
@@ -47,6 +52,9 @@ from nbp_jax.parallel import sharding as sharding_lib
 from nbp_jax.task import Task
 
 PyTree = Any
+
+PROFILE_DIR = 'profile'  # WORKDIR/profile: the jax.profiler trace of train.profile_steps
+SAMPLES_DIR = 'samples'  # WORKDIR/samples: where tasks write their samples
 
 
 class NonFiniteLossError(errors.UserError, FloatingPointError):
@@ -69,15 +77,12 @@ class TrainState:
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup 0 -> optim.lr over optim.warmup_steps, then cosine to 0 at `num_steps`.
 
-  lr(s) = lr * s / W for s < W;  lr * (1 + cos(pi * (s - W) / (T - W))) / 2 for W <= s <= T.
+  lr(s) = lr * s / W for s < W;  lr * (1 + cos(pi * (s - W) / (T - W))) / 2 for W <= s <= T. A warmup longer than
+  the run is cut to it (then the cosine part is one step long).
   """
   warmup = int(min(max(optim.warmup_steps, 0), num_steps))
-  decay = max(int(num_steps) - warmup, 1)
-  warm = optax.linear_schedule(0.0, optim.lr, max(warmup, 1))
-  cos = optax.cosine_decay_schedule(optim.lr, decay, alpha=0.0)
-  if warmup == 0:
-    return cos
-  return optax.join_schedules([warm, cos], [warmup])
+  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, warmup + max(int(num_steps) - warmup, 1),
+                                            end_value=0.0)
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
@@ -321,6 +326,204 @@ def evaluate(eval_step, params: PyTree, eval_data: Any, setup: Setup, num_batche
   return {f'val_{name}': v / max(n, 1) for name, v in totals.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepActions:
+  """What the loop does after an optimizer step, besides logging it."""
+  evaluate: bool
+  save: bool
+  sample: bool
+  stop: bool  # preempted: save, then return
+
+
+def step_actions(step: int, num_steps: int, tc: ml_collections.ConfigDict, *, has_eval: bool, has_samples: bool,
+                 preempted: bool) -> StepActions:
+  """What is due after `step` optimizer steps, by the intervals of config.train (0 = never).
+
+  The last step always saves, and evaluates when there is eval data; a preempted step saves and stops.
+  """
+  return StepActions(
+      evaluate=has_eval and bool(tc.eval_every) and (step % tc.eval_every == 0 or step == num_steps),
+      save=preempted or step == num_steps or bool(tc.checkpoint_every and step % tc.checkpoint_every == 0),
+      sample=has_samples and bool(tc.sample_every and step % tc.sample_every == 0),
+      stop=preempted)
+
+
+class _StepLogger:
+  """Fetches the metrics of dispatched steps, stops on a non-finite loss, logs them (files, progress bar).
+
+  Fetching lags one step behind dispatch, so the host queues the next step before waiting for this one;
+  `flush()` fetches everything, before a state is saved, sampled from or given its evaluation record.
+  """
+
+  def __init__(self, writer: metrics_lib.MetricWriter, ckpt: checkpoint_lib.Checkpointer, task: Task, *,
+               num_steps: int, log_every: int, num_devices: int, peak_flops: float, label: str, primary: bool):
+    self.writer, self.ckpt, self.task = writer, ckpt, task
+    self.num_steps, self.log_every = num_steps, max(log_every, 1)
+    self.num_devices, self.peak_flops = num_devices, peak_flops
+    self.label, self.primary = label, primary
+    self.global_batch = 0  # set from the first batch
+    self.bar = None  # created once the first step (and its compilation) is done: the ETA leaves the compile out
+    self._pending: list[tuple[int, dict]] = []  # (step, device metrics) dispatched but not yet checked
+    self._evals: dict[int, dict] = {}  # step -> eval metrics to log with that step's record
+    self._t, self._t_step = None, 0  # time and step of the last rate measurement
+
+  def start_bar(self, step: int) -> None:
+    self.bar = tqdm.tqdm(total=self.num_steps, initial=step - 1, desc=self.label, disable=not self.primary,
+                         dynamic_ncols=True, smoothing=0.1)
+
+  def push(self, step: int, device_metrics: dict) -> None:
+    """Queues step `step`'s metrics and logs the steps before it."""
+    self._pending.append((step, device_metrics))
+    while len(self._pending) > 1:
+      self._log(*self._pending.pop(0))
+
+  def add_eval(self, step: int, metrics: dict[str, float]) -> None:
+    self._evals[step] = metrics
+
+  def flush(self) -> None:
+    while self._pending:
+      self._log(*self._pending.pop(0))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+  def _log(self, step: int, device_metrics: dict) -> None:
+    m = {name: float(v) for name, v in jax.device_get(device_metrics).items()}
+    self._check_finite(step, m)
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+    now = time.perf_counter()
+    if self._t is None:  # the first step includes compilation: time from its end
+      self._t, self._t_step = now, step
+    if not (step % self.log_every == 0 or step == self.num_steps or step in self._evals):
+      return
+    if step > self._t_step:
+      m.update(self._rates((step - self._t_step) / max(now - self._t, 1e-9)))
+      self._t, self._t_step = now, step
+    m.update(self._evals.pop(step, {}))
+    self.writer.write(step, m)
+    if self.bar is not None:
+      self.bar.set_postfix({k: f'{m[k]:.4g}' for k in ('loss', 'val_loss') if k in m}, refresh=False)
+
+  def _rates(self, steps_per_s: float) -> dict[str, float]:
+    out = {'steps_per_s': steps_per_s, 'examples_per_s': steps_per_s * self.global_batch}
+    if self.task.tokens_per_example:
+      out['tokens_per_s'] = out['examples_per_s'] * self.task.tokens_per_example
+    mfu = metrics_lib.mfu(self.task.flops_per_example, out['examples_per_s'], self.num_devices, self.peak_flops)
+    if math.isfinite(mfu):
+      out['mfu'] = mfu
+    return out
+
+  def _check_finite(self, step: int, m: dict[str, float]) -> None:
+    if math.isfinite(m['loss']) and math.isfinite(m['grad_norm']):
+      return
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    self.writer.write(step, m)
+    raise NonFiniteLossError(
+        f'loss={m["loss"]} grad_norm={m["grad_norm"]} at step {step}: training stopped and this state was not '
+        f'saved. The last good checkpoint is ' +
+        (f'{self.ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
+        '. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, check the data, then rerun with '
+        'the same --workdir to resume from it.')
+
+
+class _Profiler:
+  """A `jax.profiler` trace of `num_steps` optimizer steps into WORKDIR/profile (TensorBoard's profile tab,
+  Perfetto), from the step after `first_step` (whose time is mostly compilation); 0 steps = off."""
+
+  def __init__(self, workdir: str, num_steps: int, first_step: int):
+    self.directory = os.path.join(workdir, PROFILE_DIR)
+    self._start, self._stop = first_step, first_step + max(int(num_steps), 0)  # steps done at start / stop
+    self._on = False
+
+  def before_step(self, done: int) -> None:
+    if self._stop > self._start and done == self._start:
+      jax.profiler.start_trace(self.directory)
+      self._on = True
+
+  def after_step(self, done: int, outputs: Any) -> None:
+    if self._on and done >= self._stop:
+      self.stop(outputs)
+
+  def stop(self, outputs: Any = None) -> None:
+    if self._on:
+      jax.block_until_ready(outputs)  # the trace then holds the device time of its last step
+      jax.profiler.stop_trace()
+      self._on = False
+
+
+def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, task: Task, setup: Setup,
+                     ckpt: checkpoint_lib.Checkpointer, train_iter: Iterator
+                     ) -> tuple[TrainState, metrics_lib.MetricWriter]:
+  """The latest checkpoint's state (and data-iterator state), else a fresh one; and the metric writer, whose files
+  are cut back to the state's step (lines of a killed run's steps after it)."""
+  a = setup.abstract_state
+  try:
+    restored = ckpt.restore(a.params, {'opt_state': a.opt_state, 'step': a.step, 'rng': a.rng},
+                            data_iter=train_iter, config=config)
+  except BaseException:
+    ckpt.close()
+    raise
+  # Only now that the checkpoint (if any) is known to fit: a refused resume leaves the workdir as it was.
+  checkpoint_lib.write_config(workdir, config)
+  start = 0 if restored is None else restored[0]
+  writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1 if metrics_lib.has_events(workdir) else None)
+  if restored is None:
+    state = init_state(config, task, setup)
+    logging.info('Fresh start: %s', _param_summary(state.params))
+  else:
+    _, params, ts = restored
+    state = TrainState(step=ts['step'], params=params, opt_state=ts['opt_state'], rng=ts['rng'])
+    if int(jax.device_get(state.step)) != start:
+      raise RuntimeError(f'checkpoint {ckpt.step_dir(start)} holds step {int(state.step)}; it is inconsistent.')
+    logging.info('Resumed from %s', ckpt.step_dir(start))
+  writer.truncate_after(start)
+  return state, writer
+
+
+def _next_batch(train_iter: Iterator, step: int, num_steps: int) -> PyTree:
+  try:
+    return next(train_iter)
+  except StopIteration:
+    raise RuntimeError(f'the training data ran out after step {step} of {num_steps}; make the pipeline repeat '
+                       '(e.g. grain `.repeat()`) or lower train.num_steps.') from None
+
+
+def _save(ckpt: checkpoint_lib.Checkpointer, step: int, state: TrainState, train_iter: Iterator,
+          config: ml_collections.ConfigDict, val: Optional[dict[str, float]]) -> None:
+  # Only checkpoints evaluated at their own step compete for "best".
+  best = {checkpoint_lib.BEST_METRIC: val[checkpoint_lib.BEST_METRIC]} if val else None
+  ckpt.save(step, state.params, {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},
+            data_iter=train_iter, config=config, metrics=best)
+
+
+def _write_samples(task: Task, params: PyTree, step: int, workdir: str, writer: metrics_lib.MetricWriter) -> None:
+  """task.write_samples, then the PNGs it wrote under WORKDIR/samples as TensorBoard images ('samples/<name>')."""
+  folder = os.path.join(workdir, SAMPLES_DIR)
+  before = _pngs(folder) if writer.enabled else {}
+  # On every process: sampling from sharded params is collective; the task writes on process 0.
+  task.write_samples(params, step, workdir)
+  if not writer.enabled:
+    return
+  for path, mtime in sorted(_pngs(folder).items()):
+    if before.get(path) != mtime:
+      with PIL.Image.open(path) as image:
+        writer.write_image(step, f'{SAMPLES_DIR}/{os.path.splitext(os.path.basename(path))[0]}',
+                           np.asarray(image.convert('RGB')))
+
+
+def _pngs(folder: str) -> dict[str, int]:
+  """{path: modification time in ns} of the PNG files under `folder`."""
+  return {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(folder, '**', '*.png'), recursive=True)}
+
+
+def _say(primary: bool, message: str) -> None:
+  if primary:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_data: Any, eval_data: Any = None,
           *, mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
   """Trains `task` for config.train.num_steps steps, resuming from WORKDIR/checkpoints if there are any.
@@ -335,141 +538,64 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                                      keep_best=eval_data is not None)
   train_iter = _as_iterator(train_data)
-
-  try:
-    restored = ckpt.restore(setup.abstract_state.params,
-                            {'opt_state': setup.abstract_state.opt_state, 'step': setup.abstract_state.step,
-                             'rng': setup.abstract_state.rng}, data_iter=train_iter, config=config)
-  except BaseException:
-    ckpt.close()
-    raise
-  # Only now that the checkpoint (if any) is known to fit: a refused resume leaves the workdir as it was.
-  checkpoint_lib.write_config(workdir, config)
-  start = 0 if restored is None else restored[0]
-  writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1 if metrics_lib.has_events(workdir) else None)
-  if restored is None:
-    state = init_state(config, task, setup)
-    writer.truncate_after(0)  # lines of a run killed before its first checkpoint
-    logging.info('Fresh start: %s', _param_summary(state.params))
-  else:
-    step, params, ts = restored
-    state = TrainState(step=ts['step'], params=params, opt_state=ts['opt_state'], rng=ts['rng'])
-    if int(jax.device_get(state.step)) != step:
-      raise RuntimeError(f'checkpoint {ckpt.step_dir(step)} holds step {int(state.step)}; it is inconsistent.')
-    writer.truncate_after(step)
-    logging.info('Resumed from %s', ckpt.step_dir(step))
+  state, writer = _restore_or_init(config, workdir, task, setup, ckpt, train_iter)
   start = int(jax.device_get(state.step))
+  label = run_label(config, task)
+  if start >= num_steps:
+    _say(primary, f'{label}: already trained ({start} of {num_steps} steps, {ckpt.step_dir(start)}).')
+  else:
+    writer.write_text(start + 1, 'config', json.dumps(checkpoint_lib.config_to_dict(config), indent=2,
+                                                      sort_keys=True))
 
   train_step = make_train_step(task, setup, accum)
   eval_step = make_eval_step(task, setup) if eval_data is not None else None
-  peak = metrics_lib.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0))
-  num_devices = setup.mesh.size
+  logger = _StepLogger(writer, ckpt, task, num_steps=num_steps, log_every=tc.log_every, num_devices=setup.mesh.size,
+                       peak_flops=metrics_lib.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0)),
+                       label=label, primary=primary)
+  profiler = _Profiler(workdir, tc.get('profile_steps', 0), first_step=start + 1)
   preemption = _Preemption(ckpt)
-  label = run_label(config, task)
-  bar = None  # created once the first step (and its compilation) is done, so that the ETA leaves the compile out
-  if start >= num_steps and primary:
-    print(f'{label}: already trained ({start} of {num_steps} steps, {ckpt.step_dir(start)}).', file=sys.stderr,
-          flush=True)
-
-  pending: list[tuple[int, dict]] = []  # (step, device metrics) dispatched but not yet checked
-  extra: dict[int, dict] = {}  # step -> eval metrics to log with that step's record
-  timer = {'t': None, 'step': start}
-  global_batch = 0
-
-  def handle(upto_all: bool) -> None:
-    """Fetches metrics of finished steps: stops on NaN, logs. Lags one step behind dispatch unless `upto_all`."""
-    while pending and (upto_all or len(pending) > 1):
-      step, dev = pending.pop(0)
-      m = {name: float(v) for name, v in jax.device_get(dev).items()}
-      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
-        ckpt.wait()
-        last = ckpt.latest_step()
-        writer.write(step, m)
-        writer.close()
-        raise NonFiniteLossError(
-            f'loss={m["loss"]} grad_norm={m["grad_norm"]} at step {step}: training stopped and this state was not '
-            f'saved. The last good checkpoint is ' +
-            (f'{ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
-            '. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, check the data, then rerun with '
-            'the same --workdir to resume from it.')
-      if bar is not None:
-        bar.update(step - bar.n)
-      now = time.perf_counter()
-      if timer['t'] is None:  # the first step includes compilation: time from its end
-        timer['t'], timer['step'] = now, step
-      is_log = step % max(tc.log_every, 1) == 0 or step == num_steps or step in extra
-      if not is_log:
-        continue
-      if step > timer['step']:
-        steps_per_s = (step - timer['step']) / max(now - timer['t'], 1e-9)
-        m['steps_per_s'] = steps_per_s
-        m['examples_per_s'] = steps_per_s * global_batch
-        if task.tokens_per_example:
-          m['tokens_per_s'] = m['examples_per_s'] * task.tokens_per_example
-        value = metrics_lib.mfu(task.flops_per_example, m['examples_per_s'], num_devices, peak)
-        if math.isfinite(value):
-          m['mfu'] = value
-        timer['t'], timer['step'] = now, step
-      m.update(extra.pop(step, {}))
-      writer.write(step, m)
-      if bar is not None:
-        bar.set_postfix({k: f'{m[k]:.4g}' for k in ('loss', 'val_loss') if k in m}, refresh=False)
-
   step = start
   try:
     while step < num_steps:
-      try:
-        local = next(train_iter)
-      except StopIteration:
-        raise RuntimeError(f'the training data ran out after step {step} of {num_steps}; make the pipeline repeat '
-                           '(e.g. grain `.repeat()`) or lower train.num_steps.') from None
-      if not global_batch:
-        global_batch = _check_batch(local, setup, accum)
-      batch = sharding_lib.make_global_batch(local, setup.batch_sharding)
-      if bar is None:
+      local = _next_batch(train_iter, step, num_steps)
+      first = step == start
+      if first:
+        logger.global_batch = _check_batch(local, setup, accum)
         t0 = time.perf_counter()
-        if primary:
-          print(f'{label}: compiling the train step ...', file=sys.stderr, flush=True)
-      state, dev_metrics = train_step(state, batch)
+        _say(primary, f'{label}: compiling the train step ...')
+      profiler.before_step(step)
+      state, dev_metrics = train_step(state, sharding_lib.make_global_batch(local, setup.batch_sharding))
       step += 1
-      if bar is None:
+      if first:
         jax.block_until_ready(dev_metrics)
-        if primary:
-          print(f'{label}: compiled and ran step {step} in {time.perf_counter() - t0:.1f} s.', file=sys.stderr,
-                flush=True)
-        bar = tqdm.tqdm(total=num_steps, initial=step - 1, desc=label, disable=not primary, dynamic_ncols=True,
-                        smoothing=0.1)
-      pending.append((step, dev_metrics))
-      handle(upto_all=False)
+        _say(primary, f'{label}: compiled and ran step {step} in {time.perf_counter() - t0:.1f} s.')
+        logger.start_bar(step)
+      profiler.after_step(step, dev_metrics)
+      logger.push(step, dev_metrics)
 
+      due = step_actions(step, num_steps, tc, has_eval=eval_step is not None,
+                         has_samples=task.write_samples is not None, preempted=preemption.reached(step))
       val = None
-      if eval_step is not None and tc.eval_every and (step % tc.eval_every == 0 or step == num_steps):
+      if due.evaluate:
         val = evaluate(eval_step, state.params, eval_data, setup, tc.num_eval_batches)
-        extra[step] = val
-      preempted = preemption.reached(step)
-      save = preempted or step == num_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-      sample = task.write_samples is not None and tc.sample_every and step % tc.sample_every == 0
-      if save or sample or step in extra:
-        handle(upto_all=True)  # never save (or sample from) a state whose loss was not checked
-      if save:
-        # Only checkpoints evaluated at their own step compete for "best".
-        best = {checkpoint_lib.BEST_METRIC: val[checkpoint_lib.BEST_METRIC]} if val else None
-        ckpt.save(step, state.params, {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},
-                  data_iter=train_iter, config=config, metrics=best)
-      if sample:
-        # Runs on every process (sampling from sharded params is collective); the task writes on process 0.
-        task.write_samples(state.params, step, workdir)
-      if preempted:
+        logger.add_eval(step, val)
+      if due.save or due.sample or due.evaluate:
+        logger.flush()  # never save (or sample from) a state whose loss was not checked
+      if due.save:
+        _save(ckpt, step, state, train_iter, config, val)
+      if due.sample:
+        _write_samples(task, state.params, step, workdir, writer)
+      if due.stop:
         ckpt.wait()
-        msg = (f'Preempted (SIGTERM): saved {ckpt.step_dir(step)}; rerun the same command to resume.')
+        msg = f'Preempted (SIGTERM): saved {ckpt.step_dir(step)}; rerun the same command to resume.'
         logging.warning(msg)
         if primary:
           print(msg, flush=True)
         break
-    handle(upto_all=True)
+    logger.flush()
   finally:
-    if bar is not None:
-      bar.close()
+    profiler.stop()
+    logger.close()
     preemption.close()
     ckpt.close()
     writer.close()

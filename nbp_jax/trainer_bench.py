@@ -22,6 +22,7 @@ import numpy as np
 from nbp_jax import config_lib
 from nbp_jax import metrics as metrics_lib
 from nbp_jax import parallel
+from nbp_jax import timing
 from nbp_jax import trainer
 from nbp_jax.parallel import sharding as sharding_lib
 
@@ -64,12 +65,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
   jax.block_until_ready(m)
   print(f'compile+warmup: {time.perf_counter() - t0:.1f}s, loss={float(m["loss"]):.4f}', flush=True)
 
-  times = []
-  for _ in range(num_steps):
-    t = time.perf_counter()
-    state, m = step_fn(state, batch)
-    jax.block_until_ready(m)  # per-step sync: a slightly pessimistic, but honest, step time
-    times.append(time.perf_counter() - t)
+  def step():
+    nonlocal state
+    state, metrics = step_fn(state, batch)
+    return metrics
+
+  # Each step waited for: a slightly pessimistic, but honest, step time.
+  times = timing.timings(step, num_steps, warmup=0)
   step_s = statistics.median(times)
   examples_per_s = global_batch / step_s
   tokens_per_s = examples_per_s * task.tokens_per_example

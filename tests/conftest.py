@@ -46,3 +46,29 @@ def tiny_pipeline(tmp_path_factory):
   out = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return workdir
+
+
+# Markers ([tool.pytest.ini_options] in pyproject.toml). The tests of the shared end-to-end fixture are `slow`; `gpu`
+# and `tpu` tests are skipped where JAX has no such device (JAX_PLATFORMS is cpu above unless set: run them with
+# JAX_PLATFORMS=cuda,cpu or tpu,cpu, e.g. `pytest -m gpu`).
+
+
+def _has_devices(platform: str) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(jax.devices(platform))
+  except RuntimeError:  # no such backend, or not in JAX_PLATFORMS
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if 'tiny_pipeline' in item.fixturenames:
+      item.add_marker(pytest.mark.slow)
+  for platform in ('gpu', 'tpu'):
+    marked = [item for item in items if item.get_closest_marker(platform)]
+    if marked and not _has_devices(platform):
+      skip = pytest.mark.skip(reason=f'needs a {platform.upper()}; JAX_PLATFORMS={os.environ["JAX_PLATFORMS"]}')
+      for item in marked:
+        item.add_marker(skip)

@@ -18,7 +18,7 @@ from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax import trainer_bench
 from nbp_jax.nbp import attention as attention_lib
-from nbp_jax.nbp import decode
+from nbp_jax.nbp import sample as sample_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.spec import spec_from_config
@@ -94,6 +94,31 @@ def test_splash_prefill_against_a_partly_written_cache():
   numerics.assert_close(out, _naive_attention(q, k, v, q_block, k_block), OUT_RTOL)
 
 
+def test_splash_mask_is_the_static_block_rule_padded_to_whole_tiles():
+  """The static splash mask against a mask built entry by entry: real queries see keys of their block and earlier
+  ones, never a padded key; padded queries see every key (no empty softmax row)."""
+  layout = BlockLayout(latent_shape=(3, 4, 16), block_shape=(1, 1, 16), prefix_len=3)
+  q_block = layout.block_ids(np.arange(150))
+  k_block = layout.block_ids(np.arange(layout.seq_len))  # 195 keys
+  mask = attention_lib.splash_block_mask(q_block, k_block, (128, 128))
+  assert mask.shape == (1, 256, 256)
+  expected = np.ones((256, 256), bool)
+  for i in range(150):
+    for j in range(256):
+      expected[i, j] = j < 195 and k_block[j] <= q_block[i]
+  np.testing.assert_array_equal(np.asarray(mask[0, :, :]), expected)
+
+
+def test_splash_with_traced_block_ids_takes_the_xla_path(monkeypatch):
+  """Block ids computed under jit are not known at trace time, so no static splash mask exists: the xla path."""
+  layout = BlockLayout(latent_shape=(3, 4, 16), block_shape=(1, 1, 16), prefix_len=3)
+  block = layout.block_ids(np.arange(layout.seq_len))
+  q, k, v = _qkv(4, 1, 2, layout.seq_len, layout.seq_len)
+  monkeypatch.setattr(attention_lib, 'splash_attention', lambda *a, **k: pytest.fail('splash with traced ids'))
+  out = jax.jit(lambda q, k, v, b: attention_lib.attention(q, k, v, b, b, impl='splash'))(q, k, v, block)
+  numerics.assert_close(out, _naive_attention(q, k, v, block, block), OUT_RTOL)
+
+
 def test_short_query_groups_and_the_fused_wrapper_follow_the_mask():
   """A decoding step (16 queries) under impl='splash' takes the xla path; the jax.nn.dot_product_attention
   wrapper (cuDNN on GPU) is checked here with its XLA implementation for layout, scale and mask."""
@@ -155,8 +180,9 @@ def test_splash_in_a_sharded_train_step_matches_xla():
 
 
 def test_frame_prediction_with_splash_prefill_samples_what_xla_samples():
-  """Generation from 2 given latent frames: the 133-query prefill runs the splash kernel, the 4-token steps the xla
-  path; with the same key the sampled codes equal those of the reference attention.
+  """Generation from 2 given latent frames under model.attention='splash' samples the codes of the reference
+  attention with the same key. (The decoder computes the block ids of every step, the 133-query prefill's too, from
+  traced positions, so all of them take the xla path; the kernel itself is checked above.)
 
   Exact equality is robust here: a token is argmax(logits + Gumbel noise) over 64000 codes, whose top two are
   ~Exp(1) apart, so fp32 logit differences of ~1e-6 flip one of the 384 sampled tokens with probability ~1e-3.
@@ -171,7 +197,7 @@ def test_frame_prediction_with_splash_prefill_samples_what_xla_samples():
     cfg.model.attention = impl
     spec = spec_from_config(cfg)
     params = nbp_train.init_params(spec, jax.random.key(0))
-    codes[impl] = np.asarray(decode.sample_codes(cfg, params, jax.random.key(1), labels=np.array([0, 1], np.int32),
-                                                 context_codes=context, spec=spec))
+    codes[impl] = np.asarray(sample_lib.Generator(cfg, spec, params).codes(
+        jax.random.key(1), labels=np.array([0, 1], np.int32), context_codes=context))
   np.testing.assert_array_equal(codes['splash'][:, :2], context)
   np.testing.assert_array_equal(codes['splash'], codes['xla'])

@@ -27,7 +27,7 @@ from nbp_jax.export import official
 from nbp_jax.nbp import sample as sample_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.tokenizer import model as tokenizer_model
-import test_trainer_toy as toy
+import trainer_toy as toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -52,7 +52,7 @@ def reference(tmp_path_factory):
 
 def _start(workdir, delay_s=0.3):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE]))
-  return subprocess.Popen([sys.executable, os.path.join(HERE, 'test_trainer_toy.py'), workdir, str(delay_s)],
+  return subprocess.Popen([sys.executable, os.path.join(HERE, 'trainer_toy.py'), workdir, str(delay_s)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -181,6 +181,7 @@ def _train_nbp(cfg, workdir):
   return trainer.train(cfg, workdir, task, data, mesh=parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
 
 
+@pytest.mark.slow  # ~140 s on a loaded 2-core machine
 def test_refused_resume_leaves_the_workdir_unchanged_and_names_the_field(tmp_path):
   workdir = str(tmp_path / 'w')
   cfg = _nbp_run_config()

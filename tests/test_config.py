@@ -1,17 +1,21 @@
-"""Presets load and validate; bad fields give one-line errors naming the field."""
+"""Presets load and validate; sizes choose their fields; bad fields give one-line errors naming the field."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (import check: the CLI's config loader)
 
+from conftest import REPO
+from conftest import run_main
 from nbp_jax import config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+
+# The paper's transformer sizes (official_nbp.md): (layers, heads, width).
+PAPER_SIZES = {'700m': (24, 16, 1536), '1b': (24, 32, 2048), '3b': (32, 32, 3072)}
 
 
 def _load(path):
@@ -25,6 +29,7 @@ def _load(path):
 def test_every_task_size_preset_exists():
   names = {os.path.basename(p) for p in CONFIG_FILES}
   for task in ('ucf101', 'k600'):
+    assert f'{task}.py' in names  # the size as its argument: --config=configs/k600.py:3b
     for size in ('700m', '1b', '3b'):
       assert f'{task}_{size}.py' in names
   assert 'demo.py' in names
@@ -95,26 +100,21 @@ def test_missing_data_folder_for_prepare_data(tmp_path):
     config_lib.validate(c, 'prepare_data')
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, '-m', 'nbp_jax.main', *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-
-
 def test_cli_helpfull_shows_flags():
-  out = _cli('--config=configs/k600_3b.py', '--mode=sample', '--helpfull')
+  out = run_main('--config=configs/k600_3b.py', '--mode=sample', '--helpfull')
   # absl prints the help and exits 1 by design.
   assert 'Traceback' not in out.stderr, out.stderr
   assert '--mode' in out.stdout and '--workdir' in out.stdout and '--config' in out.stdout
 
 
 def test_cli_config_error_is_one_line(tmp_path):
-  out = _cli('--config=configs/k600_3b.py', f'--workdir={tmp_path}', '--config.nbp.block_shape=(1,3,3)')
+  out = run_main('--config=configs/k600_3b.py', f'--workdir={tmp_path}', '--config.nbp.block_shape=(1,3,3)')
   assert out.returncode == 2
   assert out.stderr.strip().startswith('Config error: nbp.block_shape=(1, 3, 3) does not tile')
 
 
 def test_cli_unknown_mode_is_rejected(tmp_path):
-  out = _cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=fly')
+  out = run_main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=fly')
   assert out.returncode != 0 and '--mode' in out.stderr
 
 
@@ -143,19 +143,104 @@ def _one_line_error(out, prefix='Error: '):
 
 def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
   workdir = tmp_path / 'new'
-  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample'))
+  line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample'))
   assert 'No checkpoint in' in line and 'train first (--mode=train' in line
   assert not workdir.exists()  # the failed command created it, then removed it again
-  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=train'))
+  line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=train'))
   assert '--mode=prepare_data, then --mode=train_tokenizer, then --mode=tokenize' in line, line
   assert not workdir.exists()
-  line = _one_line_error(_cli('--config=configs/k600_700m.py', f'--workdir={workdir}', '--mode=import',
+  line = _one_line_error(run_main('--config=configs/k600_700m.py', f'--workdir={workdir}', '--mode=import',
                               f'--config.import_.checkpoint={tmp_path}/missing.ckpt'))
   assert 'missing.ckpt does not exist' in line
-  line = _one_line_error(_cli('--config=configs/demo.py', f'--workdir={workdir}', '--config.model.num_layer=2'),
+  line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--config.model.num_layer=2'),
                          'Config error: ')
   assert "no field 'model.num_layer'; nearest valid: model.num_layers" in line
   # --verbose (or NBP_VERBOSE=1) shows the traceback of an expected error.
-  out = _cli('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample', '--verbose')
+  out = run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample', '--verbose')
   assert out.returncode != 0 and 'Traceback' in out.stderr and 'MissingError' in out.stderr
   assert not workdir.exists()
+
+
+# The config main.py builds from its flags (its own parsing and overrides), printed without running a stage.
+_PRINT_CONFIG = """import json, sys
+from nbp_jax import main
+main.parse_flags(sys.argv)
+print(json.dumps(main.config_from_flags('train', None).to_dict()))"""
+
+
+def _flags_config(*args, cwd=REPO):
+  out = subprocess.run([sys.executable, '-c', _PRINT_CONFIG, *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+def _shape(model):
+  return model['num_layers'], model['num_heads'], model['emb_dim']
+
+
+@pytest.mark.parametrize('size', PAPER_SIZES)
+def test_size_override_chooses_the_size(size):
+  c = _flags_config('--config=configs/k600_700m.py', f'--config.model.size={size}')
+  assert c['model']['size'] == size and _shape(c['model']) == PAPER_SIZES[size]
+  assert c['model']['dropout'] == 0.1 and c['name'] == 'k600_700m'  # the section's other fields and the task stay
+
+
+def test_field_override_wins_over_the_size_in_either_order():
+  for args in (('--config.model.size=3b', '--config.model.num_layers=4'),
+               ('--config.model.num_layers=4', '--config.model.size=3b')):
+    c = _flags_config('--config=configs/demo.py', *args)
+    assert _shape(c['model']) == (4, 32, 3072), args
+    assert c['model']['dropout'] == 0.0  # the demo's own setting, not the size's
+
+
+def test_tokenizer_size_override_chooses_the_released_tokenizer():
+  c = _flags_config('--config=configs/demo.py', '--config.tokenizer.size=official')
+  tok = c['tokenizer']
+  # The release (official_nbp.md): widths 128 x (1, 2, 2, 4), 4 residual units per stage and 4 at the widest,
+  # GroupNorm, time halved after stages 2 and 3, FSQ levels 8,8,8,5,5,5.
+  assert (tok['channels'], tuple(tok['channel_multipliers']), tok['num_res_blocks'], tok['num_mid_blocks']) == (
+      128, (1, 2, 2, 4), 4, 4)
+  assert tok['norm'] == 'group' and tuple(tok['temporal_downsample']) == (False, True, True)
+  assert tuple(tok['fsq_levels']) == (8, 8, 8, 5, 5, 5)
+  assert tok['batch_size'] == 8 and tok['pretrained'] == 'demo'  # the demo's training settings stay
+
+
+def test_preset_argument_is_the_size():
+  for size, lr in (('700m', 1e-3), ('1b', 5e-4), ('3b', 2e-4)):
+    c = _flags_config(f'--config=configs/k600.py:{size}')
+    assert _shape(c['model']) == PAPER_SIZES[size] and c['optim']['lr'] == lr and c['name'] == f'k600_{size}'
+  c = _flags_config('--config=configs/ucf101.py:3b', '--config.model.num_heads=16')
+  assert _shape(c['model']) == (32, 16, 3072) and c['data']['num_classes'] == 101
+  assert _shape(_flags_config('--config=configs/k600.py')['model']) == PAPER_SIZES['700m']  # the default size
+
+
+def test_bundled_configs_by_name_outside_the_checkout(tmp_path):
+  assert _flags_config('--config=k600:3b', cwd=tmp_path)['name'] == 'k600_3b'
+  assert _flags_config('--config=k600_1b', cwd=tmp_path)['name'] == 'k600_1b'
+  assert _flags_config('--config=configs/ucf101_3b.py', cwd=tmp_path)['name'] == 'ucf101_3b'  # the README's paths
+  assert _flags_config(cwd=tmp_path)['name'] == 'demo_tiny'  # the default
+  with pytest.raises(config_lib.ConfigError, match=r'nope\.py is not a file.*k600, k600_1b'):
+    config_lib.config_file('nope.py')
+
+
+def test_apply_overrides_resizes_in_python():
+  c = config_lib.apply_overrides(config_lib.task_config('ucf101', '700m'), {'model.size': '1b', 'optim.lr': 1e-4})
+  assert _shape(c.model) == PAPER_SIZES['1b'] and c.optim.lr == 1e-4
+  c = config_lib.apply_overrides(config_lib.task_config('demo', 'tiny'), {'tokenizer.size': 'official'})
+  assert c.tokenizer.num_res_blocks == 4 and c.tokenizer.norm == 'group'
+  with pytest.raises(KeyError, match='model.num_layer'):
+    config_lib.apply_overrides(c, {'model.num_layer': 2})
+
+
+def test_unknown_size_is_a_one_line_error_naming_the_sizes(tmp_path):
+  """Through the installed `nbp-jax` command, from outside the checkout."""
+  command = os.path.join(os.path.dirname(sys.executable), 'nbp-jax')
+  assert os.path.exists(command), 'nbp-jax is missing: `make venv` installs this package (pip install -e .)'
+  for args in (('--config=k600_3b', '--config.model.size=5b'), ('--config=configs/k600.py:5b',),
+               ('--config=configs/demo.py', '--config.tokenizer.size=huge')):
+    out = subprocess.run([command, *args, f'--workdir={tmp_path}/w'], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+    line = _one_line_error(out, 'Config error: ')
+    assert 'is unknown; pick one of' in line and ('700m, 1b, 3b' in line or 'demo, tiny, official' in line), line
+  assert not (tmp_path / 'w').exists()

@@ -161,3 +161,26 @@ def test_errors_name_the_fix(workdir, tmp_path):
     pipeline.make_dataset(_config(), workdir, 'train', seed=0, shard_index=0, shard_count=3)
   with pytest.raises(ValueError, match="'nope'"):
     pipeline.make_dataset(_config(), workdir, 'nope', seed=0, shard_index=0, shard_count=1)
+
+
+def test_first_clips_in_record_order_or_a_seeded_repeating_shuffle(workdir):
+  config = _config()
+  source = builder.data_source(builder.video_location(config, workdir), 'validation')
+  in_order = [_digest(source[i]['video']) for i in range(NUM_VAL)]
+  (first,) = list(pipeline.first_clips(config, workdir, 3))  # the held-out split, one batch
+  assert [_digest(v) for v in first['video']] == in_order[:3]
+  assert [int(l) for l in first['label']] == [int(source[i]['label']) for i in range(3)]
+  # Unshuffled: one epoch at most.
+  assert [len(b['video']) for b in pipeline.first_clips(config, workdir, NUM_VAL + 2)] == [NUM_VAL]
+
+  def shuffled(seed):
+    batches = list(pipeline.first_clips(config, workdir, 2 * NUM_VAL + 3, split='validation', batch_size=BATCH,
+                                        shuffle=True, seed=seed))
+    return [len(b['video']) for b in batches], [_digest(v) for b in batches for v in b['video']]
+
+  sizes, order = shuffled(7)
+  assert sizes == [4, 4, 4, 4, 4, 3]
+  # Every epoch is the whole split in a new order; the same seed gives the same clips, another seed others.
+  assert sorted(order[:NUM_VAL]) == sorted(order[NUM_VAL:2 * NUM_VAL]) == sorted(in_order)
+  assert order[:NUM_VAL] != order[NUM_VAL:2 * NUM_VAL] and order[:NUM_VAL] != in_order
+  assert shuffled(7)[1] == order and shuffled(8)[1] != order

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from nbp_jax import image_metrics
 from nbp_jax.data import synthetic
 from nbp_jax.evaluation import classifier
-from nbp_jax.evaluation import metrics
 from nbp_jax.evaluation import protocols
 
 
@@ -36,8 +36,8 @@ def test_copy_last_prediction_repeats_the_last_given_frame():
   assert out is not videos and np.array_equal(videos, videos.copy())  # input untouched
   # On a still clip the baseline is perfect (PSNR floored at 100 dB); on a changing one it is not.
   still = np.repeat(videos[:, :1], 6, axis=1)
-  assert np.all(np.asarray(metrics.psnr(protocols.copy_last_prediction(still, 2)[:, 2:], still[:, 2:])) == 100.0)
-  assert np.all(np.asarray(metrics.psnr(out[:, 2:], videos[:, 2:])) < 20.0)
+  assert np.all(np.asarray(image_metrics.psnr(protocols.copy_last_prediction(still, 2)[:, 2:], still[:, 2:])) == 100.0)
+  assert np.all(np.asarray(image_metrics.psnr(out[:, 2:], videos[:, 2:])) < 20.0)
   with pytest.raises(ValueError, match='given'):
     protocols.copy_last_prediction(videos, given=6)
 

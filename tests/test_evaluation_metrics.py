@@ -1,4 +1,4 @@
-"""FVD, PSNR, SSIM and LPIPS against independent references (scipy, naive numpy loops, recorded I3D values)."""
+"""FVD against independent references (scipy's sqrtm, recorded I3D values); PSNR/SSIM/LPIPS: test_image_metrics."""
 
 import jax
 import numpy as np
@@ -7,7 +7,6 @@ import scipy.linalg
 
 from nbp_jax.data import synthetic
 from nbp_jax.evaluation import fvd
-from nbp_jax.evaluation import metrics
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -94,47 +93,3 @@ def test_stats_cache_round_trip(tmp_path):
   np.testing.assert_array_equal(first['sigma'], second['sigma'])
   other = fvd.stats_cache_path(str(tmp_path), dataset='synthetic', split='train', resolution=64, frames=16)
   assert other != path
-
-
-def _naive_psnr(a, b):
-  a, b = a.astype(np.float64) / 255, b.astype(np.float64) / 255
-  return np.mean([10 * np.log10(1 / np.mean((fa - fb) ** 2)) for fa, fb in zip(a, b)])
-
-
-def _naive_ssim_frame(x, y, size=11, sigma=1.5):
-  """Straight from the SSIM definition: weighted window statistics at every valid position, every channel."""
-  ax = np.arange(size) - (size - 1) / 2
-  g = np.exp(-ax ** 2 / (2 * sigma ** 2))
-  w = np.outer(g, g) / np.outer(g, g).sum()
-  c1, c2 = 0.01 ** 2, 0.03 ** 2
-  vals = []
-  for ch in range(x.shape[-1]):
-    for i in range(x.shape[0] - size + 1):
-      for j in range(x.shape[1] - size + 1):
-        px, py = x[i:i + size, j:j + size, ch], y[i:i + size, j:j + size, ch]
-        mx, my = (w * px).sum(), (w * py).sum()
-        vx, vy = (w * px * px).sum() - mx ** 2, (w * py * py).sum() - my ** 2
-        cxy = (w * px * py).sum() - mx * my
-        vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
-  return np.mean(vals)
-
-
-def test_psnr_and_ssim_match_naive_formulas():
-  rng = np.random.RandomState(0)
-  a = rng.randint(0, 256, (2, 3, 14, 13, 3)).astype(np.uint8)
-  b = np.clip(a + rng.randn(*a.shape) * 20, 0, 255).astype(np.uint8)
-  np.testing.assert_allclose(np.asarray(metrics.psnr(a, b)), [_naive_psnr(a[i], b[i]) for i in range(2)], rtol=1e-5)
-  want = [np.mean([_naive_ssim_frame(a[i, t] / 255, b[i, t] / 255) for t in range(3)]) for i in range(2)]
-  np.testing.assert_allclose(np.asarray(metrics.ssim(a, b)), want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(metrics.ssim(a, a)), 1.0, atol=1e-5)
-
-
-def test_lpips_zero_for_identical_and_grows_with_noise():
-  frames = synthetic.generate_video(seed=3, label=1, num_frames=4, resolution=64)
-  rng = np.random.RandomState(0)
-  lpips = metrics.make_lpips_fn()
-  same = np.asarray(lpips(frames, frames))
-  small = np.asarray(lpips(frames, np.clip(frames + rng.randn(*frames.shape) * 10, 0, 255).astype(np.uint8)))
-  large = np.asarray(lpips(frames, np.clip(frames + rng.randn(*frames.shape) * 60, 0, 255).astype(np.uint8)))
-  np.testing.assert_allclose(same, 0.0, atol=1e-6)
-  assert np.all(small < large) and np.all(small > 0)

@@ -30,6 +30,7 @@ from nbp_jax.nbp import decode
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import spec_from_config
+from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
 pytest.importorskip('flatbuffers', reason='jax.export serialization needs flatbuffers (requirements.txt)')
@@ -102,7 +103,7 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
 
   # In-process generation with the same weights and seed, through the public APIs.
   params, _ = checkpoint_lib.restore_params(workdir)
-  model, tparams, _ = bundle.load_tokenizer(config, workdir)
+  model, tparams, _ = tokenizer_load.load_tokenizer(config, workdir)
   spec = spec_from_config(config)
   ctx_codes = tokenizer_model.encode(tparams, jnp.asarray(context), model)
   z = decode.generate(spec, params, jax.random.PRNGKey(seed), Sampling.from_config(config.sample),

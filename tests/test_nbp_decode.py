@@ -1,4 +1,5 @@
-"""Block decoding: greedy == argmax of a naive full forward, CFG, top-k/top-p, no recompiles, every preset's shapes."""
+"""Block decoding: greedy == argmax of a naive full forward, CFG, top-k/top-p, no recompiles, every preset's shapes;
+the Generator (the one generation API) and the shared benchmark timer."""
 
 import functools
 import glob
@@ -11,8 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
-from nbp_jax.nbp import decode, sampling as sampling_lib, train
+from nbp_jax import errors
+from nbp_jax import parallel
+from nbp_jax import timing
+from nbp_jax.nbp import decode, sample as sample_lib, sampling as sampling_lib, train
 from nbp_jax.nbp.layout import BlockLayout, LayoutError, Vocab
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec, spec_from_config
@@ -202,10 +207,89 @@ def test_demo_preset_samples_on_cpu():
   params = train.init_params(spec, jax.random.key(0))
   labels, context = _inputs(config, spec, 2)
   context = context + 7
-  codes = decode.sample_codes(config, params, jax.random.key(1), labels=labels, context_codes=context)
+  codes = sample_lib.Generator(config, spec, params).codes(jax.random.key(1), labels=labels, context_codes=context)
   assert codes.shape == (2, *spec.layout.latent_shape) and codes.dtype == jnp.int32
   np.testing.assert_array_equal(codes[:, :2], context)  # 5 given frames = 2 latent frames, kept
   assert int(codes.max()) < config_lib.codebook_size(config.tokenizer)
+
+
+def _micro_generator():
+  config = config_lib.task_config('demo', 'micro')
+  config.tokenizer = config_lib.tokenizer_config('micro')  # a (5, 4, 4) grid, whatever the demo's tokenizer is
+  config.tokenizer.fsq_levels = (4, 4)
+  config.nbp.block_shape = (1, 1, 4)
+  spec = spec_from_config(config)
+  return sample_lib.Generator(config, spec, nn.meta.unbox(_params(spec)))
+
+
+def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sampling():
+  """Generator.codes = decode.generate on context_to_seq's sequence, as a grid; sampling overrides and block_shape
+  reach the core."""
+  generator = _micro_generator()
+  spec = generator.spec
+  labels = np.array([0, 1], np.int32)
+  context = np.random.default_rng(0).integers(0, 16, (2, 2, 4, 4)).astype(np.int32)  # 5 frames = 2 latent frames
+  got = generator.codes(jax.random.key(3), labels=labels, context_codes=context, sampling={'greedy': True})
+  z = decode.generate(spec, generator.params, jax.random.key(3), Sampling(greedy=True), labels=jnp.asarray(labels),
+                      context=decode.context_to_seq(spec, jnp.asarray(context)))
+  np.testing.assert_array_equal(got, spec.layout.seq_to_grid(z))
+  assert generator.sampling({'top_k': 3}) == Sampling.from_config(generator.config.sample).replace(top_k=3)
+  with pytest.raises(ValueError, match='top_kk'):
+    generator.sampling({'top_kk': 3})
+  ntp = generator.codes(jax.random.key(3), labels=labels, context_codes=context, block_shape=(1, 1, 1),
+                        sampling=Sampling(greedy=True))
+  z = decode.generate(spec.with_block_shape((1, 1, 1)), generator.params, jax.random.key(3), Sampling(greedy=True),
+                      labels=jnp.asarray(labels), context=decode.context_to_seq(spec, jnp.asarray(context)))
+  np.testing.assert_array_equal(ntp, spec.layout.seq_to_grid(z))
+
+
+def test_generator_on_a_mesh_splits_the_batch_and_samples_what_one_device_does():
+  one = _micro_generator()
+  mesh = parallel.create_mesh((-1, 1, 1), devices=jax.devices()[:2])
+  split = sample_lib.Generator(one.config, one.spec, jax.device_put(one.params, parallel.replicated(mesh)),
+                               mesh=mesh)
+  inputs = dict(labels=np.array([0, 1], np.int32), context_codes=np.full((2, 2, 4, 4), 3, np.int32))
+  codes = split.codes(jax.random.key(0), **inputs)
+  assert sorted(s.data.shape[0] for s in codes.addressable_shards) == [1, 1]  # one sample per device
+  np.testing.assert_array_equal(codes, one.codes(jax.random.key(0), **inputs))
+  with pytest.raises(ValueError, match='does not split over 2 devices'):
+    split.codes(jax.random.key(0), batch_size=3)
+
+
+def test_generation_speed_counts_generated_frames_and_tokens():
+  generator = _micro_generator()
+  context = np.zeros((2, 2, 4, 4), np.int32)
+  row = generator.generation_speed({'labels': np.array([0, 1], np.int32), 'context_codes': context}, repeats=1)
+  # 5 of 17 frames given (2 of 5 latent frames): 2 x 12 frames and 2 x 3 x 16 tokens generated in 12 steps of 4.
+  assert row['block'] == '1x1x4' and row['steps'] == 12 and row['seconds'] > 0
+  np.testing.assert_allclose(row['frames_per_s'] * row['seconds'], 24)
+  np.testing.assert_allclose(row['tokens_per_s'] * row['seconds'], 96)
+
+
+def test_generator_load_says_what_to_run_first(tmp_path):
+  with pytest.raises(errors.MissingError, match='train first'):
+    sample_lib.Generator.load(str(tmp_path / 'missing'))  # no config.json
+  with pytest.raises(errors.MissingError, match='train first'):
+    sample_lib.Generator.load(str(tmp_path), config_lib.task_config('demo', 'tiny'))  # no checkpoints/
+
+
+def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):
+  config = config_lib.task_config('demo', 'tiny')
+  config.data.dir = '/gone/demo/data'
+  config.tokenizer.checkpoint = '/gone/demo/tokenizer'
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'tokenizer').mkdir()
+  checkpoint_lib.write_config(str(tmp_path / 'nbp'), config)
+  moved = sample_lib.saved_config(str(tmp_path / 'nbp'))
+  assert moved.data.dir == str(tmp_path / 'data') and moved.tokenizer.checkpoint == str(tmp_path / 'tokenizer')
+  assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
+
+
+def test_timings_wait_for_every_call_after_the_warmup():
+  calls = []
+  seconds = timing.timings(lambda: calls.append(1) or jnp.ones(3), 3, warmup=2)
+  assert len(calls) == 5 and len(seconds) == 3 and min(seconds) >= 0
+  assert timing.best_of(lambda: jnp.ones(3), 4) <= 1.0
 
 
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))), ids=os.path.basename)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from nbp_jax import config_lib
 from nbp_jax.nbp import train
@@ -63,7 +64,7 @@ def test_loss_scores_video_targets_only():
     np.testing.assert_allclose(metrics['accuracy'], ref_accuracy, atol=1e-6)
     np.testing.assert_allclose(metrics['top5_accuracy'], ref_top5, atol=1e-6)
     assert ref_accuracy < ref_top5 < 1  # the metrics are informative for this batch (16 codes, random model)
-    logits, targets = jax.eval_shape(lambda p, spec=spec: train.logits_fn(spec, p, batch), params)
+    logits, targets = jax.eval_shape(lambda p, spec=spec, batch=batch: train.logits_fn(spec, p, batch), params)
     assert logits.shape == (2, spec.layout.num_targets, 16) and targets.shape == (2, spec.layout.num_targets)
 
 
@@ -114,15 +115,18 @@ def test_remat_gives_the_same_gradients():
     config.model.remat = remat
     spec = spec_from_config(config)
     params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
-    loss = lambda p, spec=spec: train.loss_fn(spec, p, _batch(), jax.random.key(1), True, 0.5)[0]  # noqa: E731
+    loss = lambda p, spec=spec: train.loss_fn(spec, p, _batch(), jax.random.key(1), True, 0.5)[0]
     grads.append(jax.jit(jax.grad(loss))(params))
   numerics.assert_trees_close(grads[1], grads[0], rtol=1e-4)  # measured ~3e-7 (tests/numerics.py)
 
 
 def test_logical_axis_names_shard_on_a_2x2x2_mesh():
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  if len(jax.devices()) < 8:
-    return
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < 8:
+    pytest.skip(f'needs 8 devices, has {jax.device_count()} (tests/conftest.py asks XLA for 8 CPU devices unless '
+                'XLA_FLAGS already sets a count)')
   spec = spec_from_config(_config())
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), config_lib.MESH_AXES)
   abstract = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))

@@ -1,46 +1,40 @@
-"""The Colab notebooks (notebooks/*.ipynb), executed on CPU at micro size with nbclient so that they never rot, and
-the helpers they call (nbp_jax/notebook_utils.py)."""
+"""The Colab notebooks (notebooks/*.ipynb), executed on CPU at micro size with nbclient so that they never rot.
+
+Each run appends one probe cell that prints the notebook's results as JSON (shapes, steps, timings, how the batch lay
+on the devices); the assertions are on those data and on the files and displays the notebook produced."""
 
 import ast
+import json
 import os
 import shutil
 
 import nbformat
 from nbclient import NotebookClient
-import pytest
 
 from conftest import REPO, TINY_PIPELINE_FLAGS
-from nbp_jax import checkpoint as checkpoint_lib
-from nbp_jax import notebook_utils as nu
 
 NOTEBOOKS = ('quickstart', 'tpu_generate')
+_PROBE = 'NOTEBOOK_STATE='
 
-
-def _execute(name: str, workdir, *, devices: int = 1, **env) -> nbformat.NotebookNode:
-  """Runs notebooks/NAME.ipynb in a fresh python3 kernel (cwd = the repo) with the tiny settings; returns it with its
-  outputs, or fails with the cell that raised."""
-  nb = nbformat.read(os.path.join(REPO, 'notebooks', f'{name}.ipynb'), as_version=4)
-  kernel_env = dict(os.environ, JAX_PLATFORMS='cpu', NBP_WORKDIR=str(workdir), NBP_NOTEBOOK_TINY='1', **env)
-  kernel_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
-  client = NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}})
-  client.execute(env=kernel_env)
-  return nb
-
-
-def _outputs(nb: nbformat.NotebookNode) -> tuple[str, list[dict]]:
-  """(all printed and displayed text, the rich display_data payloads)."""
-  text, rich = [], []
-  for cell in nb.cells:
-    for out in cell.get('outputs', []):
-      if out.output_type == 'stream':
-        text.append(out.text)
-      elif out.output_type in ('display_data', 'execute_result'):
-        rich.append(dict(out.data))
-        text.extend(str(out.data.get(k, '')) for k in ('text/markdown', 'text/plain'))
-  return '\n'.join(text), rich
+# What each notebook's probe cell reports (the variables are the notebook's own).
+_QUICKSTART_PROBE = '''
+print('NOTEBOOK_STATE=' + json.dumps({
+    'train_steps': summary['train_steps'], 'decode_steps': {n: r['decode_steps'] for n, r in summary['models'].items()},
+    'speedup': summary.get('speedup'), 'steps': {n: g.step for n, g in models.items()},
+    'config': models['nbp'].config.name, 'class_names': [names[i] for i in labels],
+    'samples': {n: [list(v.shape), str(v.dtype)] for n, v in samples.items()},
+    'predictions': {n: list(v.shape) for n, v in predictions.items()}, 'clips': list(clips['video'].shape)}))
+'''
+_TPU_PROBE = '''
+print('NOTEBOOK_STATE=' + json.dumps({
+    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'batch': BATCH, 'step': generator.step,
+    'shards': {t: sorted(s.data.shape[0] for s in c.addressable_shards) for t, c in codes.items()},
+    'codes': {t: list(c.shape) for t, c in codes.items()}, 'speeds': speeds}))
+'''
 
 
 def _flag_overrides(flags) -> dict:
+  """`--config.x=y` flags -> {'x': y}, the values parsed as the flags parser does (literals, else strings)."""
   out = {}
   for flag in flags:
     key, value = flag[len('--config.'):].split('=', 1)
@@ -51,10 +45,25 @@ def _flag_overrides(flags) -> dict:
   return out
 
 
-def test_tiny_overrides_are_the_tests_micro_pipeline():
-  # The quickstart must rebuild exactly the fixture's config, or its pipeline.run would train again.
-  assert TINY_PIPELINE_FLAGS[0] == '--config=configs/demo.py'
-  assert _flag_overrides(TINY_PIPELINE_FLAGS[1:]) == nu.TINY_OVERRIDES
+def _execute(name: str, workdir, probe: str, *, devices: int = 1, **env) -> tuple[nbformat.NotebookNode, dict]:
+  """Runs notebooks/NAME.ipynb and then `probe` in a fresh python3 kernel (cwd = the repo); returns the notebook with
+  its outputs and the probe's JSON, or fails with the cell that raised."""
+  nb = nbformat.read(os.path.join(REPO, 'notebooks', f'{name}.ipynb'), as_version=4)
+  nb.cells.append(nbformat.v4.new_code_cell('import json\n' + probe))
+  kernel_env = dict(os.environ, JAX_PLATFORMS='cpu', NBP_WORKDIR=str(workdir), **env)
+  kernel_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
+  client = NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}})
+  client.execute(env=kernel_env)
+  printed = [out.text for out in nb.cells[-1].outputs if out.output_type == 'stream']
+  state = [line for text in printed for line in text.splitlines() if line.startswith(_PROBE)]
+  assert len(state) == 1, printed
+  return nb, json.loads(state[0][len(_PROBE):])
+
+
+def _displays(nb: nbformat.NotebookNode) -> list[dict]:
+  """The rich display_data / execute_result payloads of every cell."""
+  return [dict(out.data) for cell in nb.cells for out in cell.get('outputs', [])
+          if out.output_type in ('display_data', 'execute_result')]
 
 
 def test_notebooks_are_stored_clean_and_valid():
@@ -65,60 +74,57 @@ def test_notebooks_are_stored_clean_and_valid():
     for cell in nb.cells:
       if cell.cell_type == 'code':
         assert cell.outputs == [] and cell.execution_count is None, (name, cell.source[:80])
-    # One parameters cell at the top, overridable from the environment.
-    first_code = next(c for c in nb.cells if c.cell_type == 'code').source
-    assert "os.environ.get('NBP_WORKDIR'" in first_code and 'NBP_NOTEBOOK_TINY' in first_code, name
-
-
-def test_helpers_errors_say_what_to_run(tmp_path):
-  with pytest.raises(FileNotFoundError, match='run the quickstart'):
-    nu.model_workdir(tmp_path / 'missing')
-  with pytest.raises(FileNotFoundError, match='--mode=import'):
-    nu.model_workdir(tmp_path)
-  with pytest.raises(KeyError, match='model.num_layer'):
-    nu.demo_config(overrides={'model.num_layer': 2})
-  config = nu.demo_config(tiny=True, overrides={'sample.top_k': 3})
-  assert config.nbp.block_shape == (1, 1, 2) and config.sample.top_k == 3 and config.name == 'demo_tiny'
-
-
-def test_load_config_relocates_a_moved_pipeline_workdir(tmp_path):
-  config = nu.demo_config(tiny=True)
-  config.data.dir = '/gone/demo/data'
-  config.tokenizer.checkpoint = '/gone/demo/tokenizer'
-  (tmp_path / 'data').mkdir()
-  (tmp_path / 'tokenizer').mkdir()
-  checkpoint_lib.write_config(str(tmp_path / 'nbp'), config)
-  assert nu.model_workdir(tmp_path) == str(tmp_path / 'nbp')
-  moved = nu.load_config(nu.model_workdir(tmp_path))
-  assert moved.data.dir == str(tmp_path / 'data') and moved.tokenizer.checkpoint == str(tmp_path / 'tokenizer')
-  assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
+        assert 'sys.path' not in cell.source, name  # the package is installed, not put on the path
+    # One parameters cell at the top, overridable from the environment; an install cell; an Open in Colab badge.
+    code = [c.source for c in nb.cells if c.cell_type == 'code']
+    assert "os.environ.get('NBP_WORKDIR'" in code[0], name
+    assert '%pip install' in code[1] and "find_spec('nbp_jax')" in code[1], name
+    assert 'colab-badge.svg' in nb.cells[0].source, name
+    assert 'YOUR_ORG' not in json.dumps(nb), name
 
 
 def test_notebooks_run_on_cpu(tiny_pipeline, tmp_path):
   workdir = tmp_path / 'demo'
   shutil.copytree(tiny_pipeline, workdir)  # the notebooks must not change the session fixture
   logs = {n: (workdir / n / 'metrics.jsonl').read_text() for n in ('tokenizer', 'nbp', 'ntp')}
+  evals = {n: (workdir / n / 'eval' / 'results_step2.json').read_text() for n in ('nbp', 'ntp')}
 
-  # quickstart: the demo pipeline resumes (same config: nothing trains again), then samples, videos and the table.
-  nb = _execute('quickstart', workdir)
-  text, rich = _outputs(nb)
+  # quickstart at the fixture's config (tests/conftest.py's flags, as the notebook's overrides): the demo pipeline
+  # resumes (nothing trains or evaluates again), then samples, videos and the table.
+  overrides = _flag_overrides(TINY_PIPELINE_FLAGS[1:])
+  assert TINY_PIPELINE_FLAGS[0] == '--config=configs/demo.py'  # = the notebook's task_config('demo', 'tiny')
+  nb, state = _execute('quickstart', workdir, _QUICKSTART_PROBE, NBP_CONFIG_OVERRIDES=json.dumps(overrides))
   assert {n: (workdir / n / 'metrics.jsonl').read_text() for n in logs} == logs
-  assert 'Reusing the evaluation of nbp' in text and 'Reusing the evaluation of ntp' in text
-  assert 'demo_tiny_nbp at step 2' in text and 'demo_tiny_ntp at step 2' in text
+  assert {n: (workdir / n / 'eval' / 'results_step2.json').read_text() for n in evals} == evals
+  assert state['train_steps'] == {'nbp': 2, 'ntp': 2} and state['steps'] == {'nbp': 2, 'ntp': 2}
+  # Timed on frame prediction: 1 of 3 latent frames of 4x4 codes to generate, blocks of 1x1x2 -> 8 steps, 1x1x1 -> 16.
+  assert state['decode_steps'] == {'nbp': 8, 'ntp': 16} and state['speedup'] > 0
+  assert state['config'] == 'demo_tiny_nbp'
+  assert state['class_names'][0] == 'bouncing_ball' and len(state['class_names']) == 4
+  clip = [4, 9, 16, 16, 3]  # NUM_SAMPLES clips of 9 frames at 16x16
+  assert state['samples'] == {'nbp': [clip, 'uint8'], 'ntp': [clip, 'uint8']}
+  assert state['predictions'] == {'nbp': clip, 'ntp': clip} and state['clips'] == clip
+  rich = _displays(nb)
   videos = [r['text/html'] for r in rich if 'show_videos' in r.get('text/html', '')]
   assert len(videos) == 4 and all('data:image/gif;base64' in v for v in videos)  # 2 tasks x NBP, NTP
-  assert 'bouncing_ball' in videos[0] and 'real | predicted' in videos[2]
-  table = [r['text/markdown'] for r in rich if 'text/markdown' in r]
-  assert len(table) == 1 and '| nbp |' in table[0] and '| ntp |' in table[0] and 'NBP decodes' in table[0]
+  tables = [r['text/markdown'] for r in rich if 'text/markdown' in r]
+  assert tables == [(workdir / 'summary.md').read_text()]
+  assert '| nbp |' in tables[0] and '| ntp |' in tables[0]
   assert any('grid.png' in r.get('text/html', '') for r in rich)
 
   # tpu_generate: 2 devices stand in for the TPU cores; the batch is split, not replicated.
-  nb = _execute('tpu_generate', workdir, devices=2)
-  text, rich = _outputs(nb)
-  assert "2 devices (cpu, cpu); mesh {'data': 2, 'fsdp': 1, 'tensor': 1}; batch 2 = 1 per device" in text
-  assert text.count('batch of 2 split over 2 devices (1 each)') == 2  # class-conditional, frame prediction
-  assert len([r for r in rich if 'show_videos' in r.get('text/html', '')]) == 2
-  for task in ('class-conditional', 'frame prediction'):
-    assert f'{task} (batch 2 on 2 devices):' in text
-  assert text.count('NBP: block 1x1x2') == 2 and text.count('NTP: block 1x1x1') == 2
-  assert text.count('speed-up NBP/NTP: ') == 2 and '(2.0x fewer steps)' in text
+  nb, state = _execute('tpu_generate', workdir, _TPU_PROBE, devices=2, NBP_SAMPLES_PER_DEVICE='1',
+                       NBP_TIMING_REPEATS='1')
+  assert state['devices'] == 2 and state['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 1} and state['batch'] == 2
+  assert state['step'] == 2
+  tasks = ('class-conditional', 'frame prediction')
+  assert state['shards'] == {t: [1, 1] for t in tasks}  # one sample per device
+  assert state['codes'] == {t: [2, 3, 4, 4] for t in tasks}
+  assert len([r for r in _displays(nb) if 'show_videos' in r.get('text/html', '')]) == 2
+  for task in tasks:
+    nbp, ntp = state['speeds'][task]['NBP'], state['speeds'][task]['NTP']
+    assert (nbp['block'], ntp['block']) == ('1x1x2', '1x1x1')
+    assert ntp['steps'] == 2 * nbp['steps'] and nbp['seconds'] > 0 and ntp['seconds'] > 0
+  # Frame prediction: 5 of 9 frames (2 of 3 latent frames) given, 4 generated per clip.
+  fp = state['speeds']['frame prediction']['NBP']
+  assert (fp['steps'], round(fp['frames_per_s'] * fp['seconds'], 6)) == (8, 2 * 4)

@@ -12,7 +12,7 @@ from nbp_jax.parallel import distributed
 from nbp_jax.parallel import mesh as mesh_lib
 from nbp_jax.parallel import sharding as sharding_lib
 import numerics
-import test_trainer_toy as toy
+import trainer_toy as toy
 
 
 def test_mesh_shape_fills_the_rest_and_names_the_field():

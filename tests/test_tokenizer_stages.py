@@ -52,7 +52,7 @@ def test_train_tokenizer_writes_checkpoint_metrics_and_samples(trained):
   tdir = os.path.join(workdir, 'tokenizer')
   assert result['step'] == 2 and result['eval_clips'] == 8 and np.isfinite(result['psnr'])
   with open(os.path.join(tdir, 'eval.json')) as f:
-    assert json.load(f)['step'] == 2
+    assert json.load(f) == result and result['metrics_version'] == train.EVAL_VERSION
   samples = os.path.join(tdir, 'samples', 'tokenizer_0000002')
   assert sorted(os.listdir(samples)) == ['grid.png', 'recon_00.mp4', 'recon_01.mp4']
   with open(os.path.join(tdir, 'metrics.jsonl')) as f:
@@ -60,6 +60,19 @@ def test_train_tokenizer_writes_checkpoint_metrics_and_samples(trained):
   # The discriminator is off at step 0 and on at step 1 (the trainer passes the step in the batch).
   assert [r.get('gan_active') for r in records if 'gan_active' in r] == [0.0, 1.0]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))  # the transformer's folder stays untouched
+
+
+def test_a_rerun_reuses_only_an_evaluation_of_the_same_step_clips_and_metrics(tmp_path):
+  path = str(tmp_path / 'eval.json')
+  assert train.previous_evaluation(path, 2, 8) is None  # none yet
+  current = {'psnr': 20.0, 'step': 2, 'eval_clips': 8, 'metrics_version': train.EVAL_VERSION}
+  for saved, reused in ((current, True), ({**current, 'step': 1}, False), ({**current, 'eval_clips': 16}, False),
+                        ({**current, 'metrics_version': train.EVAL_VERSION - 1}, False),
+                        # written before metrics_version existed (PSNR of each clip's mean squared error)
+                        ({k: v for k, v in current.items() if k != 'metrics_version'}, False)):
+    with open(path, 'w') as f:
+      json.dump(saved, f)
+    assert train.previous_evaluation(path, 2, 8) == (saved if reused else None), saved
 
 
 def test_tokenize_writes_the_codes_of_every_clip(trained, capsys):

@@ -2,26 +2,32 @@
 
 import dataclasses
 import glob
+import io
+import json
 import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from nbp_jax import checkpoint
+from nbp_jax import config_lib
 from nbp_jax import metrics
 from nbp_jax import parallel
 from nbp_jax import trainer
+from nbp_jax import trainer_bench
+from nbp_jax.nbp import train as nbp_train
 from nbp_jax.parallel import sharding as sharding_lib
 import numerics
-import test_trainer_toy as toy
+from test_metrics_writer import read_events, summaries
+import trainer_toy as toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,9 +135,6 @@ def test_launchers_pass_shellcheck():
 
 def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
   """The NBP transformer (nbp_jax/nbp/train.py) through the same loop: 2 steps on a (2,2,2) mesh, restore."""
-  nbp_train = pytest.importorskip('nbp_jax.nbp.train')
-  from nbp_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from nbp_jax import trainer_bench  # pylint: disable=g-import-not-at-top
   cfg = config_lib.task_config('demo', 'micro')
   cfg.data.batch_size = 8
   cfg.mesh.shape = (2, 2, 2)
@@ -154,20 +157,6 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
 
 
-def _events(path):
-  """The Event protos of a TensorBoard event file (TFRecord: u64 length, u32 crc, data, u32 crc per record)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out = []
-  with open(path, 'rb') as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    (length,) = struct.unpack('<Q', data[pos:pos + 8])
-    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-    pos += 12 + length + 4
-  return out
-
-
 def test_progress_tensorboard_and_reruns(tmp_path, capsys):
   """The bar is labelled with the run's name and starts after the first step's compile (said and timed, so the ETA
   leaves it out); a finished run rerun adds no bar and no empty event file; a resumed run's event file purges the
@@ -182,6 +171,7 @@ def test_progress_tensorboard_and_reruns(tmp_path, capsys):
   assert compiled and compiling < compiled.start() < err.index('train toy_run:  ')  # then the bar, by name
   files = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert len(files) == 1
+  assert not os.path.exists(os.path.join(workdir, trainer.PROFILE_DIR))  # train.profile_steps = 0: off
 
   time.sleep(1.1)  # event file names carry the second they were opened
   trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))  # finished: nothing to do
@@ -195,7 +185,52 @@ def test_progress_tensorboard_and_reruns(tmp_path, capsys):
   trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))
   new = sorted(set(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))) - set(files))
   assert len(new) == 1
-  events = _events(new[0])
+  events = read_events(new[0])
   starts = [e.step for e in events if e.HasField('session_log') and e.session_log.status == e.session_log.START]
   assert starts == [3]
   assert sorted({e.step for e in events if e.HasField('summary')}) == [3, 4]
+
+
+def test_step_actions_follow_the_intervals():
+  """Evaluations, checkpoints and samples at multiples of their intervals (0 = never); the last step evaluates and
+  saves; a preempted step saves and stops, nothing else."""
+  tc = toy.config(num_steps=10, eval_every=4, checkpoint_every=3, sample_every=5).train
+  due = {s: trainer.step_actions(s, 10, tc, has_eval=True, has_samples=True, preempted=False) for s in range(1, 11)}
+  assert [s for s, d in due.items() if d.evaluate] == [4, 8, 10]
+  assert [s for s, d in due.items() if d.save] == [3, 6, 9, 10]
+  assert [s for s, d in due.items() if d.sample] == [5, 10]
+  assert not any(d.stop for d in due.values())
+  assert trainer.step_actions(10, 10, tc, has_eval=False, has_samples=False, preempted=False) == trainer.StepActions(
+      evaluate=False, save=True, sample=False, stop=False)
+  assert trainer.step_actions(7, 10, tc, has_eval=True, has_samples=True, preempted=True) == trainer.StepActions(
+      evaluate=False, save=True, sample=False, stop=True)
+  off = toy.config(num_steps=10, eval_every=0, checkpoint_every=0, sample_every=0).train
+  busy = [s for s in range(1, 11)
+          if trainer.step_actions(s, 10, off, has_eval=True, has_samples=True, preempted=False) != trainer.StepActions(
+              evaluate=False, save=False, sample=False, stop=False)]
+  assert busy == [10]
+
+
+def test_samples_and_config_in_tensorboard_and_a_profiler_trace(tmp_path):
+  """The PNGs a task writes at train.sample_every become TensorBoard images of that step, the config is text at the
+  run's first step, and train.profile_steps=2 leaves a jax.profiler trace (an .xplane.pb) in WORKDIR/profile."""
+  workdir = str(tmp_path)
+  grids = {}
+
+  def write_samples(params, step, workdir):
+    del params
+    grids[step] = np.random.default_rng(step).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    os.makedirs(os.path.join(workdir, 'samples', f'step_{step}'))
+    Image.fromarray(grids[step]).save(os.path.join(workdir, 'samples', f'step_{step}', 'grid.png'))
+
+  cfg = toy.config(num_steps=4, sample_every=2, profile_steps=2)
+  trainer.train(cfg, workdir, dataclasses.replace(toy.make_task(), write_samples=write_samples), toy.dataset(16))
+  values = summaries(workdir)
+  images = {step: v.image for (step, tag), v in values.items() if tag == 'samples/grid'}
+  assert sorted(images) == [2, 4]
+  for step, image in images.items():
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), grids[step])
+  text = values[(1, 'config/text_summary')].tensor.string_val[0].decode()
+  assert json.loads('\n'.join(line[4:] for line in text.splitlines())) == json.loads(
+      open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read())
+  assert glob.glob(os.path.join(workdir, trainer.PROFILE_DIR, '**', '*.xplane.pb'), recursive=True)

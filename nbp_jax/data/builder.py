@@ -99,13 +99,6 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._config = tfds.core.BuilderConfig(name=location.name, description=description)
     super().__init__(data_dir=location.data_dir, config=self._config, file_format='array_record')
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):  # pylint: disable=invalid-overridden-method
-    # TFDS looks for a checksums file beside the builder's source; for a class inside a package, TFDS 4.9.10
-    # on Python >= 3.9 then imports `importlib_resources`, which it does not install. We download nothing.
-    return None
-
   def _log_download_bytes(self) -> None:
     # TFDS's message speaks of downloading; nothing is downloaded here.
     print(f'Writing array_record shards to {self.data_dir} ...')

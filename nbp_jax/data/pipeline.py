@@ -4,6 +4,7 @@
   it = pipeline.make_iterator(ds, worker_count=config.data.worker_count)    # grain DatasetIterator
   batch = next(it)  # {'video': uint8 [B, T, H, W, 3], 'label': int32 [B]}, B = data.batch_size // hosts
   state = it.get_state(); ...; it.set_state(state)  # checkpointable position
+  held_out = next(pipeline.first_clips(config, workdir, 8))  # the first 8 held-out clips, the same on every host
 
 Order of operations: records -> global shuffle (seeded, a new permutation every epoch) -> repeat -> this host's
 shard (every shard_count-th element) -> batches. All hosts compute the same permutation, so the hosts' shards
@@ -14,7 +15,7 @@ pre-tokenized dataset ('codes' uint16 [t, h, w], 'label') goes through the same 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import numpy as np
@@ -132,3 +133,27 @@ def make_iterator(dataset: grain.MapDataset, *, worker_count: int = 0) -> grain.
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
+
+
+def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_size: int | None = None,
+                shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """The first `count` clips of `split` (with their labels), in a fixed order, the same on every host.
+
+  Order: the split's record order; with `shuffle`, a permutation seeded by `seed` that repeats (a new permutation
+  every epoch) so `count` may exceed the split. Unshuffled, one epoch at most: fewer clips when the split is smaller.
+
+  Yields:
+    batches of `batch_size` clips (default: all `count` in one), the last one smaller:
+    {'video': uint8 [b, T, H, W, 3], 'label': int32 [b]}.
+  """
+  if count < 1:
+    raise ValueError(f'first_clips needs count >= 1, got {count}.')
+  ds = make_dataset(config, workdir, split, seed=seed, shard_index=0, shard_count=1, batch_size=batch_size or count,
+                    shuffle=shuffle, drop_remainder=False, num_epochs=None if shuffle else 1)
+  seen = 0
+  for batch in ds:
+    take = min(count - seen, len(batch['video']))
+    yield {k: np.asarray(v)[:take] for k, v in batch.items()}
+    seen += take
+    if seen >= count:
+      return

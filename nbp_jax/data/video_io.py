@@ -1,4 +1,5 @@
-"""Video files in and out: decoding with the ffmpeg binary that imageio-ffmpeg ships, mp4/gif/PNG-grid writers.
+"""Video files in and out: decoding with the ffmpeg binary that imageio-ffmpeg ships, mp4/gif writing through mediapy
+(with that same binary), PNG grids.
 
 Videos are uint8 [T, H, W, 3] RGB everywhere. Decoding can resample to a frame rate (ffmpeg's `fps` filter:
 frames are picked by timestamp, so a 25 fps source read at 8 fps keeps every ~3rd frame) and squash-resize to
@@ -168,27 +169,28 @@ def _makedirs_for(path: str) -> None:
   os.makedirs(parent, exist_ok=True)
 
 
+def _mediapy():
+  """mediapy, pointed at the bundled ffmpeg (the binary `read_video` decodes with; no system ffmpeg needed)."""
+  import mediapy  # pylint: disable=g-import-not-at-top
+  mediapy.set_ffmpeg(ffmpeg_exe())
+  return mediapy
+
+
 def write_mp4(path: str, video: np.ndarray, fps: float, *, crf: int = 18) -> None:
-  """Writes uint8 [T, H, W, 3] as H.264 mp4 (yuv420p, playable everywhere; odd sizes padded by one pixel)."""
+  """Writes uint8 [T, H, W, 3] as H.264 mp4 (yuv420p, playable everywhere; odd sizes padded by one black pixel)."""
   video = _check_video(video, path)
   _makedirs_for(path)
-  t, h, w, _ = video.shape
-  cmd = [ffmpeg_exe(), '-y', '-hide_banner', '-nostdin', '-v', 'error', '-f', 'rawvideo', '-pix_fmt', 'rgb24',
-         '-s', f'{w}x{h}', '-r', f'{fps:g}', '-i', 'pipe:0', '-vf', 'pad=ceil(iw/2)*2:ceil(ih/2)*2',
-         '-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-crf', str(crf), '-movflags', '+faststart', path]
-  proc = subprocess.run(cmd, input=np.ascontiguousarray(video).tobytes(), capture_output=True, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f'{path}: ffmpeg could not write the mp4 ({_last_error(proc.stderr.decode(errors="replace"))}).')
+  _, h, w, _ = video.shape
+  video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))  # yuv420p subsamples chroma 2x2
+  _mediapy().write_video(path, video, fps=fps, codec='h264', crf=crf, encoded_format='yuv420p',
+                         ffmpeg_args=['-movflags', '+faststart'])
 
 
 def write_gif(path: str, video: np.ndarray, fps: float) -> None:
-  """Writes uint8 [T, H, W, 3] as a looping GIF."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """Writes uint8 [T, H, W, 3] as a looping GIF (`path` ends in .gif)."""
   video = _check_video(video, path)
   _makedirs_for(path)
-  frames = [Image.fromarray(frame) for frame in video]
-  frames[0].save(path, format='GIF', save_all=True, append_images=frames[1:], duration=round(1000.0 / fps),
-                 loop=0)
+  _mediapy().write_video(path, video, fps=fps, codec='gif')
 
 
 def video_grid(videos: np.ndarray, *, gap: int = 2, gap_value: int = 255) -> np.ndarray:

@@ -1,1 +1,2 @@
-"""Evaluation: FVD with the Kinetics-400 I3D, PSNR/SSIM/LPIPS, and the UCF-101 / K600 protocols."""
+"""Evaluation: FVD with the Kinetics-400 I3D, the class-accuracy classifier, the UCF-101 / K600 protocols (their
+PSNR/SSIM/LPIPS: nbp_jax.image_metrics)."""

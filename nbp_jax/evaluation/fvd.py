@@ -64,7 +64,9 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
 
   def features(video):
     x = preprocess(video, num_frames, pre_resize)
-    logits, _ = module.apply(variables, x, is_training=False)
+    # Full float32 convolutions on every backend (TPU/GPU default to bfloat16/tf32 passes): features match CPU's.
+    with jax.default_matmul_precision('highest'):
+      logits, _ = module.apply(variables, x, is_training=False)
     return logits.astype(jnp.float32)
 
   devices = jax.devices() if devices is None else list(devices)

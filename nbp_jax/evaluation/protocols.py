@@ -28,11 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import config_lib
+from nbp_jax import image_metrics
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.evaluation import classifier as classifier_lib
 from nbp_jax.evaluation import fvd
-from nbp_jax.evaluation import metrics
 from nbp_jax.nbp import sample as sample_lib
 
 PROTOCOLS = ('class', 'frame_prediction', 'reconstruction')
@@ -50,16 +50,8 @@ def auto_protocols(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """The first `num` clips of `split` (a fixed seeded order), in batches, on every host the same."""
-  ds = pipeline.make_dataset(config, workdir, split, seed=config.seed, shard_index=0, shard_count=1,
-                             batch_size=batch_size, shuffle=True, drop_remainder=False, num_epochs=None)
-  seen = 0
-  for batch in ds:
-    take = min(num - seen, len(batch['video']))
-    yield {k: np.asarray(v)[:take] for k, v in batch.items()}
-    seen += take
-    if seen >= num:
-      return
+  """The real clips the protocols score against: the first `num` of `split` in config.seed's shuffled order."""
+  return pipeline.first_clips(config, workdir, num, split=split, batch_size=batch_size, shuffle=True, seed=config.seed)
 
 
 def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: Optional[str] = None
@@ -170,10 +162,10 @@ def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Genera
     copy_last = copy_last_prediction(truth, given)[:, given:]
     lpips = np.stack([np.asarray(lpips_fn(pf[:, t], tf[:, t])) for t in range(pf.shape[1])], 1).mean(1)
     # Sample files show truth | prediction side by side.
-    fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(metrics.psnr(pf, tf)),
-             ssim=np.asarray(metrics.ssim(pf, tf)), lpips=lpips,
-             copy_last_psnr=np.asarray(metrics.psnr(copy_last, tf)),
-             copy_last_ssim=np.asarray(metrics.ssim(copy_last, tf)))
+    fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
+             ssim=np.asarray(image_metrics.ssim(pf, tf)), lpips=lpips,
+             copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
+             copy_last_ssim=np.asarray(image_metrics.ssim(copy_last, tf)))
     count += len(truth)
   fake_features, means, kept = fake.result()
   return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
@@ -203,8 +195,8 @@ def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generato
     truth = batch['video']
     recon = generator.decode(generator.encode(truth))
     lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
-    fake.add(recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(metrics.psnr(recon, truth)),
-             ssim=np.asarray(metrics.ssim(recon, truth)),
+    fake.add(recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
+             ssim=np.asarray(image_metrics.ssim(recon, truth)),
              lpips=lpips)
     count += len(truth)
   fake_features, means, kept = fake.result()
@@ -231,11 +223,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
 
   `stats_dir` holds the cached real-video statistics (default WORKDIR), so runs on one dataset can share them.
   """
-  generator = generator or sample_lib.load_generator(config, workdir)
+  generator = generator or sample_lib.Generator.load(workdir, config)
   protocols = protocols or configured_protocols(config)
   ev = config.eval
   feature_fn = fvd.make_feature_fn(ev.fvd_num_frames, ev.fvd_resize)
-  lpips_fn = metrics.make_lpips_fn()
+  lpips_fn = image_metrics.make_lpips()
   rng = jax.random.key(config.seed + 1)
   keep = int(ev.get('num_video_files', 4))
   results: dict[str, dict] = {}

@@ -35,40 +35,12 @@ import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import errors
+from nbp_jax.data import pipeline
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
-from nbp_jax.tokenizer import model as tokenizer_model
+from nbp_jax.tokenizer import load as tokenizer_load
 
 EXPORT_SUBDIR = 'export'
-TOKENIZER_SUBDIR = 'tokenizer'
-
-
-def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """tokenizer.checkpoint if set, else WORKDIR/tokenizer."""
-  return config.tokenizer.get('checkpoint', '') or os.path.join(workdir, TOKENIZER_SUBDIR)
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str
-                   ) -> Optional[tuple[tokenizer_model.Tokenizer, Any, ml_collections.ConfigDict]]:
-  """(model, generator params, its tokenizer config) of the workdir's tokenizer, or None when there is none.
-
-  The architecture comes from the tokenizer workdir's own config.json when it has one.
-  """
-  tdir = tokenizer_dir(config, workdir)
-  if not os.path.isdir(os.path.join(tdir, checkpoint_lib.CHECKPOINT_DIR)):
-    if config.tokenizer.get('checkpoint', ''):
-      raise errors.MissingError(f'tokenizer.checkpoint={tdir!r} holds no checkpoints/; point it at a tokenizer '
-                              'workdir (from --mode=train_tokenizer or --mode=import).')
-    return None
-  try:
-    tok = checkpoint_lib.load_config(tdir).tokenizer
-  except FileNotFoundError:
-    tok = config.tokenizer
-  tok = tok.copy_and_resolve_references()
-  tok.dtype = config.tokenizer.get('dtype', 'auto')
-  params, _ = checkpoint_lib.restore_params(tdir)
-  params = params['generator'] if 'generator' in params else params  # a train_tokenizer checkpoint
-  return tokenizer_model.make_model(tok), params, tok
 
 
 def training_workdirs(workdir: str) -> list[str]:
@@ -81,7 +53,8 @@ def training_workdirs(workdir: str) -> list[str]:
     return [workdir]
   if not os.path.isdir(workdir):
     return []
-  subs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir) if d not in (TOKENIZER_SUBDIR, EXPORT_SUBDIR))
+  skip = (tokenizer_load.TOKENIZER_SUBDIR, EXPORT_SUBDIR)
+  subs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir) if d not in skip)
   return [d for d in subs if is_run(d)]
 
 
@@ -115,9 +88,15 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   safetensors_io.save(params, written['params'], dtype=ex.dtype, metadata=meta)
   del params
 
-  tok = load_tokenizer(run_config, workdir)
+  try:
+    tok = tokenizer_load.load_tokenizer(run_config, workdir)
+  except errors.MissingError:
+    if run_config.tokenizer.get('checkpoint', ''):
+      raise  # a tokenizer was named and is not there
+    tok = None  # none in WORKDIR/tokenizer: the export holds the transformer only
   if tok is not None:
-    model, tparams, tok_config = tok
+    _, tparams, _ = tok
+    tok_config = tokenizer_load.tokenizer_config(run_config, workdir)  # the architecture the weights have
     written['tokenizer'] = os.path.join(out, stablehlo.TOKENIZER_FILE)
     safetensors_io.save(tparams, written['tokenizer'], dtype=ex.dtype, scanned=(),
                         metadata={'tokenizer': json.dumps(tok_config.to_dict()), 'what': 'nbp tokenizer'})
@@ -191,8 +170,7 @@ def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, fram
                    resolution: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """(uint8 [n, >= frames, R, R, 3], labels or None): held-out clips of the run's data, else synthetic ones."""
   try:
-    from nbp_jax.nbp import sample as sample_lib  # pylint: disable=g-import-not-at-top
-    held_out = sample_lib.held_out_videos(config, workdir, n)
+    held_out = next(pipeline.first_clips(config, workdir, n))
     video = held_out['video']
     if video.shape[0] == n and video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
       labels = held_out.get('label')

@@ -31,6 +31,7 @@ import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import ml_collections
@@ -45,11 +46,11 @@ from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import Spec, spec_from_config
 from nbp_jax.nbp.transformer import official_name
+from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
 PyTree = Any
 
-TOKENIZER_SUBDIR = 'tokenizer'  # WORKDIR/tokenizer: the default tokenizer location of sample/eval/export
 CLASS_PROMPTS_FILE = 'class_prompts.json'
 VOCAB_TO_LAYOUT = {layout_lib.OFFICIAL_CODEBOOK_SIZE: 'official_k600',
                    layout_lib.OFFICIAL_UCF_VOCAB_SIZE: 'official_ucf'}
@@ -167,17 +168,6 @@ def _abstract(init_fn) -> PyTree:
   return nn.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
 
 
-def _leaves(tree: PyTree):
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    yield tuple(getattr(k, 'key', getattr(k, 'name', str(k))) for k in path), leaf
-
-
-def _set(tree: dict, path: tuple[str, ...], x) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = x
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The transformer.
 
@@ -236,7 +226,7 @@ def configure(config: ml_collections.ConfigDict, sd: StateDict) -> ml_collection
 def transformer_expected(spec: Spec) -> dict[str, tuple[int, ...]]:
   """{official key: PyTorch shape} of every parameter of `spec`'s transformer."""
   expected = {}
-  for path, leaf in _leaves(_abstract(lambda r: nbp_train.init_params(spec, r))):
+  for path, leaf in traverse_util.flatten_dict(_abstract(lambda r: nbp_train.init_params(spec, r))).items():
     shape = tuple(leaf.shape)
     name = official_name(path)
     if '{i}' in name:
@@ -271,15 +261,14 @@ def transformer_params(sd: StateDict, spec: Spec, ignore_prefixes: Sequence[str]
       return x[0]
     return x
 
-  params: dict = {}
-  for path, _ in _leaves(_abstract(lambda r: nbp_train.init_params(spec, r))):
+  flat = {}
+  for path in traverse_util.flatten_dict(_abstract(lambda r: nbp_train.init_params(spec, r))):
     name = official_name(path)
     if '{i}' in name:
-      x = np.stack([convert(path, name.format(i=i)) for i in range(spec.model.num_layers)])
+      flat[path] = np.stack([convert(path, name.format(i=i)) for i in range(spec.model.num_layers)])
     else:
-      x = convert(path, name)
-    _set(params, path, x)
-  return params
+      flat[path] = convert(path, name)
+  return traverse_util.unflatten_dict(flat)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -305,19 +294,19 @@ def _tokenizer_torch_shape(path, shape) -> tuple[int, ...]:
 
 def tokenizer_params(sd: StateDict, model: tokenizer_model.Tokenizer) -> PyTree:
   """magvit2 state dict (keys without `module.`) -> generator params (numpy float32) of `model`."""
-  abstract = _abstract(lambda r: tokenizer_model.init_params(model, r))
-  expected = {tokenizer_key(p): _tokenizer_torch_shape(p, l.shape) for p, l in _leaves(abstract)}
+  abstract = traverse_util.flatten_dict(_abstract(lambda r: tokenizer_model.init_params(model, r)))
+  expected = {tokenizer_key(p): _tokenizer_torch_shape(p, l.shape) for p, l in abstract.items()}
   _match(sd, expected, 'tokenizer', "The config's tokenizer.* sizes do not describe this checkpoint; the release's "
          "tokenizer needs config_lib.TOKENIZER_SIZES['official'] (the default of the ucf101/k600 configs).")
-  params: dict = {}
-  for path, _ in _leaves(abstract):
+  flat = {}
+  for path in abstract:
     x = sd[tokenizer_key(path)]
     if path[-1] == 'kernel':
       x = np.ascontiguousarray(x.transpose(2, 3, 4, 1, 0))
     elif path[-1] == 'beta':
       x = x.reshape(-1)
-    _set(params, path, x)
-  return params
+    flat[path] = x
+  return traverse_util.unflatten_dict(flat)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -487,7 +476,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   written = []
   if tok_params is not None:
-    tdir = os.path.join(workdir, TOKENIZER_SUBDIR)
+    tdir = os.path.join(workdir, tokenizer_load.TOKENIZER_SUBDIR)
     save_workdir(tdir, tok_params, config)
     written.append(f'tokenizer   {tdir}')
     del tok_params

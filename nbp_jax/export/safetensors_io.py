@@ -19,6 +19,7 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Optional
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,13 +45,6 @@ def is_float(dtype) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def _key_name(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _segments(path: tuple[str, ...]) -> list[str]:
   out = []
   for part in path:
@@ -61,10 +55,8 @@ def _segments(path: tuple[str, ...]) -> list[str]:
 
 def flatten(params: PyTree, scanned: tuple[str, ...] = SCANNED) -> dict[str, np.ndarray]:
   """Param tree (boxed or not, jax or numpy) -> {flat name: numpy array}, scanned layers split per layer."""
-  params = nn.meta.unbox(params)
   flat = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    parts = tuple(_key_name(k) for k in path)
+  for parts, leaf in sorted(traverse_util.flatten_dict(nn.meta.unbox(params)).items()):
     x = np.asarray(jax.device_get(leaf))
     if parts[0] in scanned:
       for i in range(x.shape[0]):
@@ -80,7 +72,7 @@ def unflatten(flat: Mapping[str, Any], *, scan_layers: bool, scanned: tuple[str,
 
   `stack` is jnp.stack when the arrays are traced (inside a jitted or exported function).
   """
-  tree: dict = {}
+  arrays: dict[tuple[str, ...], Any] = {}  # path -> array
   stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
   for name, x in flat.items():
     parts: list[str] = []
@@ -93,23 +85,18 @@ def unflatten(flat: Mapping[str, Any], *, scan_layers: bool, scanned: tuple[str,
     if scan_layers and m and m.group(1) in scanned:
       stacks.setdefault((m.group(1),) + tuple(parts[1:]), {})[int(m.group(2))] = x
       continue
-    _insert(tree, parts, x, name)
+    arrays[tuple(parts)] = x
   for parts, layers in stacks.items():
     if sorted(layers) != list(range(len(layers))):
       missing = sorted(set(range(max(layers) + 1)) - set(layers))
       raise SafetensorsError(f"layer {missing[0]} of '{parts[0]}/{{i}}/{'/'.join(parts[1:])}' is missing; the file "
                              'is incomplete (re-export it).')
-    _insert(tree, list(parts), stack([layers[i] for i in range(len(layers))]), '/'.join(parts))
-  return tree
-
-
-def _insert(tree: dict, parts: list[str], x, name: str) -> None:
-  node = tree
-  for p in parts[:-1]:
-    node = node.setdefault(p, {})
-    if not isinstance(node, dict):
-      raise SafetensorsError(f'tensor {name!r} nests under another tensor; the file is not an nbp-jax export.')
-  node[parts[-1]] = x
+    arrays[parts] = stack([layers[i] for i in range(len(layers))])
+  for path in arrays:
+    if any(path[:i] in arrays for i in range(1, len(path))):
+      raise SafetensorsError(f"tensor {'/'.join(path)!r} nests under another tensor; the file is not an nbp-jax "
+                             'export.')
+  return traverse_util.unflatten_dict(arrays)
 
 
 def save(params: PyTree, path: str, *, dtype: str = 'float32', metadata: Optional[Mapping[str, str]] = None,

@@ -34,7 +34,7 @@ import numpy as np
 from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.export import safetensors_io
-from nbp_jax.nbp import decode as decode_lib
+from nbp_jax.nbp import sample as sample_lib
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec, spec_from_config
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -133,19 +133,19 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
       weights = t_arrays + k_arrays
     tparams = as_tree(t_names, weights[:len(t_names)], scan)
     kparams = as_tree(k_names, weights[len(t_names):], False) if tokenizer is not None else None
+    generator = sample_lib.Generator(config, spec, tparams, tokenizer=None if tokenizer is None else tokenizer[0],
+                                     tokenizer_params=kparams)
     key, rest = data[0], list(data[1:])
     labels = rest.pop(0) if cond else None
     context = None
     if t_ctx:
-      ctx = rest.pop(0)
+      context = rest.pop(0)
       if tokenizer is not None:
-        ctx = tokenizer_model.encode(kparams, ctx, tokenizer[0])  # [B, t_ctx, h, w]
-      context = decode_lib.context_to_seq(spec, ctx)
-    z = decode_lib.generate(spec, tparams, key, sampling, labels=labels, context=context,
-                            batch_size=None if (cond or t_ctx) else batch_size)
-    codes = layout.seq_to_grid(z)
+        context = generator.encode(context)  # the F given frames -> [B, t_ctx, h, w]
+    codes = generator.codes(key, labels=labels, context_codes=context, batch_size=batch_size, sampling=sampling)
     if tokenizer is None:
       return (codes,)
+    # Generator.decode returns host arrays; here the decode is traced into the program.
     return codes, tokenizer_model.decode(kparams, codes, tokenizer[0])
 
   outputs = [_spec_entry('codes', (batch_size, t, h, w), np.int32)]

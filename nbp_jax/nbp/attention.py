@@ -8,10 +8,12 @@ Keys not yet written to the cache have larger block ids than any query, so they 
 Implementations (config `model.attention`):
   xla     materialised [Tq, Tk] mask, scores in float32; the reference, runs everywhere.
   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, the fused GPU kernel (bf16/fp16 inputs).
-  splash  Pallas splash attention (TPU). The mask is built from the block ids at run time and the kernel skips the
-          tiles it masks entirely (above the block diagonal: about half of them in training). Sequences are padded
-          to whole tiles. Steps with fewer than SPLASH_MIN_QUERIES queries (decoding one block against the cache) use
-          the xla path, which is faster there. Off TPU the kernel runs in Pallas interpret mode (CPU tests only).
+  splash  Pallas splash attention (TPU). The block ids are static (numpy: they follow from the layout), so the mask
+          is a static splash `NumpyMask` whose tiles are classified (empty / full / partial) at trace time, as
+          MaxText does with its mask classes; the kernel skips the empty tiles (above the block diagonal: about half
+          of them in training). Sequences are padded to whole tiles. Steps with fewer than SPLASH_MIN_QUERIES queries
+          (decoding one block against the cache) and traced block ids use the xla path. Off TPU the kernel runs in
+          Pallas interpret mode (CPU tests only).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from nbp_jax.parallel import sharding as sharding_lib
 
@@ -60,7 +63,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
   if impl == 'splash':
     if jax.default_backend() == 'gpu':
       raise ValueError("model.attention='splash' is a TPU kernel; on GPU use --config.model.attention=cudnn.")
-    if q.shape[2] < SPLASH_MIN_QUERIES:
+    if q.shape[2] < SPLASH_MIN_QUERIES or not _is_static(q_block) or not _is_static(k_block):
       return _xla_attention(q, k, v, block_mask(q_block, k_block))
     return splash_attention(q, k, v, q_block, k_block, interpret=jax.default_backend() != 'tpu')
   raise ValueError(f'model.attention={impl!r} is unknown; pick one of {IMPLS}.')
@@ -78,8 +81,25 @@ def splash_tile(length: int) -> int:
   return min(SPLASH_TILES, key=lambda t: (-length % t, -t))
 
 
+def _is_static(x) -> bool:
+  """True for block ids known at trace time (numpy, or a concrete array), which a static splash mask needs."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def splash_block_mask(q_block: np.ndarray, k_block: np.ndarray, tiles: tuple[int, int]) -> splash_mask.MultiHeadMask:
+  """The static splash mask of block ids [Tq], [Tk], padded to whole tiles: one head's [Tq', Tk'] mask, shared.
+
+  Padded keys get the largest block id (no real query sees them); padded queries see every key (no empty row).
+  """
+  tq, tk = len(q_block), len(k_block)
+  q_block = np.pad(np.asarray(q_block, np.int32), (0, -tq % tiles[0]), constant_values=_PAD_BLOCK)
+  k_block = np.pad(np.asarray(k_block, np.int32), (0, -tk % tiles[1]), constant_values=_PAD_BLOCK)
+  return splash_mask.MultiHeadMask([splash_mask.NumpyMask(k_block[None, :] <= q_block[:, None])])
+
+
 def splash_attention(q, k, v, q_block, k_block, *, interpret: bool = False):
-  """Block-causal attention with the Pallas splash kernel; same arguments and result as `attention`.
+  """Block-causal attention with the Pallas splash kernel; same arguments and result as `attention`, except that
+  the block ids must be static (numpy or concrete): the kernel's tile classification is computed from them here.
 
   Under a mesh (`jax.set_mesh`) the kernel runs per shard through `jax.shard_map`: the batch split as the logical
   axis 'batch' and the heads as 'heads' (the current `nn.logical_axis_rules`), the sequence whole on every device.
@@ -88,37 +108,28 @@ def splash_attention(q, k, v, q_block, k_block, *, interpret: bool = False):
   tk = k.shape[2]
   tile_q, tile_k = splash_tile(tq), splash_tile(tk)
   pad_q, pad_k = -tq % tile_q, -tk % tile_k
-  q_block = jnp.pad(q_block.astype(jnp.int32), (0, pad_q), constant_values=_PAD_BLOCK)
-  k_block = jnp.pad(k_block.astype(jnp.int32), (0, pad_k), constant_values=_PAD_BLOCK)
+  mask = splash_block_mask(np.asarray(q_block), np.asarray(k_block), (tile_q, tile_k))
   q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, 0), (0, pad_q), (0, 0)))  # the kernel does not scale
   k = jnp.pad(k, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
-  run = functools.partial(_splash_per_shard, tiles=(tile_q, tile_k), interpret=interpret)
+  run = functools.partial(_splash_per_shard, mask=mask, tiles=(tile_q, tile_k), interpret=interpret)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
-    out = run(q, k, v, q_block, k_block)
+    out = run(q, k, v)
   else:
     spec = sharding_lib.fit_spec(nn.logical_to_mesh_axes(('batch', 'heads', None, None)), q.shape, mesh,
                                  'splash attention')
-    ids = jax.P()
-    out = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, ids, ids), out_specs=spec,
-                        check_vma=False)(q, k, v, q_block, k_block)
+    out = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
   return out[:, :, :tq].astype(v.dtype)
 
 
-def _splash_per_shard(q, k, v, q_block, k_block, *, tiles, interpret):
+def _splash_per_shard(q, k, v, *, mask, tiles, interpret):
   tile_q, tile_k = tiles
   sizes = splash.BlockSizes(block_q=tile_q, block_kv=tile_k, block_kv_compute=tile_k,
                             block_q_dkv=tile_q, block_kv_dkv=tile_k, block_kv_dkv_compute=tile_k,
                             block_q_dq=tile_q, block_kv_dq=tile_k)
-  # One [1, Tq, Tk] mask shared by all heads; as a traced array it is a "dynamic" splash mask, whose tile
-  # classification (empty / full / partial) is computed on device.
-  kernel = splash.make_splash_mha(block_mask(q_block, k_block)[None], block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
-  # make_splash_mha turns the flag `is_dynamic_mask` into an array, a tracer under jit that the kernel's
-  # `__call__` then tests with `if`; only that named scope reads it, so restore the Python bool.
-  kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
   return jax.vmap(kernel)(q, k, v)
 
 

@@ -3,7 +3,8 @@ prediction on the same model, in one run, each after a warm-up compile.
 
   python -m nbp_jax.bench decode --config=configs/bench_cpu.py
 
-Times `decode.generate` only (transformer decoding with the KV cache; the tokenizer is not included). Last line:
+Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
+included). Last line:
 `nbp_steps=48 ntp_steps=768 nbp_frames_per_s=... ntp_frames_per_s=... speedup=...`.
 """
 
@@ -18,19 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from nbp_jax import config_lib
-from nbp_jax.nbp import decode, train
-from nbp_jax.nbp.sampling import Sampling
+from nbp_jax.nbp import decode, sample, train
 from nbp_jax.nbp.spec import spec_from_config
-
-
-def _time(fn, repeats: int) -> float:
-  """Best wall time of `repeats` runs (seconds); the best is the least disturbed by other processes."""
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def _mib(n: float) -> str:
@@ -41,7 +31,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
   """Prints one line per mode, the ratio, and the machine-readable last line; returns the numbers."""
   config_lib.validate(config, 'sample')
   nbp_spec = spec_from_config(config)
-  ntp_spec = nbp_spec.with_block_shape((1, 1, 1))
+  ntp_spec = nbp_spec.with_block_shape((1, 1, 1))  # = Generator.codes(..., block_shape=(1, 1, 1))
   layout = nbp_spec.layout
   b = config.sample.batch_size
   t, h, w = layout.latent_shape
@@ -54,26 +44,32 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
 
   params = nn.meta.unbox(jax.jit(lambda r: train.init_params(nbp_spec, r))(jax.random.key(config.seed)))
-  context = jax.random.randint(jax.random.key(1), (b, n_ctx), 0, nbp_spec.vocab.codebook_size) if n_ctx else None
-  labels = jnp.zeros((b,), jnp.int32) if nbp_spec.vocab.prefix_len else None
-  sampling = Sampling.from_config(config.sample)
+  generator = sample.Generator(config, nbp_spec, params)
+  inputs = {}
+  if ctx_latent:
+    inputs['context_codes'] = jax.random.randint(jax.random.key(1), (b, ctx_latent, h, w), 0,
+                                                 nbp_spec.vocab.codebook_size)
+  if nbp_spec.vocab.prefix_len:
+    inputs['labels'] = jnp.zeros((b,), jnp.int32)
+  if not inputs:
+    inputs['batch_size'] = b
 
   results = {}
-  for name, spec, reps in (('nbp', nbp_spec, repeats), ('ntp', ntp_spec, 1)):
-    kwargs = dict(labels=labels, context=context, batch_size=None if (labels is not None or n_ctx) else b)
-    steps = spec.layout.decode_plan(n_ctx).num_steps
+  for name, block, reps in (('nbp', None, repeats), ('ntp', (1, 1, 1), 1)):
+    spec = nbp_spec if block is None else ntp_spec
+    context = None if not ctx_latent else decode.context_to_seq(spec, inputs['context_codes'])
     t0 = time.perf_counter()
-    compiled = decode.generate.lower(spec, params, jax.random.key(2), sampling, **kwargs).compile()
+    compiled = decode.generate.lower(spec, params, jax.random.key(2), generator.sampling(),
+                                     labels=inputs.get('labels'), context=context,
+                                     batch_size=inputs.get('batch_size')).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    fn = lambda spec=spec, kwargs=kwargs: decode.generate(spec, params, jax.random.key(3), sampling, **kwargs)  # noqa
-    jax.block_until_ready(fn())  # warm-up
-    secs = _time(fn, reps)
-    tokens = b * (layout.num_tokens - n_ctx)
-    results[name] = dict(steps=steps, seconds=secs, tokens_per_s=tokens / secs, frames_per_s=b * frames / secs)
+    r = generator.generation_speed(inputs, block_shape=block, repeats=reps)
+    steps, secs = r['steps'], r['seconds']
+    results[name] = dict(steps=steps, seconds=secs, tokens_per_s=r['tokens_per_s'], frames_per_s=r['frames_per_s'])
     temp = getattr(mem, 'temp_size_in_bytes', 0) + getattr(mem, 'argument_size_in_bytes', 0)
-    print(f'{name}: block {"x".join(map(str, spec.layout.block_shape))}, {steps} steps, compile {compile_s:.1f} s, '
-          f'{secs:.2f} s/clip, {tokens / secs:.1f} tokens/s, {b * frames / secs:.2f} frames/s, '
+    print(f'{name}: block {r["block"]}, {steps} steps, compile {compile_s:.1f} s, '
+          f'{secs:.2f} s/clip, {r["tokens_per_s"]:.1f} tokens/s, {r["frames_per_s"]:.2f} frames/s, '
           f'compiled memory {_mib(temp)}, peak RSS {_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}')
   speedup = results['nbp']['frames_per_s'] / results['ntp']['frames_per_s']
   print(f'speed-up of next-block over next-token prediction: {speedup:.1f}x '

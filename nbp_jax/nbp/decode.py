@@ -16,12 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-import ml_collections
 import numpy as np
 
 from nbp_jax.nbp import sampling as sampling_lib
 from nbp_jax.nbp.layout import LayoutError
-from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.transformer import Transformer, init_cache
 
 Sampling = sampling_lib.Sampling
@@ -112,28 +111,3 @@ def context_to_seq(spec: Spec, context_codes) -> jax.Array:
   # Leading latent frames are the leading blocks: lay out a zero-padded grid and keep the first tokens.
   full = jnp.zeros((context_codes.shape[0], t, h, w), jnp.int32).at[:, :tc].set(context_codes)
   return layout.grid_to_seq(full)[:, :tc * h * w]
-
-
-def sample_codes(config: ml_collections.ConfigDict, params, rng: jax.Array, *, labels=None, context_codes=None,
-                 batch_size: Optional[int] = None, spec: Optional[Spec] = None) -> jax.Array:
-  """High-level sampler for --mode=sample/eval: returns int32 codes [B, t, h, w].
-
-  Args:
-    config: the run's config (sampling settings from `config.sample`).
-    params: transformer params.
-    rng: PRNG key.
-    labels: [B] int32 class ids (class-conditional models).
-    context_codes: [B, t_ctx, h, w] int32 given latent frames (frame prediction), kept in the output.
-    batch_size: B when neither labels nor context is given (default config.sample.batch_size).
-    spec: overrides the Spec built from config (e.g. another block shape).
-  """
-  spec = spec or spec_from_config(config)
-  context = None if context_codes is None else context_to_seq(spec, jnp.asarray(context_codes, jnp.int32))
-  if labels is None and context is None:
-    batch_size = batch_size or config.sample.batch_size
-  else:
-    batch_size = None
-  labels = None if labels is None else jnp.asarray(np.asarray(labels), jnp.int32)
-  z = generate(spec, params, rng, Sampling.from_config(config.sample), labels=labels, context=context,
-               batch_size=batch_size)
-  return spec.layout.seq_to_grid(z)

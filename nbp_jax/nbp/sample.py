@@ -10,10 +10,10 @@ WORKDIR/samples/step_<step>/{sample_<i>.mp4, sample_<i>.gif, grid.png} and print
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,70 +22,187 @@ import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import parallel
+from nbp_jax import timing
 from nbp_jax.data import pipeline
 from nbp_jax.data import video_io
 from nbp_jax.nbp import decode
+from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.parallel import sharding as sharding_lib
 from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
 
+# Saved paths that point into a pipeline workdir (WORKDIR/data, ...), found again when WORKDIR was moved or copied
+# (Google Drive, /content): (config field, folder beside the model's workdir).
+_RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokenizer.checkpoint', 'tokenizer'))
+
+_SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
+
+# Jitted once per tokenizer architecture (the model is hashable), shared by every Generator.
+_encode = jax.jit(tokenizer_model.encode, static_argnames='model')
+_decode = jax.jit(tokenizer_model.decode, static_argnames='model')
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in a training workdir, with paths into a moved/copied pipeline workdir relocated."""
+  config = checkpoint_lib.load_config(workdir)
+  root = os.path.dirname(os.path.abspath(workdir))
+  for path, sub in _RELOCATABLE:
+    section, name = path.split('.')
+    saved = config[section].get(name, '')
+    here = os.path.join(root, sub)
+    if saved and not os.path.exists(saved) and os.path.exists(here):
+      config[section][name] = here
+  return config
+
+
 @dataclasses.dataclass
 class Generator:
-  """A trained transformer and its tokenizer, ready to turn labels/context clips into videos."""
+  """A trained transformer and its tokenizer: the one way to generate (sample, eval, pipeline, training samples,
+  the StableHLO export and the notebooks all call it).
+
+    generator = Generator.load('workdirs/demo/nbp')                  # or .load(workdir, config, mesh=mesh)
+    codes = generator.codes(jax.random.key(0), labels=np.arange(4))   # int32 [4, t, h, w]
+    videos = generator.decode(codes)                                  # uint8 [4, T, H, W, 3]
+    row = generator.generation_speed({'labels': np.arange(4)})        # steps, seconds, frames/s, tokens/s
+
+  Attributes:
+    config: the run's config (model, nbp, data and the default sampling settings in `sample`).
+    spec: the transformer's static description (spec_from_config(config), or another block shape).
+    params: the transformer's params.
+    tokenizer: the video tokenizer (None: codes only; encode/decode then fail).
+    tokenizer_params: its params.
+    step: the checkpoint step the params come from.
+    mesh: with a mesh, every batch (labels, context, videos) is split over its batch axes on the way in; the params
+      are expected on it already (Generator.load(..., mesh=mesh) replicates them). None: wherever the inputs are.
+  """
   config: ml_collections.ConfigDict
   spec: Spec
   params: Any
-  step: int
-  tokenizer: tokenizer_model.Tokenizer
-  tokenizer_params: Any
+  tokenizer: Optional[tokenizer_model.Tokenizer] = None
+  tokenizer_params: Any = None
+  step: int = 0
+  mesh: Optional[jax.sharding.Mesh] = None
 
-  @functools.cached_property
-  def _encode(self):
-    return jax.jit(functools.partial(tokenizer_model.encode, model=self.tokenizer))
+  @classmethod
+  def load(cls, workdir: str, config: Optional[ml_collections.ConfigDict] = None, *, step: Optional[int] = None,
+           mesh: Optional[jax.sharding.Mesh] = None) -> 'Generator':
+    """The transformer of a training workdir (--mode=train or --mode=import, or a pipeline's WORKDIR/nbp) from
+    WORKDIR/checkpoints and its tokenizer (WORKDIR/tokenizer or config.tokenizer.checkpoint).
 
-  @functools.cached_property
-  def _decode(self):
-    return jax.jit(functools.partial(tokenizer_model.decode, model=self.tokenizer))
+    Args:
+      workdir: the training workdir.
+      config: the run's config; default the one saved in WORKDIR (its paths into a moved pipeline workdir found
+        again), validated for sampling.
+      step: the checkpoint; default the latest.
+      mesh: replicate the params on every device of the mesh and split each batch over it (data parallelism);
+        default: everything on the first local device.
+    """
+    if config is None:
+      config = saved_config(workdir)
+      config_lib.validate(config, 'sample')
+    params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh)  # first: "train first" is the apt error
+    tokenizer, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
+    if mesh is not None:
+      tok_params = jax.device_put(tok_params, parallel.replicated(mesh))
+    return cls(config=config, spec=spec_from_config(config), params=params, tokenizer=tokenizer,
+               tokenizer_params=tok_params, step=step, mesh=mesh)
 
-  def encode(self, videos: np.ndarray) -> jax.Array:
+  def _split(self, x, dtype=None):
+    """`x` as a jax.Array, its batch (leading) axis split over the mesh's batch axes when there is a mesh."""
+    if self.mesh is None:
+      return jnp.asarray(x, dtype)
+    self._check_batch(len(x))
+    x = x.astype(dtype) if dtype is not None else x
+    return jax.device_put(x, parallel.batch_sharding(self.mesh, config_lib.DEFAULT_AXIS_RULES))
+
+  def _check_batch(self, batch: int) -> None:
+    n = sharding_lib.num_batch_shards(self.mesh, config_lib.DEFAULT_AXIS_RULES)
+    if batch % n:
+      raise ValueError(f'a batch of {batch} does not split over {n} devices: use a multiple of {n} samples.')
+
+  def encode(self, videos) -> jax.Array:
     """uint8 [B, T, H, W, 3] -> int32 codes [B, t, h, w]."""
-    return self._encode(self.tokenizer_params, jnp.asarray(videos))
+    return _encode(self.tokenizer_params, self._split(videos), model=self.tokenizer)
 
-  def decode(self, codes: jax.Array) -> np.ndarray:
-    """int32 codes [B, t, h, w] -> uint8 [B, T, H, W, 3]."""
-    return np.asarray(self._decode(self.tokenizer_params, codes))
-
-  def context_codes(self, videos: np.ndarray) -> jax.Array:
+  def context_codes(self, videos) -> jax.Array:
     """The codes of the given context frames: [B, t_ctx, h, w] from the first nbp.context_frames frames."""
     t_ctx = config_lib.context_latent_frames(self.config)
     # Causal tokenizer: the first t_ctx latent frames depend only on the first context_frames video frames.
     return self.encode(videos)[:, :t_ctx]
 
-  def codes(self, rng: jax.Array, *, labels: Optional[np.ndarray] = None, context_codes: Optional[jax.Array] = None,
-            batch_size: Optional[int] = None, block_shape: Optional[Sequence[int]] = None) -> jax.Array:
-    """int32 codes [B, t, h, w]; `block_shape` decodes the same model with other blocks (e.g. (1, 1, 1) = NTP)."""
+  def codes(self, rng: jax.Array, *, labels=None, context_codes=None, batch_size: Optional[int] = None,
+            block_shape: Optional[Sequence[int]] = None,
+            sampling: Optional[Sampling | Mapping[str, Any]] = None) -> jax.Array:
+    """Generates int32 codes [B, t, h, w] (the context included).
+
+    Args:
+      rng: PRNG key.
+      labels: [B] int class ids (class-conditional models).
+      context_codes: [B, t_ctx, h, w] int codes of the given latent frames (frame prediction; `context_codes()`).
+      batch_size: B when neither labels nor context is given (default config.sample.batch_size).
+      block_shape: decode the same model with other blocks (e.g. (1, 1, 1): next-token prediction).
+      sampling: a Sampling, or overrides of config.sample's temperature/top_k/top_p/cfg_scale/greedy.
+    Traceable (no host round trip), so jax.export can trace it with params as inputs.
+    """
     spec = self.spec if block_shape is None else self.spec.with_block_shape(block_shape)
-    return decode.sample_codes(self.config, self.params, rng, labels=labels, context_codes=context_codes,
-                               batch_size=batch_size, spec=spec)
+    context = None
+    if context_codes is not None:
+      context = self._split(decode.context_to_seq(spec, self._split(context_codes, jnp.int32)))
+    if labels is not None:
+      labels = self._split(np.asarray(labels) if isinstance(labels, (list, tuple)) else labels, jnp.int32)
+    if labels is None and context is None:
+      batch_size = batch_size or self.config.sample.batch_size
+      if self.mesh is not None:
+        self._check_batch(batch_size)
+    else:
+      batch_size = None
+    z = decode.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
+                        batch_size=batch_size)
+    return spec.layout.seq_to_grid(z)
 
+  def sampling(self, overrides: Optional[Sampling | Mapping[str, Any]] = None) -> Sampling:
+    """config.sample's sampling settings, with `overrides` (a Sampling replaces them all)."""
+    if isinstance(overrides, Sampling):
+      return overrides
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(_SAMPLING_FIELDS))
+    if unknown:
+      raise ValueError(f'unknown sampling settings {unknown}; pick from {_SAMPLING_FIELDS}.')
+    return Sampling.from_config(ml_collections.ConfigDict({**self.config.sample.to_dict(), **overrides}))
 
-def load_generator(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None) -> Generator:
-  """Restores the transformer from WORKDIR/checkpoints and the tokenizer (WORKDIR/tokenizer or
-  config.tokenizer.checkpoint) onto the first local device."""
-  params, step = checkpoint_lib.restore_params(workdir, step)  # first: "train first" is the apt error of an empty one
-  model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
-  return Generator(config=config, spec=spec_from_config(config), params=params, step=step, tokenizer=model,
-                   tokenizer_params=tok_params)
+  def decode(self, codes) -> np.ndarray:
+    """int32 codes [B, t, h, w] -> uint8 videos [B, T, H, W, 3] (on the host)."""
+    return np.asarray(_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
 
+  def generation_speed(self, inputs: Mapping[str, Any], *, block_shape: Optional[Sequence[int]] = None,
+                       repeats: int = 3) -> dict[str, Any]:
+    """Times `codes(**inputs)` (the transformer's decoding; the tokenizer is not timed): best of `repeats` runs,
+    compilation excluded (timing.best_of).
 
-def held_out_videos(config: ml_collections.ConfigDict, workdir: str, count: int, *, split: str = 'eval',
-                    seed: int = 0) -> dict[str, np.ndarray]:
-  """The first `count` clips (and labels) of a split, in a fixed order: {'video': uint8 [N, T, H, W, 3], ...}."""
-  ds = pipeline.make_dataset(config, workdir, split, seed=seed, shard_index=0, shard_count=1, batch_size=count,
-                             shuffle=False, drop_remainder=False, num_epochs=1)
-  batch = ds[0]
-  return {k: np.asarray(v)[:count] for k, v in batch.items()}
+    Args:
+      inputs: `codes` keyword arguments: labels and/or context_codes, or batch_size.
+      block_shape: decode with other blocks (e.g. (1, 1, 1): next-token prediction); default the model's.
+      repeats: timed runs.
+    Returns:
+      {'block': e.g. '1x1x16', 'steps': decoding steps per clip, 'seconds': per batch, 'frames_per_s',
+      'tokens_per_s'}; frames and tokens are the generated ones of the whole batch (the given context not counted).
+    """
+    spec = self.spec if block_shape is None else self.spec.with_block_shape(block_shape)
+    context, labels = inputs.get('context_codes'), inputs.get('labels')
+    batch = (len(context) if context is not None else len(labels) if labels is not None else
+             inputs.get('batch_size') or self.config.sample.batch_size)
+    n_ctx = 0 if context is None else int(np.prod(context.shape[1:]))
+    given = self.config.nbp.context_frames if context is not None else 0
+    rng, calls = jax.random.key(0), itertools.count()
+    seconds = timing.best_of(lambda: self.codes(jax.random.fold_in(rng, next(calls)), block_shape=block_shape,
+                                               **inputs), repeats)
+    return {'block': 'x'.join(map(str, spec.layout.block_shape)),
+            'steps': int(spec.layout.decode_plan(n_ctx).num_steps), 'seconds': seconds,
+            'frames_per_s': batch * (self.config.data.num_frames - given) / seconds,
+            'tokens_per_s': batch * (spec.layout.num_tokens - n_ctx) / seconds}
 
 
 def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Generator, count: int
@@ -95,7 +212,7 @@ def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Ge
   if config.nbp.condition == 'class':
     inputs['labels'] = np.arange(count, dtype=np.int32) % config.data.num_classes
   if config.nbp.context_frames > 0:
-    held_out = held_out_videos(config, workdir, count)
+    held_out = next(pipeline.first_clips(config, workdir, count))
     inputs['context_codes'] = generator.context_codes(held_out['video'])
     if 'label' in held_out and config.nbp.condition == 'class':
       inputs['labels'] = held_out['label'].astype(np.int32)
@@ -116,7 +233,7 @@ def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: in
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  generator = load_generator(config, workdir)
+  generator = Generator.load(workdir, config)
   count = config.sample.num_samples
   inputs = sample_inputs(config, workdir, generator, count)
   rng = jax.random.key(config.seed)

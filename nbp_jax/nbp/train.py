@@ -25,7 +25,7 @@ from nbp_jax import errors
 from nbp_jax import trainer
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
-from nbp_jax.nbp import decode
+from nbp_jax.nbp import sample as sample_lib
 from nbp_jax.nbp.spec import Spec, spec_from_config
 from nbp_jax.nbp.transformer import Transformer
 from nbp_jax.task import Task
@@ -111,18 +111,17 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
 
 def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok_params):
   """Task.write_samples: a few generated clips as mp4/gif + PNG grid in WORKDIR/samples/step_<step>."""
-  from nbp_jax.nbp import sample as sample_lib  # pylint: disable=g-import-not-at-top  (sample imports this module)
   count = min(config.sample.num_samples, config.sample.batch_size)
   labels = np.arange(count, dtype=np.int32) % config.data.num_classes if config.nbp.condition == 'class' else None
-  decode_video = jax.jit(functools.partial(tokenizer_model.decode, model=tok_model))
+  generator = sample_lib.Generator(config, spec, params=None, tokenizer=tok_model, tokenizer_params=tok_params)
 
   def write(params, step, workdir):
     if config.nbp.first_block == 'none':
       return  # such a model only continues given frames; --mode=sample does that with held-out clips
-    codes = decode.sample_codes(config, params, jax.random.key(step), labels=labels,
-                                batch_size=None if labels is not None else count, spec=spec)
-    videos = np.asarray(decode_video(tok_params, codes))
-    sample_lib.write_samples(videos, os.path.join(workdir, 'samples', f'step_{step}'), config.data.fps)
+    at_step = dataclasses.replace(generator, params=params, step=step)
+    codes = at_step.codes(jax.random.key(step), labels=labels, batch_size=None if labels is not None else count)
+    sample_lib.write_samples(at_step.decode(codes), os.path.join(workdir, 'samples', f'step_{step}'),
+                             config.data.fps)
 
   return write
 

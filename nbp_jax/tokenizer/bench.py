@@ -4,7 +4,8 @@ r"""Tokenizer throughput: encode and decode clips/s at the config's clip shape, 
   python -m nbp_jax.bench tokenizer --config=configs/k600_700m.py --config.tokenizer.batch_size=16
 
 Random weights (speed does not depend on them); batch = tokenizer.batch_size clips of data.num_frames frames at
-data.resolution. Each function is compiled and run once before timing. Last line:
+data.resolution. Each function is compiled and run once, then timed as the best of 5 calls (timing.best_of). Last
+line:
   encode_clips_per_s=... decode_clips_per_s=... peak_mb=...
 peak_mb is the device's peak bytes in use where the backend reports it (GPU/TPU), else the process's peak RSS.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,10 @@ import ml_collections
 import numpy as np
 
 from nbp_jax import config_lib
+from nbp_jax import timing
 from nbp_jax.tokenizer import model as tokenizer_model
 
-
-def _time(fn, *args, min_seconds: float = 2.0, min_iters: int = 3) -> float:
-  """Seconds per call after one warm-up call (compilation), averaged over >= min_iters calls and >= min_seconds."""
-  jax.block_until_ready(fn(*args))
-  iters, start = 0, time.perf_counter()
-  while iters < min_iters or time.perf_counter() - start < min_seconds:
-    jax.block_until_ready(fn(*args))
-    iters += 1
-  return (time.perf_counter() - start) / iters
+REPEATS = 5
 
 
 def _peak_mb() -> float:
@@ -54,8 +47,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
   codes = encode(params, video)
   if codes.shape != (batch, t, h, w):
     raise AssertionError(f'encode gave codes {codes.shape}, expected {(batch, t, h, w)}.')
-  enc_s = _time(encode, params, video)
-  dec_s = _time(decode, params, codes)
+  enc_s = timing.best_of(lambda: encode(params, video), REPEATS)
+  dec_s = timing.best_of(lambda: decode(params, codes), REPEATS)
   result = {'encode_clips_per_s': batch / enc_s, 'decode_clips_per_s': batch / dec_s, 'peak_mb': _peak_mb()}
   counts = tokenizer_model.param_counts(params)
   print(f'device={jax.devices()[0].device_kind} tokenizer={config.tokenizer.size} dtype={model.dtype} '

@@ -1,4 +1,5 @@
-"""Where a trained tokenizer lives and how the other stages load it (tokenize, on-the-fly encoding, sampling)."""
+"""Where a trained tokenizer lives and how every other stage loads it (tokenize, on-the-fly encoding, sampling,
+evaluation, export): the one tokenizer loader."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import errors
 from nbp_jax.tokenizer import model as tokenizer_model
 
-TOKENIZER_SUBDIR = 'tokenizer'
+TOKENIZER_SUBDIR = 'tokenizer'  # WORKDIR/tokenizer: where train_tokenizer and import write, sample/eval/export look
 
 
 def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.tokenizer.checkpoint if set, else WORKDIR/tokenizer (where --mode=train_tokenizer writes)."""
-  return config.tokenizer.checkpoint or os.path.join(workdir, TOKENIZER_SUBDIR)
+  return config.tokenizer.get('checkpoint', '') or os.path.join(workdir, TOKENIZER_SUBDIR)
 
 
 def tokenizer_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

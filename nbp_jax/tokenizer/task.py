@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 from nbp_jax import config_lib
+from nbp_jax import image_metrics
 from nbp_jax import task as task_lib
-from nbp_jax.evaluation import metrics as eval_metrics
 from nbp_jax.tokenizer import fsq
 from nbp_jax.tokenizer import losses
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -58,7 +58,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
                  disc: losses.PatchDiscriminator):
   """(params, batch, rng, train) -> (scalar loss, metrics); see the module docstring for the contract."""
   tok = config.tokenizer
-  lpips_fn = losses.make_lpips() if tok.perceptual_weight > 0 else None
+  lpips_fn = image_metrics.make_lpips() if tok.perceptual_weight > 0 else None
   use_lecam = tok.lecam_weight > 0
   last = f'decoder_layers_{len(tokenizer_model.decoder_layers(model.spec)) - 1}'
 
@@ -79,10 +79,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     features = apply(tokenizer_model.Tokenizer.decode_features, codes)
     recon = apply(tokenizer_model.Tokenizer.decode_head, features)
     nll, (rec, per) = nll_fn(recon, x)
-    metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll, 'psnr': losses.psnr(recon, x)}
+    # PSNR/SSIM of the uint8 clip decode() returns, the one --mode=eval scores: the same numbers for the same clips.
+    shown = tokenizer_model.to_uint8(recon)
+    metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll,
+               'psnr': jnp.mean(image_metrics.psnr(shown, x))}
     if not train:
       if min(x.shape[2:4]) >= 11:  # SSIM's 11x11 window
-        metrics['ssim'] = jnp.mean(eval_metrics.ssim(jnp.clip(recon, 0.0, 1.0), x))
+        metrics['ssim'] = jnp.mean(image_metrics.ssim(shown, x))
       return nll, metrics
     if 'step' not in batch:
       raise KeyError("the tokenizer loss needs batch['step'] (int32 optimizer step) to start the discriminator at "

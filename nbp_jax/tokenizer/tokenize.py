@@ -13,8 +13,9 @@ readable with `pipeline.make_dataset(config, workdir, split, location=tokens_loc
 
 Multi-host: each host encodes its shard of every split (every process_count-th clip) on its local devices.
 Resumable: each encoded batch is saved at once under <tokens dir>/_work/; a rerun skips the batches already there.
-When every host is done, process 0 writes the array_record shards (metadata: the tokenizer, relative to the workdir when inside it, and its step) and removes
-the work files. An existing tokenized dataset is reused if it came from the same tokenizer checkpoint.
+When every host is done, process 0 writes the array_record shards (metadata: the tokenizer, relative to the workdir
+when inside it, and its step) and removes the work files. An existing tokenized dataset is reused if it came from the
+same tokenizer checkpoint.
 """
 
 from __future__ import annotations

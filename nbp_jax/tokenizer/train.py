@@ -6,7 +6,8 @@ r"""`--mode=train_tokenizer`: trains the video tokenizer with the shared trainer
 Reads the prepared clips of WORKDIR/data and writes everything under WORKDIR/tokenizer (or
 config.tokenizer.checkpoint): checkpoints, config.json, metrics.jsonl, TensorBoard events, samples/. The
 transformer's own checkpoints in WORKDIR/checkpoints are never touched. Rerunning resumes. At the end it prints the
-reconstruction PSNR/SSIM over the whole held-out split and writes them to WORKDIR/tokenizer/eval.json.
+reconstruction PSNR/SSIM over the whole held-out split (per frame of the uint8 reconstruction, as --mode=eval
+computes them) and writes them to WORKDIR/tokenizer/eval.json.
 
 Steps and batch come from config.tokenizer (num_steps, batch_size); logging, evaluation, checkpoint and sample
 intervals from config.train.
@@ -23,10 +24,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
@@ -44,12 +45,10 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def held_out_clips(config: ml_collections.ConfigDict, workdir: str, count: int) -> np.ndarray:
-  """The first `count` clips of the held-out split (the same on every host): uint8 [count, T, H, W, 3]."""
-  ds = pipeline.make_dataset(config, workdir, 'eval', seed=0, shard_index=0, shard_count=1, batch_size=count,
-                             shuffle=False, drop_remainder=False)
-  return np.asarray(ds[0]['video'])[:count]
-
+# What the numbers of eval.json mean; a rerun recomputes an eval.json of another version instead of reusing it.
+# 2: PSNR and SSIM of the uint8 reconstruction per frame, averaged over frames, then clips (nbp_jax.image_metrics, as
+# --mode=eval reports them). 1 (no version recorded): PSNR of each clip's mean squared error, float reconstruction.
+EVAL_VERSION = 2
 
 BUNDLED = {'demo': os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
                                  'demo_tokenizer')}
@@ -101,6 +100,17 @@ def _get(config, dotted: str):
   return config[section].get(field)
 
 
+def previous_evaluation(path: str, step: int, eval_clips: int) -> Optional[dict[str, float]]:
+  """The held-out result in `path` (eval.json) if it scored this step on as many clips with these metrics
+  (EVAL_VERSION); else None (evaluate again)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  same = (result.get('step'), result.get('eval_clips'), result.get('metrics_version'))
+  return result if same == (step, eval_clips, EVAL_VERSION) else None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   tdir = load.tokenizer_workdir(config, workdir)
   if jax.process_index() == 0:
@@ -109,7 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('install_pretrained_tokenizer')
   tconfig = training_config(config)
-  samples = held_out_clips(tconfig, workdir, tconfig.tokenizer.num_samples) if tconfig.tokenizer.num_samples else None
+  num_samples = tconfig.tokenizer.num_samples
+  samples = next(pipeline.first_clips(tconfig, workdir, num_samples))['video'] if num_samples else None
   task = tokenizer_task.make_task(tconfig, sample_videos=samples)
   train_data = pipeline.make_iterator(
       pipeline.make_dataset(tconfig, workdir, 'train', seed=tconfig.seed),
@@ -121,18 +132,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return {'step': step}
   eval_path = os.path.join(tdir, 'eval.json')
   num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
-  if os.path.exists(eval_path):  # a rerun of a finished tokenizer: its evaluation on these clips is done
-    with open(eval_path) as f:
-      result = json.load(f)
-    if result.get('step') == step and result.get('eval_clips') == num_clips - num_clips % tconfig.data.batch_size:
-      print(f'tokenizer at step {step}: held-out psnr={result["psnr"]:.4g} (evaluated before, {eval_path})', flush=True)
-      return result
+  eval_clips = num_clips - num_clips % tconfig.data.batch_size
+  result = previous_evaluation(eval_path, step, eval_clips)
+  if result is not None:  # a rerun of a finished tokenizer: its evaluation on these clips is done
+    print(f'tokenizer at step {step}: held-out psnr={result["psnr"]:.4g} (evaluated before, {eval_path})', flush=True)
+    return result
 
   # The whole held-out split, once, with the trained parameters.
   setup = trainer.make_setup(tconfig, task)
   metrics = trainer.evaluate(trainer.make_eval_step(task, setup), state.params, eval_data, setup, num_batches=0)
   result = {k[len('val_'):]: v for k, v in metrics.items() if k in ('val_psnr', 'val_ssim', 'val_recon_loss')}
-  result.update(step=step, eval_clips=num_clips - num_clips % tconfig.data.batch_size)
+  result.update(step=step, eval_clips=eval_clips, metrics_version=EVAL_VERSION)
   out = None
   if task.write_samples is not None:
     out = task.write_samples(state.params, step, tdir)
@@ -140,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with open(eval_path, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
-                                                              if k not in ('step',)), flush=True)
+                                                              if k not in ('step', 'metrics_version')), flush=True)
     if out:
       print(f'reconstructions (original | reconstruction): {out}', flush=True)
   return result

@@ -1,6 +1,8 @@
 """UCF-101 class-conditional generation (17 frames, 128x128, fps 8), 700m transformer.
 
   python -m nbp_jax.main --config=configs/ucf101_700m.py --workdir=/path/to/workdir --mode=train
+
+The same as --config=configs/ucf101.py:700m.
 """
 
 from nbp_jax import config_lib

@@ -1,5 +1,6 @@
-"""Helper for the trainer/parallel/checkpoint tests (holds no tests): a tiny Task, a 2-layer MLP classifier whose
-params carry logical axis names, on random data from a grain pipeline (so the iterator state is checkpointed as in real runs)."""
+"""Helper of the trainer/parallel/checkpoint tests (no tests here): a tiny Task, a 2-layer MLP classifier whose
+params carry logical axis names, on random data from a grain pipeline (so the iterator state is checkpointed as in
+real runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import time
 
 import flax.linen as nn
 import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -24,7 +24,7 @@ class ToyModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    dense = lambda feats, names, name: nn.Dense(  # noqa: E731
+    dense = lambda feats, names, name: nn.Dense(
         feats, name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.normal(0.1), names[-1:]))
     h = dense(self.embed, ('conv_in', 'embed'), 'embed_in')(x)
@@ -114,8 +114,9 @@ def config(num_steps: int = 4, batch_size: int = 16, mesh=(-1, 1, 1), **train):
 
 
 if __name__ == '__main__':
-  # python tests/test_trainer_toy.py WORKDIR DELAY_S: the run that tests/test_checkpoint.py kills or preempts.
+  # python tests/trainer_toy.py WORKDIR DELAY_S: the run that tests/test_checkpoint.py kills or preempts.
   import sys  # pylint: disable=g-import-not-at-top
+
   from nbp_jax import trainer  # pylint: disable=g-import-not-at-top
   trainer.train(reference_config(), sys.argv[1], make_task(), dataset(16, delay_s=float(sys.argv[2])),
                 eval_data=lambda: iter(dataset(16, seed=1)))

