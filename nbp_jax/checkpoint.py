@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import grain
@@ -104,7 +104,7 @@ class _IteratorState:
   handing over the live iterator) keeps an asynchronous save from racing the prefetching pipeline.
   """
 
-  def __init__(self, state: Optional[bytes] = None):
+  def __init__(self, state: bytes | None = None):
     self.state = state
 
   def get_state(self) -> bytes:
@@ -237,13 +237,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def best_step(self) -> Optional[int]:
+  def best_step(self) -> int | None:
     best, best_val = None, None
     for step in self.all_steps():
       m = self._manager.metrics(step)
@@ -251,7 +251,7 @@ class Checkpointer:
         best, best_val = step, m[BEST_METRIC]
     return best
 
-  def saved_config(self, step: int) -> Optional[dict]:
+  def saved_config(self, step: int) -> dict | None:
     """The config saved with checkpoint `step` (a dict), else WORKDIR/config.json's, else None."""
     try:
       return dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config'])
@@ -274,7 +274,7 @@ class Checkpointer:
         'params']
 
   def save(self, step: int, params: PyTree, train_state: PyTree, data_iter: Any = None,
-           config: Optional[ml_collections.ConfigDict] = None, metrics: Optional[dict[str, float]] = None) -> bool:
+           config: ml_collections.ConfigDict | None = None, metrics: dict[str, float] | None = None) -> bool:
     """Starts an asynchronous save of step `step`; returns False if that step is already saved."""
     if step in self._manager.all_steps():
       return False
@@ -315,7 +315,7 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'quarantine_checkpoint_{step}')
     self._manager.reload()
 
-  def _check_step(self, step: int, abstract_params: PyTree, abstract_train_state: Optional[PyTree]) -> None:
+  def _check_step(self, step: int, abstract_params: PyTree, abstract_train_state: PyTree | None) -> None:
     md = self._manager.item_metadata(step)
     where = f'checkpoint {self.step_dir(step)}'
     if md is None or md.get('params') is None:
@@ -328,7 +328,7 @@ class Checkpointer:
       check_shapes(ts.tree, abstract_train_state, 'optimizer-state entry', where)
 
   def restore(self, abstract_params: PyTree, abstract_train_state: PyTree, data_iter: Any = None,
-              config: Optional[ml_collections.ConfigDict] = None) -> Optional[tuple[int, PyTree, PyTree]]:
+              config: ml_collections.ConfigDict | None = None) -> tuple[int, PyTree, PyTree] | None:
     """Restores the latest readable checkpoint onto the shardings in the abstract trees.
 
     Args:
@@ -388,8 +388,8 @@ def _abstract_from_metadata(tree: PyTree, sharding_for: Any) -> PyTree:
       is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
-def restore_params(workdir: str, step: Optional[int] = None, *, shardings: Optional[PyTree] = None,
-                   mesh: Optional[jax.sharding.Mesh] = None, best: bool = False) -> tuple[PyTree, int]:
+def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree | None = None,
+                   mesh: jax.sharding.Mesh | None = None, best: bool = False) -> tuple[PyTree, int]:
   """Parameters of a training run, for the sample/eval/export modes. Returns (params, step).
 
   Args:

@@ -21,7 +21,7 @@ from nbp_jax import errors
 MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import', 'pipeline',
          'study')
 
-# Transformer sizes. The paper's three (official_nbp.md) plus small ones for CPU tests, demo and benchmarks.
+# Transformer sizes. The paper's three (docs/design.md) plus small ones for CPU tests, demo and benchmarks.
 MODEL_SIZES = {
     'micro': dict(num_layers=2, num_heads=2, emb_dim=32),
     'tiny': dict(num_layers=4, num_heads=4, emb_dim=128),
@@ -32,7 +32,7 @@ MODEL_SIZES = {
     '3b': dict(num_layers=32, num_heads=32, emb_dim=3072),
 }
 
-# Video tokenizer sizes. 'official' is the released MAGVIT-v2-style tokenizer (official_nbp.md, 370.4M params):
+# Video tokenizer sizes. 'official' is the released MAGVIT-v2-style tokenizer (docs/design.md, 370.4M params):
 # encoder stages of widths 128*(1,2,2,4), 4 residual units each, then 4 more at the widest; down-sampling
 # (1,2,2), (2,2,2), (2,2,2) after the first three stages; the decoder mirrors it.
 TOKENIZER_SIZES = {
@@ -237,7 +237,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.context_frames = -1  # video frames given to the exported function; -1 = nbp.context_frames
   c.export.embed_params = False  # bake the weights into generate.stablehlo (small models) instead of inputs
   c.export.platforms = ()  # e.g. ('cpu', 'cuda', 'tpu'); () = the current backend
-  # --mode=import: the official PyTorch release -> an orbax workdir (nbp_jax/export/official.py).
+  # --mode=import: the official PyTorch release -> an orbax workdir (nbp_jax/interop/official.py).
   c.import_ = ml_collections.ConfigDict()
   c.import_.checkpoint = ''  # official transformer: Lightning .ckpt, or its .safetensors from export.convert_torch
   c.import_.tokenizer_checkpoint = ''  # magvit2_*.pt or its .safetensors; written to WORKDIR/tokenizer

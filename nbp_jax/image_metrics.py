@@ -8,10 +8,10 @@ from nbp_jax, so every stage may use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import os
 import pickle
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ r"""Command line entry point: one config, one workdir, one mode.
 --config is a config file, `file.py:ARG` for its get_config(ARG), or a bundled config by name (config_lib.config_file).
 The --config.x=y overrides go through config_lib.apply_overrides (`--config.model.size=3b` chooses the 3b fields).
 
-Each mode is one stage of the corridor (DESIGN.md); this file only validates the config and dispatches. Expected
+Each mode is one stage of the corridor (docs/design.md); this file only validates the config and dispatches. Expected
 failures (`nbp_jax.errors.UserError`: a wrong field, a missing file, a stage not run yet) print one line and exit
 with status 2 (`--verbose` or NBP_VERBOSE=1 shows their traceback); anything else is a bug and keeps its traceback.
 Third-party INFO logs (orbax, TFDS, XLA) stay quiet unless `--verbosity` is given (e.g. `--verbosity=0` for INFO).
@@ -50,11 +50,11 @@ STAGES = {
     'train_tokenizer': 'nbp_jax.tokenizer.train:run',
     'tokenize': 'nbp_jax.tokenizer.tokenize:run',
     'train': 'nbp_jax.nbp.train:run',
-    'sample': 'nbp_jax.nbp.sample:run',
+    'sample': 'nbp_jax.nbp.generator:run',
     'eval': 'nbp_jax.evaluation.protocols:run',
     'pipeline': 'nbp_jax.pipeline:run',
     'study': 'nbp_jax.study:run',
-    'import': 'nbp_jax.export.official:run',
+    'import': 'nbp_jax.interop.official:run',
     'export': 'nbp_jax.export.bundle:run',
 }
 

@@ -7,7 +7,7 @@ the library itself (`nbp.sample.Generator`); the library never imports this modu
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -15,7 +15,7 @@ import numpy as np
 
 from nbp_jax import config_lib
 from nbp_jax.data import pipeline
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 
 
 def split_summary(x: jax.Array) -> str:
@@ -29,7 +29,7 @@ def split_summary(x: jax.Array) -> str:
   return f'batch of {x.shape[0]} split over {len(shards)} devices ({"/".join(map(str, sorted(per)))} each)'
 
 
-def describe(generator: sample_lib.Generator) -> str:
+def describe(generator: generator_lib.Generator) -> str:
   """One line about the model: size, grid, block, steps per clip for each task it can do."""
   c, spec = generator.config, generator.spec
   layout = spec.layout
@@ -54,7 +54,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return [synthetic.motion_name(i) for i in range(n)]
   try:
-    from nbp_jax.export import official  # pylint: disable=g-import-not-at-top
+    from nbp_jax.interop import official  # pylint: disable=g-import-not-at-top
     names = official.class_names(config) if 'import_' in config else None
   except (ImportError, OSError, ValueError):
     names = None
@@ -105,6 +105,7 @@ def side_by_side(*videos: np.ndarray, gap: int = 2) -> np.ndarray:
 def setup_mediapy() -> None:
   """mediapy encodes the inline videos with ffmpeg: use the one bundled with imageio-ffmpeg if none is on PATH."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   import mediapy  # pylint: disable=g-import-not-at-top
   if shutil.which('ffmpeg') is None:
     from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top

@@ -24,7 +24,7 @@ import ml_collections
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax.data import prepare
 from nbp_jax.evaluation import protocols
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.tokenizer import tokenize
 from nbp_jax.tokenizer import train as tokenizer_train
@@ -53,7 +53,7 @@ def variant_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   return out
 
 
-def shared_stages(config: ml_collections.ConfigDict, workdir: str, clock: 'StageClock', total: int = 5) -> None:
+def shared_stages(config: ml_collections.ConfigDict, workdir: str, clock: StageClock, total: int = 5) -> None:
   """The stages every model of a comparison shares: data, tokenizer, codes (each reused when finished)."""
   clock.start('prepare_data', f'1/{total} prepare data')
   prepare.run(config, workdir)
@@ -70,7 +70,7 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
   Returns (row: {'decode_steps', 'seconds_per_batch', 'frames_per_s', '<protocol>/<metric>': ...}, eval report).
   `recorded` holds decode timings of an earlier run at the same checkpoint, kept instead of timing again.
   """
-  generator = sample_lib.Generator.load(vdir, c)
+  generator = generator_lib.Generator.load(vdir, c)
   report = _finished_eval(c, vdir, generator.step, names)
   if report is None:
     report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=stats_dir)
@@ -80,14 +80,14 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
   if all(k in recorded for k in _SPEED_KEYS):
     row = {k: recorded[k] for k in _SPEED_KEYS}
   else:
-    row = time_decoding(generator, sample_lib.sample_inputs(c, vdir, generator, c.sample.batch_size))
+    row = time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator, c.sample.batch_size))
   for protocol, r in report['protocols'].items():
     for metric, value in r['metrics'].items():
       row[f'{protocol}/{metric}'] = float(value)
   return row, report
 
 
-def time_decoding(generator: sample_lib.Generator, inputs: dict) -> dict[str, float]:
+def time_decoding(generator: generator_lib.Generator, inputs: dict) -> dict[str, float]:
   """Seconds per batch of clips (codes only, compile excluded, best of 3) and generated video frames per second."""
   row = generator.generation_speed(inputs)
   return {'decode_steps': row['steps'], 'seconds_per_batch': row['seconds'], 'frames_per_s': row['frames_per_s']}
@@ -236,7 +236,8 @@ _GRID_TITLES = {
 
 def _stack_grids(panels: list[tuple[str, str]], out: str, gap: int = 6, title_height: int = 14) -> None:
   """One PNG of every (title, grid PNG) panel, stacked vertically with its title above it (left-aligned)."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   panels = [(title, Image.open(p).convert('RGB')) for title, p in panels if os.path.exists(p)]
   if not panels:
     return

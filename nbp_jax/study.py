@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import config_lib
-from nbp_jax import metrics as metrics_lib
+from nbp_jax import metric_logger
 from nbp_jax import pipeline
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
 
 RESULT_FILE = 'study_result.json'
@@ -58,7 +58,7 @@ def run_name(block_shape, seed: int) -> str:
 
 def _val_loss(vdir: str) -> float:
   """The last validation loss in WORKDIR/metrics.jsonl (the trainer's held-out teacher-forced loss)."""
-  losses = [r['val_loss'] for r in metrics_lib.read_metrics(vdir) if 'val_loss' in r]
+  losses = [r['val_loss'] for r in metric_logger.read_metrics(vdir) if 'val_loss' in r]
   return float(losses[-1]) if losses else float('nan')
 
 
@@ -101,8 +101,8 @@ def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict
   for (block, seed), name in zip(todo, tqdm(names, desc='decode timing', unit='run')):
     vdir = os.path.join(workdir, 'runs', name)
     c = pipeline.model_config(config, workdir, name, block, seed)
-    generator = sample_lib.Generator.load(vdir, c)
-    timings[name] = pipeline.time_decoding(generator, sample_lib.sample_inputs(c, vdir, generator,
+    generator = generator_lib.Generator.load(vdir, c)
+    timings[name] = pipeline.time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator,
                                                                                c.sample.batch_size))
   with open(path + '.tmp', 'w') as f:
     json.dump(timings, f, indent=2)

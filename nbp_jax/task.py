@@ -6,8 +6,9 @@ checkpointing and logging. Nothing here depends on a particular model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import jax
 import optax
@@ -38,8 +39,8 @@ class Task:
   name: str
   init_params: Callable[[jax.Array], PyTree]
   loss_fn: LossFn
-  make_optimizer: Optional[Callable[[], optax.GradientTransformation]] = None
+  make_optimizer: Callable[[], optax.GradientTransformation] | None = None
   flops_per_example: float = 0.0
   tokens_per_example: int = 0
-  prepare_batch: Optional[Callable[[Batch], Batch]] = None
-  write_samples: Optional[Callable[[PyTree, int, str], None]] = None
+  prepare_batch: Callable[[Batch], Batch] | None = None
+  write_samples: Callable[[PyTree, int, str], None] | None = None

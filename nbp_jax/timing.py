@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 

@@ -20,6 +20,7 @@ checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoad
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import glob
 import json
@@ -29,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 from absl import logging
 import flax
@@ -46,7 +47,7 @@ import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import errors
-from nbp_jax import metrics as metrics_lib
+from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax.parallel import sharding as sharding_lib
 from nbp_jax.task import Task
@@ -91,7 +92,7 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
-                   num_steps: Optional[int] = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   num_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The default chain from config.optim: clip_by_global_norm -> AdamW(b1, b2, masked decay) with the schedule."""
   o = config.optim
   schedule = learning_rate_schedule(o, config.train.num_steps if num_steps is None else num_steps)
@@ -112,14 +113,14 @@ class Setup:
   mesh: jax.sharding.Mesh
   rules: tuple
   tx: optax.GradientTransformation
-  schedule: Optional[optax.Schedule]
+  schedule: optax.Schedule | None
   abstract_state: TrainState  # ShapeDtypeStructs with .sharding
   state_shardings: TrainState
   batch_sharding: NamedSharding
 
 
 def make_setup(config: ml_collections.ConfigDict, task: Task,
-               mesh: Optional[jax.sharding.Mesh] = None) -> Setup:
+               mesh: jax.sharding.Mesh | None = None) -> Setup:
   mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
   rules = sharding_lib.normalize_rules(config.mesh.axis_rules)
   if task.make_optimizer is not None:
@@ -355,7 +356,7 @@ class _StepLogger:
   `flush()` fetches everything, before a state is saved, sampled from or given its evaluation record.
   """
 
-  def __init__(self, writer: metrics_lib.MetricWriter, ckpt: checkpoint_lib.Checkpointer, task: Task, *,
+  def __init__(self, writer: metric_logger.MetricWriter, ckpt: checkpoint_lib.Checkpointer, task: Task, *,
                num_steps: int, log_every: int, num_devices: int, peak_flops: float, label: str, primary: bool):
     self.writer, self.ckpt, self.task = writer, ckpt, task
     self.num_steps, self.log_every = num_steps, max(log_every, 1)
@@ -410,7 +411,7 @@ class _StepLogger:
     out = {'steps_per_s': steps_per_s, 'examples_per_s': steps_per_s * self.global_batch}
     if self.task.tokens_per_example:
       out['tokens_per_s'] = out['examples_per_s'] * self.task.tokens_per_example
-    mfu = metrics_lib.mfu(self.task.flops_per_example, out['examples_per_s'], self.num_devices, self.peak_flops)
+    mfu = metric_logger.mfu(self.task.flops_per_example, out['examples_per_s'], self.num_devices, self.peak_flops)
     if math.isfinite(mfu):
       out['mfu'] = mfu
     return out
@@ -456,7 +457,7 @@ class _Profiler:
 
 def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, task: Task, setup: Setup,
                      ckpt: checkpoint_lib.Checkpointer, train_iter: Iterator
-                     ) -> tuple[TrainState, metrics_lib.MetricWriter]:
+                     ) -> tuple[TrainState, metric_logger.MetricWriter]:
   """The latest checkpoint's state (and data-iterator state), else a fresh one; and the metric writer, whose files
   are cut back to the state's step (lines of a killed run's steps after it)."""
   a = setup.abstract_state
@@ -469,7 +470,7 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, task: Task
   # Only now that the checkpoint (if any) is known to fit: a refused resume leaves the workdir as it was.
   checkpoint_lib.write_config(workdir, config)
   start = 0 if restored is None else restored[0]
-  writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1 if metrics_lib.has_events(workdir) else None)
+  writer = metric_logger.MetricWriter(workdir, purge_step=start + 1 if metric_logger.has_events(workdir) else None)
   if restored is None:
     state = init_state(config, task, setup)
     logging.info('Fresh start: %s', _param_summary(state.params))
@@ -492,14 +493,14 @@ def _next_batch(train_iter: Iterator, step: int, num_steps: int) -> PyTree:
 
 
 def _save(ckpt: checkpoint_lib.Checkpointer, step: int, state: TrainState, train_iter: Iterator,
-          config: ml_collections.ConfigDict, val: Optional[dict[str, float]]) -> None:
+          config: ml_collections.ConfigDict, val: dict[str, float] | None) -> None:
   # Only checkpoints evaluated at their own step compete for "best".
   best = {checkpoint_lib.BEST_METRIC: val[checkpoint_lib.BEST_METRIC]} if val else None
   ckpt.save(step, state.params, {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},
             data_iter=train_iter, config=config, metrics=best)
 
 
-def _write_samples(task: Task, params: PyTree, step: int, workdir: str, writer: metrics_lib.MetricWriter) -> None:
+def _write_samples(task: Task, params: PyTree, step: int, workdir: str, writer: metric_logger.MetricWriter) -> None:
   """task.write_samples, then the PNGs it wrote under WORKDIR/samples as TensorBoard images ('samples/<name>')."""
   folder = os.path.join(workdir, SAMPLES_DIR)
   before = _pngs(folder) if writer.enabled else {}
@@ -525,7 +526,7 @@ def _say(primary: bool, message: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_data: Any, eval_data: Any = None,
-          *, mesh: Optional[jax.sharding.Mesh] = None) -> TrainState:
+          *, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """Trains `task` for config.train.num_steps steps, resuming from WORKDIR/checkpoints if there are any.
 
   Returns the final state (sharded over the mesh). Raises NonFiniteLossError on a NaN/Inf loss or gradient.
@@ -550,7 +551,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   train_step = make_train_step(task, setup, accum)
   eval_step = make_eval_step(task, setup) if eval_data is not None else None
   logger = _StepLogger(writer, ckpt, task, num_steps=num_steps, log_every=tc.log_every, num_devices=setup.mesh.size,
-                       peak_flops=metrics_lib.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0)),
+                       peak_flops=metric_logger.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0)),
                        label=label, primary=primary)
   profiler = _Profiler(workdir, tc.get('profile_steps', 0), first_step=start + 1)
   preemption = _Preemption(ckpt)

@@ -16,9 +16,9 @@ import pytest
 from nbp_jax import config_lib
 from nbp_jax import parallel
 from nbp_jax import trainer
-from nbp_jax import trainer_bench
+from nbp_jax.bench import train as trainer_bench
 from nbp_jax.nbp import attention as attention_lib
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.spec import spec_from_config
@@ -179,16 +179,18 @@ def test_splash_in_a_sharded_train_step_matches_xla():
   numerics.assert_trees_close(splash_params, xla_params, rtol=1e-5, err_msg='params')
 
 
-def test_frame_prediction_with_splash_prefill_samples_what_xla_samples():
+def test_frame_prediction_with_splash_prefill_samples_what_xla_samples(monkeypatch):
   """Generation from 2 given latent frames under model.attention='splash' samples the codes of the reference
-  attention with the same key. (The decoder computes the block ids of every step, the 133-query prefill's too, from
-  traced positions, so all of them take the xla path; the kernel itself is checked above.)
+  attention with the same key. (The 133-query prefill has static positions, so its block ids are numpy and it runs
+  the splash kernel, in interpret mode here; the steps' ids are traced and take the xla path.)
 
   Exact equality is robust here: a token is argmax(logits + Gumbel noise) over 64000 codes, whose top two are
   ~Exp(1) apart, so fp32 logit differences of ~1e-6 flip one of the 384 sampled tokens with probability ~1e-3.
   """
   context = np.random.default_rng(0).integers(0, 64000, (2, 2, 8, 8)).astype(np.int32)
-  codes = {}
+  codes, kernel_calls = {}, []
+  kernel = attention_lib.splash_attention
+  monkeypatch.setattr(attention_lib, 'splash_attention', lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
   for impl in ('xla', 'splash'):
     cfg = config_lib.task_config('demo', 'micro')
     cfg.tokenizer = config_lib.tokenizer_config('micro')  # 8x down in space (8x8 latents), 64000 codes
@@ -197,7 +199,8 @@ def test_frame_prediction_with_splash_prefill_samples_what_xla_samples():
     cfg.model.attention = impl
     spec = spec_from_config(cfg)
     params = nbp_train.init_params(spec, jax.random.key(0))
-    codes[impl] = np.asarray(sample_lib.Generator(cfg, spec, params).codes(
+    codes[impl] = np.asarray(generator_lib.Generator(cfg, spec, params).codes(
         jax.random.key(1), labels=np.array([0, 1], np.int32), context_codes=context))
   np.testing.assert_array_equal(codes['splash'][:, :2], context)
   np.testing.assert_array_equal(codes['splash'], codes['xla'])
+  assert kernel_calls, 'the prefill did not run the splash kernel'

@@ -19,12 +19,12 @@ import pytest
 
 from nbp_jax import checkpoint
 from nbp_jax import config_lib
-from nbp_jax import metrics
+from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import trainer
-from nbp_jax import trainer_bench
-from nbp_jax.export import official
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.bench import train as trainer_bench
+from nbp_jax.interop import official
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.tokenizer import model as tokenizer_model
 import trainer_toy as toy
@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 
 
 def _losses(workdir):
-  return {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+  return {r['step']: r['loss'] for r in metric_logger.read_metrics(workdir) if 'loss' in r}
 
 
 def _train(workdir, **kw):
@@ -57,7 +57,7 @@ def _start(workdir, delay_s=0.3):
 
 
 def _wait_for_steps(proc, workdir, n, checkpoint_step=None, timeout=120):
-  path = os.path.join(workdir, metrics.METRICS_FILE)
+  path = os.path.join(workdir, metric_logger.METRICS_FILE)
   ckpt = os.path.join(workdir, 'checkpoints', str(checkpoint_step), 'commit_success.txt')
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -139,7 +139,7 @@ def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), ref_params)
   assert len(jax.tree_util.tree_leaves(params)[0].sharding.device_set) == 1
   # Best by validation loss is kept beside the last 3.
-  val = {r['step']: r['val_loss'] for r in metrics.read_metrics(ref_dir) if 'val_loss' in r}
+  val = {r['step']: r['val_loss'] for r in metric_logger.read_metrics(ref_dir) if 'val_loss' in r}
   _, best = checkpoint.restore_params(ref_dir, best=True)
   assert best == min(val, key=val.get)
   # Training goes on from the 8-device checkpoint on a 1-device mesh.
@@ -202,7 +202,7 @@ def test_refused_resume_leaves_the_workdir_unchanged_and_names_the_field(tmp_pat
   # The saved config still describes the checkpoint: sample works from the workdir alone.
   saved = checkpoint.load_config(workdir)
   assert saved.model.num_layers == 2
-  sample_lib.run(saved, workdir)
+  generator_lib.run(saved, workdir)
   assert glob.glob(os.path.join(workdir, 'samples', 'step_2', 'sample_0.mp4'))
 
 

@@ -14,7 +14,7 @@ from nbp_jax import config_lib
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 
-# The paper's transformer sizes (official_nbp.md): (layers, heads, width).
+# The paper's transformer sizes (docs/design.md): (layers, heads, width).
 PAPER_SIZES = {'700m': (24, 16, 1536), '1b': (24, 32, 2048), '3b': (32, 32, 3072)}
 
 
@@ -197,7 +197,7 @@ def test_field_override_wins_over_the_size_in_either_order():
 def test_tokenizer_size_override_chooses_the_released_tokenizer():
   c = _flags_config('--config=configs/demo.py', '--config.tokenizer.size=official')
   tok = c['tokenizer']
-  # The release (official_nbp.md): widths 128 x (1, 2, 2, 4), 4 residual units per stage and 4 at the widest,
+  # The release (docs/design.md): widths 128 x (1, 2, 2, 4), 4 residual units per stage and 4 at the widest,
   # GroupNorm, time halved after stages 2 and 3, FSQ levels 8,8,8,5,5,5.
   assert (tok['channels'], tuple(tok['channel_multipliers']), tok['num_res_blocks'], tok['num_mid_blocks']) == (
       128, (1, 2, 2, 4), 4, 4)

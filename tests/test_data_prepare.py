@@ -7,8 +7,8 @@ import sys
 
 import imageio.v2 as imageio
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from nbp_jax import config_lib
 from nbp_jax.data import builder

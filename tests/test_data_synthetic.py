@@ -1,8 +1,8 @@
 """Synthetic videos (deterministic, distinct motion per class) and video file I/O."""
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from nbp_jax.data import synthetic
 from nbp_jax.data import video_io

@@ -1,6 +1,6 @@
 """--mode=export: safetensors + a jax.export program that a fresh process runs with JAX alone, bit-exact.
 
-The reference is the in-process generation through the public APIs (tokenizer encode -> decode.generate ->
+The reference is the in-process generation through the public APIs (tokenizer encode -> generation.generate ->
 tokenizer decode) with the same seed; the fresh process loads only generate.stablehlo, generate.json and the
 safetensors files, through the run_generate.py copied into the export folder, and must not import nbp_jax.
 """
@@ -23,10 +23,10 @@ from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax.data import video_io
 from nbp_jax.export import bundle
-from nbp_jax.export import official
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
-from nbp_jax.nbp import decode
+from nbp_jax.interop import official
+from nbp_jax.nbp import generation
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import spec_from_config
@@ -106,8 +106,8 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
   model, tparams, _ = tokenizer_load.load_tokenizer(config, workdir)
   spec = spec_from_config(config)
   ctx_codes = tokenizer_model.encode(tparams, jnp.asarray(context), model)
-  z = decode.generate(spec, params, jax.random.PRNGKey(seed), Sampling.from_config(config.sample),
-                      labels=jnp.asarray(labels), context=decode.context_to_seq(spec, ctx_codes))
+  z = generation.generate(spec, params, jax.random.PRNGKey(seed), Sampling.from_config(config.sample),
+                      labels=jnp.asarray(labels), context=generation.context_to_seq(spec, ctx_codes))
   codes = spec.layout.seq_to_grid(z)
   video = tokenizer_model.decode(tparams, codes, model)
   np.testing.assert_array_equal(fresh['codes'], np.asarray(codes))
@@ -118,7 +118,7 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
 
 
 def test_embedded_codes_only_export_matches_generate(tmp_path):
-  """No tokenizer, weights baked in, no condition inputs beyond the key: codes equal decode.generate's."""
+  """No tokenizer, weights baked in, no condition inputs beyond the key: codes equal generation.generate's."""
   config = _config()
   config.nbp.condition, config.nbp.context_frames, config.data.num_classes = 'none', 0, 0
   config.export.embed_params = True
@@ -131,7 +131,7 @@ def test_embedded_codes_only_export_matches_generate(tmp_path):
   (codes,) = exported.call(np.array([0, 4], np.uint32))
   params, _ = checkpoint_lib.restore_params(workdir)
   spec = spec_from_config(config)
-  z = decode.generate(spec, params, jax.random.PRNGKey(4), Sampling.from_config(config.sample), batch_size=2)
+  z = generation.generate(spec, params, jax.random.PRNGKey(4), Sampling.from_config(config.sample), batch_size=2)
   np.testing.assert_array_equal(np.asarray(codes), np.asarray(spec.layout.seq_to_grid(z)))
   # The weights file is still written, and reads back as the checkpoint.
   flat, _ = safetensors_io.load(written['params'])

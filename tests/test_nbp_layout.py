@@ -5,7 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from nbp_jax.nbp.layout import BlockLayout, LayoutError, Vocab
+from nbp_jax.nbp.layout import BlockLayout
+from nbp_jax.nbp.layout import LayoutError
+from nbp_jax.nbp.layout import Vocab
 
 SHAPES = [(1, 1, 1), (1, 1, 8), (1, 1, 16), (1, 4, 4), (2, 1, 8), (2, 2, 2), (1, 16, 16)]
 
@@ -155,7 +157,7 @@ def test_official_ucf_sequence():
   z = np.random.default_rng(1).integers(0, 64000, (1, 1280))
   prefix = np.asarray(vocab.prefix_ids(np.array([3]), 1))
   np.testing.assert_array_equal(prefix[0], np.array(text[3]) + 16)
-  # The official sequence (official_nbp.md): [8 text ids, BOV, z0..z15, placeholders 1..15, z16..z1279], minus 16.
+  # The official sequence (docs/design.md): [8 text ids, BOV, z0..z15, placeholders 1..15, z16..z1279], minus 16.
   full = np.concatenate([prefix[0], [0], z[0, :16] + 32016, np.arange(1, 16), z[0, 16:] + 32016])
   ids = np.asarray(layout.input_ids(prefix, z, vocab))
   assert ids.shape == (1, 1288)

@@ -10,7 +10,10 @@ import pytest
 
 from nbp_jax import config_lib
 from nbp_jax.nbp.layout import BlockLayout
-from nbp_jax.nbp.transformer import Transformer, TransformerConfig, init_cache, official_name
+from nbp_jax.nbp.transformer import Transformer
+from nbp_jax.nbp.transformer import TransformerConfig
+from nbp_jax.nbp.transformer import init_cache
+from nbp_jax.nbp.transformer import official_name
 import numerics
 
 V, D, H, LAYERS = 20, 32, 2, 2
@@ -38,7 +41,7 @@ def _full_logits(cfg, params, ids, layout, null_cond=None):
   return fn(params, ids, layout.block_ids(np.arange(ids.shape[1])), null_cond)
 
 
-# ('none' with 1x2x2 blocks is covered through generation in test_nbp_decode.)
+# ('none' with 1x2x2 blocks is covered through generation in test_nbp_generation.)
 @pytest.mark.parametrize('first_block,block,scan', [('bov', (1, 1, 3), True), ('hybrid', (1, 1, 3), False)])
 def test_cached_decode_equals_full_forward(first_block, block, scan):
   cfg = _cfg(scan_layers=scan)
@@ -63,7 +66,7 @@ def test_cached_decode_equals_full_forward(first_block, block, scan):
   numerics.assert_close(np.concatenate(got, axis=1), full, 1e-5)
 
 
-# ---- an independent numpy forward of the official architecture (official_nbp.md), plain causal mask ----
+# ---- an independent numpy forward of the official architecture (docs/design.md), plain causal mask ----
 
 def _np_ln(x, p):
   mu = x.mean(-1, keepdims=True)
@@ -83,8 +86,8 @@ def _np_causal_lm(params, ids, num_heads):
   for i in range(LAYERS):
     blk = p[f'blocks_{i}']
     h = _np_ln(x, blk['ln1'])
-    dense = lambda y, q: y @ q['kernel'] + q['bias']  # noqa: E731
-    split = lambda y: y.reshape(*y.shape[:2], num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    dense = lambda y, q: y @ q['kernel'] + q['bias']
+    split = lambda y: y.reshape(*y.shape[:2], num_heads, -1).transpose(0, 2, 1, 3)
     q, k, v = (split(dense(h, blk['attn'][n])) for n in ('query', 'key', 'value'))
     att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
     att = np.where(causal, att, -np.inf)

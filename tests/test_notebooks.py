@@ -8,10 +8,11 @@ import json
 import os
 import shutil
 
-import nbformat
 from nbclient import NotebookClient
+import nbformat
 
-from conftest import REPO, TINY_PIPELINE_FLAGS
+from conftest import REPO
+from conftest import TINY_PIPELINE_FLAGS
 
 NOTEBOOKS = ('quickstart', 'tpu_generate')
 _PROBE = 'NOTEBOOK_STATE='

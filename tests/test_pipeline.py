@@ -1,10 +1,12 @@
 """The whole corridor through the CLI on tiny synthetic data: prepare, tokenizer, tokenize, NBP + NTP, sample, eval."""
 
 import json
+
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, TINY_PIPELINE_FLAGS, run_main
+from conftest import TINY_PIPELINE_FLAGS
+from conftest import run_main
 
 
 def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline):

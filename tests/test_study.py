@@ -1,4 +1,5 @@
-"""`--mode=study` end to end at micro size: two block shapes, two seeds, a table, a plot, , one timing pass, and a resumed rerun."""
+"""`--mode=study` end to end at micro size: two block shapes, two seeds, a table, a plot, one timing pass,
+and a resumed rerun."""
 
 import json
 import shutil
@@ -6,7 +7,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from conftest import TINY_PIPELINE_FLAGS, run_main
+from conftest import TINY_PIPELINE_FLAGS
+from conftest import run_main
 from nbp_jax import study
 
 # The tests' micro pipeline (3x4x4 codes), as the study: NTP and blocks of one latent row, one seed each.

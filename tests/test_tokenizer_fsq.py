@@ -12,7 +12,7 @@ LEVELS = (8, 8, 8, 5, 5, 5)
 
 
 def _naive_quantize(z, levels):
-  """official_nbp.md, written out per channel in float64: bound, round half to even, code, index."""
+  """docs/design.md, written out per channel in float64: bound, round half to even, code, index."""
   codes = np.zeros(z.shape, np.float64)
   index = np.zeros(z.shape[:-1], np.int64)
   place = 1

@@ -19,14 +19,15 @@ import pytest
 
 from nbp_jax import checkpoint
 from nbp_jax import config_lib
-from nbp_jax import metrics
+from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import trainer
-from nbp_jax import trainer_bench
+from nbp_jax.bench import train as trainer_bench
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.parallel import sharding as sharding_lib
 import numerics
-from test_metrics_writer import read_events, summaries
+from test_metric_logger import read_events
+from test_metric_logger import summaries
 import trainer_toy as toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.all_steps() == [2, 4]  # step 5's state was never saved
   ckpt.close()
-  records = metrics.read_metrics(workdir)
+  records = metric_logger.read_metrics(workdir)
   assert [r['step'] for r in records] == [1, 2, 3, 4, 5]
   assert all(math.isfinite(r['loss']) for r in records[:4]) and records[4]['loss'] == 'nan'
   # TensorBoard event files and the config beside the checkpoints.
@@ -114,7 +115,8 @@ def test_batch_that_cannot_be_split_names_the_fields(tmp_path):
     trainer.train(cfg, str(tmp_path), toy.make_task(), toy.dataset(12))
 
 
-LAUNCHERS = sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh')) + glob.glob(os.path.join(REPO, 'launch', '*.sbatch')))
+LAUNCHERS = sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh'))
+                   + glob.glob(os.path.join(REPO, 'launch', '*.sbatch')))
 
 
 def test_launchers_parse_with_bash_n():
@@ -148,7 +150,7 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
 
   task = nbp_train.make_task(cfg)
   state = trainer.train(cfg, str(tmp_path), task, batches(0))
-  records = metrics.read_metrics(str(tmp_path))
+  records = metric_logger.read_metrics(str(tmp_path))
   assert [r['step'] for r in records] == [1, 2]
   assert all(math.isfinite(r['loss']) for r in records)
   assert records[-1]['tokens_per_s'] > 0 and 'accuracy' in records[-1]

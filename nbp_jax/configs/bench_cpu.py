@@ -3,7 +3,7 @@
 The transformer is GPT-2-small shaped (12 layers, 12 heads, width 768: 85M parameters in the layers, 187M with the
 64k-code embedding and head), randomly initialised: decoding speed does not depend on the weights.
 
-  python -m nbp_jax.bench decode --config=configs/bench_cpu.py
+  python -m nbp_jax.bench generate --config=configs/bench_cpu.py
 """
 
 from nbp_jax import config_lib

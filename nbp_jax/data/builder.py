@@ -12,11 +12,12 @@ builder class is not registered, so reading never depends on the code that wrote
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 import contextlib
 import dataclasses
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -14,8 +14,9 @@ pre-tokenized dataset ('codes' uint16 [t, h, w], 'label') goes through the same 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np

@@ -22,6 +22,7 @@ with the reason in prepare_report.txt beside the shards; no partial clip is ever
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import csv
 import dataclasses
@@ -29,7 +30,7 @@ import itertools
 import os
 import re
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm

@@ -14,10 +14,10 @@ classes and steps), so every model evaluated on the same data is scored by the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import hashlib
 import json
 import os
-from typing import Callable
 
 import flax.linen as nn
 import flax.serialization

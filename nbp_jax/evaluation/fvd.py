@@ -7,11 +7,11 @@ first (64x64 for K600, as MAGVIT does), short side resized to 224 and centre-cro
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import functools
 import hashlib
 import json
 import os
-from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ def preprocess(video: jax.Array, num_frames: int = 16, pre_resize: int = 0) -> j
 
 
 def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
-                    devices: Optional[list[jax.Device]] = None) -> Callable[[jax.Array], jax.Array]:
+                    devices: list[jax.Device] | None = None) -> Callable[[jax.Array], jax.Array]:
   """A jitted uint8 [B, T, H, W, 3] -> float32 [B, 400] I3D logits function.
 
   With several devices (default: all), the batch is split over them (padded to a multiple of their count).
@@ -88,7 +88,7 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
 
 
 def extract_features(videos: Iterable[np.ndarray], feature_fn: Callable[[jax.Array], jax.Array], *,
-                     total: Optional[int] = None, desc: str = 'I3D features') -> np.ndarray:
+                     total: int | None = None, desc: str = 'I3D features') -> np.ndarray:
   """Runs `feature_fn` over batches of uint8 videos [b, T, H, W, 3]; returns float64 [N, 400].
 
   Batches are padded to the first batch's size so the jitted function compiles once.

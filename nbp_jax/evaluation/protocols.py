@@ -17,10 +17,10 @@ mp4s of the first samples beside it, and prints a table.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import json
 import os
 import time
-from typing import Iterator, Optional
 
 import jax
 import ml_collections
@@ -33,7 +33,7 @@ from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.evaluation import classifier as classifier_lib
 from nbp_jax.evaluation import fvd
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 
 PROTOCOLS = ('class', 'frame_prediction', 'reconstruction')
 
@@ -54,7 +54,7 @@ def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -
   return pipeline.first_clips(config, workdir, num, split=split, batch_size=batch_size, shuffle=True, seed=config.seed)
 
 
-def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: Optional[str] = None
+def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | None = None
                ) -> dict[str, np.ndarray]:
   """I3D statistics of the first eval.num_samples clips of `split`, cached in STATS_DIR (default WORKDIR)/fvd_stats
   and reused."""
@@ -78,7 +78,7 @@ class _Collector:
     self.feature_fn, self.keep = feature_fn, keep
     self.features, self.kept, self.values = [], [], {}
 
-  def add(self, videos: np.ndarray, shown: Optional[np.ndarray] = None, **per_video: np.ndarray) -> None:
+  def add(self, videos: np.ndarray, shown: np.ndarray | None = None, **per_video: np.ndarray) -> None:
     """Features of `videos`; `shown` (default `videos`) is what the sample files show."""
     self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
     if sum(len(v) for v in self.kept) < self.keep:
@@ -95,7 +95,7 @@ def _num_batches(num: int, batch_size: int) -> int:
   return -(-num // batch_size)
 
 
-def eval_classifier(config, workdir: str, stats_dir: Optional[str] = None):
+def eval_classifier(config, workdir: str, stats_dir: str | None = None):
   """The class-accuracy classifier of config's dataset (trained on every train clip once, cached in STATS_DIR)."""
   split = 'train'
   num = pipeline.num_examples(config, workdir, split)
@@ -119,8 +119,8 @@ def classifier_references(config, workdir: str, predict) -> dict[str, float]:
           'shuffled_class_acc': classifier_lib.accuracy(predicted, classifier_lib.shuffled(labels, config.seed))}
 
 
-def evaluate_class(config, workdir: str, generator: sample_lib.Generator, feature_fn, rng, *, keep: int,
-                   stats_dir: Optional[str] = None) -> dict:
+def evaluate_class(config, workdir: str, generator: generator_lib.Generator, feature_fn, rng, *, keep: int,
+                   stats_dir: str | None = None) -> dict:
   """Class-conditional FVD (samples with the real clips' labels vs those real train clips) and class accuracy."""
   ev = config.eval
   real_split = 'train'
@@ -141,8 +141,8 @@ def evaluate_class(config, workdir: str, generator: sample_lib.Generator, featur
           'num_samples': int(len(labels)), 'real_split': real_split, 'videos': kept}
 
 
-def evaluate_frame_prediction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, rng, *,
-                              keep: int, stats_dir: Optional[str] = None) -> dict:
+def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, rng, *,
+                              keep: int, stats_dir: str | None = None) -> dict:
   """Frame prediction: context from held-out clips; FVD of whole clips; PSNR/SSIM/LPIPS of predicted frames."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
@@ -182,8 +182,8 @@ def copy_last_prediction(videos: np.ndarray, given: int) -> np.ndarray:
   return out
 
 
-def evaluate_reconstruction(config, workdir: str, generator: sample_lib.Generator, feature_fn, lpips_fn, *,
-                            keep: int, stats_dir: Optional[str] = None) -> dict:
+def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, *,
+                            keep: int, stats_dir: str | None = None) -> dict:
   """The tokenizer alone on held-out clips: rFVD, PSNR, SSIM, LPIPS (all frames)."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
@@ -216,14 +216,14 @@ def format_table(results: dict[str, dict]) -> str:
   return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optional[sample_lib.Generator] = None,
-             *, protocols: Optional[tuple[str, ...]] = None, out_name: str = '', stats_dir: Optional[str] = None
+def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generator_lib.Generator | None = None,
+             *, protocols: tuple[str, ...] | None = None, out_name: str = '', stats_dir: str | None = None
              ) -> dict:
   """Runs the protocols, writes results JSON + samples under WORKDIR/eval, returns the results.
 
   `stats_dir` holds the cached real-video statistics (default WORKDIR), so runs on one dataset can share them.
   """
-  generator = generator or sample_lib.Generator.load(workdir, config)
+  generator = generator or generator_lib.Generator.load(workdir, config)
   protocols = protocols or configured_protocols(config)
   ev = config.eval
   feature_fn = fvd.make_feature_fn(ev.fvd_num_frames, ev.fvd_resize)
@@ -249,7 +249,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
   tag = out_name or f'step{generator.step}'
   files = {}
   for name, r in results.items():
-    files[name] = sample_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,
+    files[name] = generator_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,
                                            name=f'{tag}_{name}')
   report = {
       'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
@@ -265,7 +265,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: Optiona
   return report
 
 
-def configured_protocols(config, default: Optional[tuple[str, ...]] = None) -> tuple[str, ...]:
+def configured_protocols(config, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
   """config.eval.protocols as a tuple; 'auto' = `default`, or what the model can do (auto_protocols)."""
   names = config.eval.get('protocols', 'auto')
   if names in ('auto', '', None):

@@ -6,5 +6,5 @@
   stablehlo.py       jax.export of the whole generation (prefill, block decoding, tokenizer decode)
   bundle.py          --mode=export: a workdir -> WORKDIR/export/{params,tokenizer}.safetensors, generate.stablehlo
 
-Kept free of imports so that `python -m nbp_jax.export.convert_torch` runs in an environment without JAX.
+Kept free of imports so that `python -m nbp_jax.interop.convert_torch` runs in an environment without JAX.
 """

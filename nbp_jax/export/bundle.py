@@ -28,7 +28,7 @@ import json
 import os
 import shlex
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -167,7 +167,7 @@ def _codebook_size(config: ml_collections.ConfigDict) -> int:
 
 
 def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, frames: int,
-                   resolution: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                   resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
   """(uint8 [n, >= frames, R, R, 3], labels or None): held-out clips of the run's data, else synthetic ones."""
   try:
     held_out = next(pipeline.first_clips(config, workdir, n))

@@ -135,7 +135,7 @@ def make_inputs(sig: dict, seed: int, labels=None, context=None) -> tuple[list, 
   if n > b:
     raise SystemExit(f'this export generates {b} samples per call; pass at most {b} labels or clips (or export '
                      'with a larger --config.export.batch_size).')
-  pad = lambda x: np.asarray(x)[np.arange(b) % len(x)]  # noqa: E731
+  pad = lambda x: np.asarray(x)[np.arange(b) % len(x)]
   args = []
   for spec in specs:
     name, shape, dtype = spec['name'], tuple(spec['shape']), np.dtype(spec['dtype'])

@@ -14,10 +14,11 @@ format and, when given, the run's config (JSON), so a file describes itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 from flax import traverse_util
 import flax.linen as nn
@@ -99,7 +100,7 @@ def unflatten(flat: Mapping[str, Any], *, scan_layers: bool, scanned: tuple[str,
   return traverse_util.unflatten_dict(arrays)
 
 
-def save(params: PyTree, path: str, *, dtype: str = 'float32', metadata: Optional[Mapping[str, str]] = None,
+def save(params: PyTree, path: str, *, dtype: str = 'float32', metadata: Mapping[str, str] | None = None,
          scanned: tuple[str, ...] = SCANNED) -> dict[str, tuple[int, ...]]:
   """Writes `params` to `path` (atomically) in `dtype` ('float32', 'bfloat16', 'float16'). Returns {name: shape}.
 
@@ -155,7 +156,7 @@ class Reader(Mapping[str, np.ndarray]):
     return tuple(self._file.get_slice(name).get_shape())
 
 
-def load(path: str, *, scan_layers: Optional[bool] = None, dtype: Optional[str] = None,
+def load(path: str, *, scan_layers: bool | None = None, dtype: str | None = None,
          scanned: tuple[str, ...] = SCANNED) -> tuple[PyTree, dict[str, str]]:
   """Reads a file written by `save` -> (param tree of numpy arrays, header metadata).
 

@@ -21,10 +21,12 @@ Sampling settings (temperature, top-k, top-p, CFG) are fixed at export time. In 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import importlib.util
 import json
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,10 @@ import numpy as np
 from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.export import safetensors_io
-from nbp_jax.nbp import sample as sample_lib
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp.sampling import Sampling
-from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.spec import Spec
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import model as tokenizer_model
 
 PROGRAM_FILE = 'generate.stablehlo'
@@ -76,8 +79,8 @@ def _spec_entry(name: str, shape, dtype, **extra) -> dict[str, Any]:
 
 
 def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *,
-          tokenizer: Optional[tuple[tokenizer_model.Tokenizer, Mapping[str, np.ndarray]]] = None,
-          batch_size: int, context_frames: int, embed_params: bool = False, spec: Optional[Spec] = None,
+          tokenizer: tuple[tokenizer_model.Tokenizer, Mapping[str, np.ndarray]] | None = None,
+          batch_size: int, context_frames: int, embed_params: bool = False, spec: Spec | None = None,
           params_file: str = PARAMS_FILE, tokenizer_file: str = TOKENIZER_FILE) -> Generation:
   """The generation of `config` as a Generation.
 
@@ -133,7 +136,7 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
       weights = t_arrays + k_arrays
     tparams = as_tree(t_names, weights[:len(t_names)], scan)
     kparams = as_tree(k_names, weights[len(t_names):], False) if tokenizer is not None else None
-    generator = sample_lib.Generator(config, spec, tparams, tokenizer=None if tokenizer is None else tokenizer[0],
+    generator = generator_lib.Generator(config, spec, tparams, tokenizer=None if tokenizer is None else tokenizer[0],
                                      tokenizer_params=kparams)
     key, rest = data[0], list(data[1:])
     labels = rest.pop(0) if cond else None
@@ -172,9 +175,7 @@ def export(gen: Generation, out_dir: str, platforms: Sequence[str] = ()) -> tupl
   Returns:
     (program path, signature path).
   """
-  try:
-    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('flatbuffers') is None:
     raise ExportError('jax.export serialization needs the flatbuffers package: pip install flatbuffers '
                       '(or set --config.export.stablehlo=False).') from None
   exported = jax.export.export(jax.jit(gen.fn), platforms=tuple(platforms) or None)(*gen.abstract_inputs())

@@ -1,7 +1,7 @@
 """Block-causal attention behind one function, for training and decoding alike.
 
 The mask is never passed around as an [T, T] tensor: each query and key carries a block id (prefix -1) and a
-query may attend to a key iff `key_block <= query_block` (DESIGN.md, the block rule). Training passes the same
+query may attend to a key iff `key_block <= query_block` (docs/design.md, the block rule). Training passes the same
 positions for queries and keys; decoding passes the new group's positions (a query offset) against the cache's.
 Keys not yet written to the cache have larger block ids than any query, so they are masked by the same rule.
 
@@ -23,10 +23,10 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+import jax.numpy as jnp
+import numpy as np
 
 from nbp_jax.parallel import sharding as sharding_lib
 

@@ -4,7 +4,7 @@ Two small frozen (hashable, jit-static) dataclasses:
 
 * `Vocab`: which id means what (video codes, begin-of-video, hybrid placeholders, class-prefix ids). The native
   layout puts video codes first; `Vocab.official_k600` / `Vocab.official_ucf` keep the released checkpoints' ids.
-* `BlockLayout`: the block rule of DESIGN.md. Tokens are ordered block by block (blocks in raster order over the
+* `BlockLayout`: the block rule of docs/design.md. Tokens are ordered block by block (blocks in raster order over the
   block grid, raster order inside a block). The *full* sequence is
 
       bov:    [prefix (P), BOV x L,                      z_0 .. z_{N-1}]
@@ -23,10 +23,10 @@ Two small frozen (hashable, jit-static) dataclasses:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +38,7 @@ FIRST_BLOCK_MODES = ('bov', 'hybrid', 'none')
 # Kinds of input positions (see BlockLayout.input_sources).
 PREFIX, VIDEO, BOV, PLACEHOLDER = 0, 1, 2, 3
 
-# Official UCF-101 layout (official_nbp.md): BOV 0, placeholders 1..15, LLaMA-2 text ids + 16, video codes + 32016.
+# Official UCF-101 layout (docs/design.md): BOV 0, placeholders 1..15, LLaMA-2 text ids + 16, video codes + 32016.
 OFFICIAL_UCF_TEXT_OFFSET = 16
 OFFICIAL_UCF_VIDEO_OFFSET = 32016
 OFFICIAL_UCF_VOCAB_SIZE = 96016
@@ -110,7 +110,7 @@ class Vocab:
 
   @classmethod
   def native(cls, codebook_size: int, *, first_block: str = 'bov', block_len: int = 16, num_classes: int = 0,
-             pad_to: int = 128) -> 'Vocab':
+             pad_to: int = 128) -> Vocab:
     """Video codes [0, C), then BOV, then L-1 placeholders ('hybrid' only), then one id per class.
 
     vocab_size is rounded up to a multiple of `pad_to` so the 'vocab' axis shards evenly over tensor-parallel
@@ -130,12 +130,12 @@ class Vocab:
                placeholder_ids=placeholders, class_prefix=classes)
 
   @classmethod
-  def official_k600(cls) -> 'Vocab':
+  def official_k600(cls) -> Vocab:
     """Released K600 model: V = 64000, id = video code, no special ids."""
     return cls(codebook_size=OFFICIAL_CODEBOOK_SIZE, video_offset=0, vocab_size=OFFICIAL_CODEBOOK_SIZE)
 
   @classmethod
-  def official_ucf(cls, class_text_ids: Sequence[Sequence[int]]) -> 'Vocab':
+  def official_ucf(cls, class_text_ids: Sequence[Sequence[int]]) -> Vocab:
     """Released UCF-101 model: V = 96016, BOV 0, placeholders 1..15, text ids + 16, video codes + 32016.
 
     Args:

@@ -33,7 +33,7 @@ class Sampling:
   use_cfg: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def from_config(cls, sample_config) -> 'Sampling':
+  def from_config(cls, sample_config) -> Sampling:
     """From the config's `sample` section (top_k 0 = off, cfg_scale 1 = no guidance)."""
     s = sample_config
     return cls(temperature=float(s.temperature), top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Optional, Sequence
 
 import ml_collections
 
 from nbp_jax import config_lib
-from nbp_jax.nbp.layout import BlockLayout, Vocab
+from nbp_jax.nbp.layout import BlockLayout
+from nbp_jax.nbp.layout import Vocab
 from nbp_jax.nbp.transformer import TransformerConfig
 
 ID_LAYOUTS = ('native', 'official_k600', 'official_ucf')
@@ -21,7 +22,7 @@ class Spec:
   layout: BlockLayout
   vocab: Vocab
 
-  def with_block_shape(self, block_shape: Sequence[int]) -> 'Spec':
+  def with_block_shape(self, block_shape: Sequence[int]) -> Spec:
     """Same model and ids, another block shape (e.g. (1, 1, 1) to decode token by token)."""
     return dataclasses.replace(self, layout=dataclasses.replace(self.layout, block_shape=tuple(block_shape)))
 
@@ -34,8 +35,8 @@ class Spec:
     return m.num_layers * per_layer + 2 * m.vocab_size * d + m.max_positions * d + 2 * d + m.prefix_len * d
 
 
-def spec_from_config(config: ml_collections.ConfigDict, *, block_shape: Optional[Sequence[int]] = None,
-                     dtype: Optional[str] = None) -> Spec:
+def spec_from_config(config: ml_collections.ConfigDict, *, block_shape: Sequence[int] | None = None,
+                     dtype: str | None = None) -> Spec:
   """Builds the Spec of `config` (model.*, nbp.*, data.*, tokenizer.fsq_levels); errors name the field."""
   m, nbp = config.model, config.nbp
   id_layout = nbp.get('id_layout', 'native')

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -25,8 +24,9 @@ from nbp_jax import errors
 from nbp_jax import trainer
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
-from nbp_jax.nbp import sample as sample_lib
-from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp.spec import Spec
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import Transformer
 from nbp_jax.task import Task
 from nbp_jax.tokenizer import load as tokenizer_load
@@ -41,7 +41,7 @@ def init_params(spec: Spec, rng: jax.Array):
   return Transformer(spec.model).init({'params': rng}, ids, layout.block_ids(np.arange(layout.seq_len)))['params']
 
 
-def logits_fn(spec: Spec, params, batch, rng: Optional[jax.Array] = None, train: bool = False,
+def logits_fn(spec: Spec, params, batch, rng: jax.Array | None = None, train: bool = False,
               cond_drop_prob: float = 0.0):
   """Teacher-forced logits of the scored positions.
 
@@ -113,14 +113,14 @@ def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok
   """Task.write_samples: a few generated clips as mp4/gif + PNG grid in WORKDIR/samples/step_<step>."""
   count = min(config.sample.num_samples, config.sample.batch_size)
   labels = np.arange(count, dtype=np.int32) % config.data.num_classes if config.nbp.condition == 'class' else None
-  generator = sample_lib.Generator(config, spec, params=None, tokenizer=tok_model, tokenizer_params=tok_params)
+  generator = generator_lib.Generator(config, spec, params=None, tokenizer=tok_model, tokenizer_params=tok_params)
 
   def write(params, step, workdir):
     if config.nbp.first_block == 'none':
       return  # such a model only continues given frames; --mode=sample does that with held-out clips
     at_step = dataclasses.replace(generator, params=params, step=step)
     codes = at_step.codes(jax.random.key(step), labels=labels, batch_size=None if labels is not None else count)
-    sample_lib.write_samples(at_step.decode(codes), os.path.join(workdir, 'samples', f'step_{step}'),
+    generator_lib.write_samples(at_step.decode(codes), os.path.join(workdir, 'samples', f'step_{step}'),
                              config.data.fps)
 
   return write

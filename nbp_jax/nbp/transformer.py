@@ -2,7 +2,7 @@
 
 Pre-LN blocks (x += Attn(LN1(x)); x += MLP(LN2(x))), separate query/key/value/proj Dense layers with bias, exact
 (erf) GELU MLP of width 4d, learned absolute position embeddings (zero-init), final LayerNorm and an untied
-bias-free head; dropout on the embeddings and both residual branches; N(0, 0.02) init (official_nbp.md).
+bias-free head; dropout on the embeddings and both residual branches; N(0, 0.02) init (docs/design.md).
 
 Parameter names follow the official state dict so the import is a rename plus a transpose of Linear weights:
 
@@ -29,12 +29,12 @@ their K/V with `lax.dynamic_update_slice` (the prefill is a decode call at offse
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from nbp_jax.nbp import attention as attention_lib
 
@@ -83,7 +83,7 @@ def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: s
                   bias_init=nn.with_logical_partitioning(_ZEROS, (axes[1],)))
 
 
-def _layer_norm(cfg: TransformerConfig, name: Optional[str] = None) -> nn.LayerNorm:
+def _layer_norm(cfg: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
   # PyTorch's default eps, as the released checkpoints were trained with it.
   return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                       scale_init=nn.with_logical_partitioning(_ONES, ('embed',)),
@@ -95,7 +95,7 @@ class SelfAttention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, layer, q_block, k_block, offset, cache: Optional[KVCache]):
+  def __call__(self, x, layer, q_block, k_block, offset, cache: KVCache | None):
     cfg = self.cfg
     b, t, _ = x.shape
 
@@ -147,7 +147,7 @@ class Head(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, vocab_slice: Optional[tuple[int, int]] = None):
+  def __call__(self, x, vocab_slice: tuple[int, int] | None = None):
     cfg = self.cfg
     kernel = self.param('kernel', nn.with_logical_partitioning(_INIT, ('embed', 'vocab')),
                         (cfg.emb_dim, cfg.vocab_size), cfg.param_dtype)
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
     return x, cache
 
   def __call__(self, ids, block_ids, *, null_cond=None, train: bool = False,
-               out_slice: Optional[tuple[int, int]] = None, vocab_slice: Optional[tuple[int, int]] = None):
+               out_slice: tuple[int, int] | None = None, vocab_slice: tuple[int, int] | None = None):
     """Training forward over a whole sequence.
 
     Args:
@@ -227,8 +227,8 @@ class Transformer(nn.Module):
       x = x[:, out_slice[0]:out_slice[1]]
     return self.head(self.ln_f(x), vocab_slice)
 
-  def decode(self, ids, offset, cache: KVCache, q_block, k_block, *, null_cond=None, last: Optional[int] = None,
-             vocab_slice: Optional[tuple[int, int]] = None):
+  def decode(self, ids, offset, cache: KVCache, q_block, k_block, *, null_cond=None, last: int | None = None,
+             vocab_slice: tuple[int, int] | None = None):
     """Prefill or one decoding step: run `ids` at positions offset.. against the cache (no dropout).
 
     Args:

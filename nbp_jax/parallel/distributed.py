@@ -10,14 +10,14 @@ NBP_DISTRIBUTED=0 turns all of this off (e.g. a single-host debug run inside a S
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
-from typing import Mapping, Optional
 
 from absl import logging
 import jax
 
 
-def _wants_distributed(env: Mapping[str, str]) -> Optional[str]:
+def _wants_distributed(env: Mapping[str, str]) -> str | None:
   """Returns why this process should join a distributed run, or None."""
   flag = env.get('NBP_DISTRIBUTED', '')
   if flag == '0':
@@ -33,7 +33,7 @@ def _wants_distributed(env: Mapping[str, str]) -> Optional[str]:
   return None
 
 
-def initialize_distributed(env: Optional[Mapping[str, str]] = None) -> bool:
+def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
   """Joins the distributed run if the environment asks for one; returns True if this is a multi-process run.
 
   Idempotent: a second call (or a run where the caller already initialised JAX) does nothing.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Optional, Sequence
 
 import jax
 from jax.experimental import mesh_utils
@@ -30,7 +30,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def create_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = config_lib.MESH_AXES,
-                devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+                devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all devices of all processes), axes of Auto type.
 
   Auto axes (not jax.make_mesh's Explicit default) so that jit in/out shardings and `with_sharding_constraint`
@@ -47,5 +47,5 @@ def create_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = c
   return jax.sharding.Mesh(device_array, tuple(axis_names), axis_types=auto)
 
 
-def mesh_from_config(config, devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   return create_mesh(tuple(config.mesh.shape), config_lib.MESH_AXES, devices)

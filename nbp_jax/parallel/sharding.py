@@ -6,8 +6,9 @@ maps those names to mesh axes. Changing the parallelism is a config change, not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import flax.linen as nn

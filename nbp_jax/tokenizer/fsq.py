@@ -8,8 +8,8 @@ For the official levels (8, 8, 8, 5, 5, 5): basis (1, 8, 64, 512, 2560, 12800) a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,7 @@ evaluation, export): the one tokenizer loader."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,7 @@ def tokenizer_config(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
     return config.tokenizer
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
                    ) -> tuple[tokenizer_model.Tokenizer, Any, int]:
   """(model, generator params, step) of the trained tokenizer, params on the first local device.
 

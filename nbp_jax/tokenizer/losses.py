@@ -5,8 +5,9 @@ Videos are [B, T, H, W, 3] float in [0, 1] unless stated; the discriminator and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -1,6 +1,6 @@
 """The official NBP video tokenizer (MAGVIT-v2-style causal 3D CNN + FSQ) in Flax linen, channels-last NTHWC.
 
-Layer lists follow the release one index per entry (official_nbp.md), and the parameter tree mirrors its state dict
+Layer lists follow the release one index per entry (docs/design.md), and the parameter tree mirrors its state dict
 so that the import of `magvit2_*.pt` is a rename plus a transpose:
 
   torch                                   flax (this module)
@@ -18,9 +18,10 @@ Shapes: video [B, T, H, W, 3] in [0, 1] with T = 1 + 4k and H, W divisible by 8 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,7 +71,7 @@ class TokenizerSpec:
   norm: str = 'group'
 
   @classmethod
-  def from_config(cls, tok: ml_collections.ConfigDict) -> 'TokenizerSpec':
+  def from_config(cls, tok: ml_collections.ConfigDict) -> TokenizerSpec:
     blocks = tok.num_res_blocks
     blocks = int(blocks) if isinstance(blocks, int) else tuple(int(b) for b in blocks)
     return cls(channels=int(tok.channels), channel_multipliers=tuple(int(m) for m in tok.channel_multipliers),

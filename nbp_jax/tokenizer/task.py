@@ -22,7 +22,6 @@ earlier steps do not pay for the discriminator); with train=False the loss is th
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -170,7 +169,7 @@ def make_optimizer_fn(config: ml_collections.ConfigDict):
   return make
 
 
-def make_task(config: ml_collections.ConfigDict, sample_videos: Optional[np.ndarray] = None) -> task_lib.Task:
+def make_task(config: ml_collections.ConfigDict, sample_videos: np.ndarray | None = None) -> task_lib.Task:
   """The tokenizer training task for `nbp_jax.trainer`.
 
   Args:
@@ -216,8 +215,10 @@ def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps
 
   def write(params, step, workdir):
     import os  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
     from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
     gen = params['generator'] if 'generator' in params else params
     if jax.process_count() > 1:  # sharded across hosts: every host takes a full local copy

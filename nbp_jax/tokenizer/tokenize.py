@@ -27,10 +27,10 @@ import sys
 
 import grain
 import jax
-import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from nbp_jax.data import builder

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
 
 import jax
 import ml_collections
@@ -100,7 +99,7 @@ def _get(config, dotted: str):
   return config[section].get(field)
 
 
-def previous_evaluation(path: str, step: int, eval_clips: int) -> Optional[dict[str, float]]:
+def previous_evaluation(path: str, step: int, eval_clips: int) -> dict[str, float] | None:
   """The held-out result in `path` (eval.json) if it scored this step on as many clips with these metrics
   (EVAL_VERSION); else None (evaluate again)."""
   if not os.path.exists(path):

@@ -1,7 +1,7 @@
 r"""Decode benchmark: the same clip generated with next-block (config's block, 1x1x16) and next-token (1x1x1)
 prediction on the same model, in one run, each after a warm-up compile.
 
-  python -m nbp_jax.bench decode --config=configs/bench_cpu.py
+  python -m nbp_jax.bench generate --config=configs/bench_cpu.py
 
 Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
 included). Last line:
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from nbp_jax import config_lib
-from nbp_jax.nbp import decode, sample, train
+from nbp_jax.nbp import generation
+from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import train
 from nbp_jax.nbp.spec import spec_from_config
 
 
@@ -44,7 +46,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
 
   params = nn.meta.unbox(jax.jit(lambda r: train.init_params(nbp_spec, r))(jax.random.key(config.seed)))
-  generator = sample.Generator(config, nbp_spec, params)
+  generator = generator_lib.Generator(config, nbp_spec, params)
   inputs = {}
   if ctx_latent:
     inputs['context_codes'] = jax.random.randint(jax.random.key(1), (b, ctx_latent, h, w), 0,
@@ -57,9 +59,9 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
   results = {}
   for name, block, reps in (('nbp', None, repeats), ('ntp', (1, 1, 1), 1)):
     spec = nbp_spec if block is None else ntp_spec
-    context = None if not ctx_latent else decode.context_to_seq(spec, inputs['context_codes'])
+    context = None if not ctx_latent else generation.context_to_seq(spec, inputs['context_codes'])
     t0 = time.perf_counter()
-    compiled = decode.generate.lower(spec, params, jax.random.key(2), generator.sampling(),
+    compiled = generation.generate.lower(spec, params, jax.random.key(2), generator.sampling(),
                                      labels=inputs.get('labels'), context=context,
                                      batch_size=inputs.get('batch_size')).compile()
     compile_s = time.perf_counter() - t0

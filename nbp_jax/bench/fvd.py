@@ -1,6 +1,7 @@
 """FVD feature-extraction throughput: `python -m nbp_jax.bench fvd --config=configs/demo.py`.
 
-Times the jitted I3D feature function (resize to 224 included) on the config's clip shape after a warm-up call.
+Times the jitted I3D feature function (resize to 224 included) on the config's clip shape: best of `num_batches`
+calls after a warm-up call.
 Last line: `videos_per_s=...`.
 """
 
@@ -11,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from nbp_jax import timing
 from nbp_jax.evaluation import fvd
 
 
@@ -22,11 +24,8 @@ def run(config, num_batches: int = 3):
   start = time.perf_counter()
   jax.block_until_ready(feature_fn(videos))
   compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    jax.block_until_ready(feature_fn(videos))
-  elapsed = time.perf_counter() - start
-  rate = num_batches * batch / elapsed
+  per_batch = timing.best_of(lambda: feature_fn(videos), num_batches, warmup=0)
+  rate = batch / per_batch
   print(f'devices={jax.device_count()} ({jax.devices()[0].platform}) batch={batch} clip={shape[1:]} '
-        f'first_call_s={compile_s:.2f} seconds_per_batch={elapsed / num_batches:.3f}')
+        f'first_call_s={compile_s:.2f} seconds_per_batch={per_batch:.3f}')
   print(f'videos_per_s={rate:.3f}')

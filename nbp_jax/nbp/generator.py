@@ -9,11 +9,12 @@ WORKDIR/samples/step_<step>/{sample_<i>.mp4, sample_<i>.gif, grid.png} and print
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import itertools
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +27,13 @@ from nbp_jax import parallel
 from nbp_jax import timing
 from nbp_jax.data import pipeline
 from nbp_jax.data import video_io
-from nbp_jax.nbp import decode
+from nbp_jax.nbp import generation
 from nbp_jax.nbp.sampling import Sampling
-from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.spec import Spec
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.parallel import sharding as sharding_lib
 from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
-
 
 # Saved paths that point into a pipeline workdir (WORKDIR/data, ...), found again when WORKDIR was moved or copied
 # (Google Drive, /content): (config field, folder beside the model's workdir).
@@ -81,14 +82,14 @@ class Generator:
   config: ml_collections.ConfigDict
   spec: Spec
   params: Any
-  tokenizer: Optional[tokenizer_model.Tokenizer] = None
+  tokenizer: tokenizer_model.Tokenizer | None = None
   tokenizer_params: Any = None
   step: int = 0
-  mesh: Optional[jax.sharding.Mesh] = None
+  mesh: jax.sharding.Mesh | None = None
 
   @classmethod
-  def load(cls, workdir: str, config: Optional[ml_collections.ConfigDict] = None, *, step: Optional[int] = None,
-           mesh: Optional[jax.sharding.Mesh] = None) -> 'Generator':
+  def load(cls, workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> Generator:
     """The transformer of a training workdir (--mode=train or --mode=import, or a pipeline's WORKDIR/nbp) from
     WORKDIR/checkpoints and its tokenizer (WORKDIR/tokenizer or config.tokenizer.checkpoint).
 
@@ -133,9 +134,9 @@ class Generator:
     # Causal tokenizer: the first t_ctx latent frames depend only on the first context_frames video frames.
     return self.encode(videos)[:, :t_ctx]
 
-  def codes(self, rng: jax.Array, *, labels=None, context_codes=None, batch_size: Optional[int] = None,
-            block_shape: Optional[Sequence[int]] = None,
-            sampling: Optional[Sampling | Mapping[str, Any]] = None) -> jax.Array:
+  def codes(self, rng: jax.Array, *, labels=None, context_codes=None, batch_size: int | None = None,
+            block_shape: Sequence[int] | None = None,
+            sampling: Sampling | Mapping[str, Any] | None = None) -> jax.Array:
     """Generates int32 codes [B, t, h, w] (the context included).
 
     Args:
@@ -150,7 +151,7 @@ class Generator:
     spec = self.spec if block_shape is None else self.spec.with_block_shape(block_shape)
     context = None
     if context_codes is not None:
-      context = self._split(decode.context_to_seq(spec, self._split(context_codes, jnp.int32)))
+      context = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
     if labels is not None:
       labels = self._split(np.asarray(labels) if isinstance(labels, (list, tuple)) else labels, jnp.int32)
     if labels is None and context is None:
@@ -159,11 +160,11 @@ class Generator:
         self._check_batch(batch_size)
     else:
       batch_size = None
-    z = decode.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
+    z = generation.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
                         batch_size=batch_size)
     return spec.layout.seq_to_grid(z)
 
-  def sampling(self, overrides: Optional[Sampling | Mapping[str, Any]] = None) -> Sampling:
+  def sampling(self, overrides: Sampling | Mapping[str, Any] | None = None) -> Sampling:
     """config.sample's sampling settings, with `overrides` (a Sampling replaces them all)."""
     if isinstance(overrides, Sampling):
       return overrides
@@ -177,7 +178,7 @@ class Generator:
     """int32 codes [B, t, h, w] -> uint8 videos [B, T, H, W, 3] (on the host)."""
     return np.asarray(_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
 
-  def generation_speed(self, inputs: Mapping[str, Any], *, block_shape: Optional[Sequence[int]] = None,
+  def generation_speed(self, inputs: Mapping[str, Any], *, block_shape: Sequence[int] | None = None,
                        repeats: int = 3) -> dict[str, Any]:
     """Times `codes(**inputs)` (the transformer's decoding; the tokenizer is not timed): best of `repeats` runs,
     compilation excluded (timing.best_of).

@@ -6,11 +6,11 @@ Only process 0 writes; on other processes the writer is a no-op, so callers need
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import glob
 import json
 import math
 import os
-from typing import Mapping, Optional
 
 import jax
 import numpy as np
@@ -41,7 +41,7 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops_per_device(device: Optional[jax.Device] = None, override_tflops: float = 0.0) -> float:
+def peak_flops_per_device(device: jax.Device | None = None, override_tflops: float = 0.0) -> float:
   """Peak FLOP/s of one device; 0.0 when unknown (CPU), in which case no MFU is reported."""
   if override_tflops:
     return float(override_tflops) * 1e12
@@ -68,7 +68,7 @@ class MetricWriter:
   the events of earlier files from that step on (written after the checkpoint it resumed from), so no step shows twice.
   """
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None, purge_step: Optional[int] = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, purge_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)

@@ -6,7 +6,7 @@ r"""Import of the official NBP release (PyTorch) into an orbax workdir: `--mode=
 
 Inputs (`config.import_`):
   checkpoint            the transformer: a Lightning `.ckpt` (read with torch when it is installed) or the
-                        `.safetensors` that `python -m nbp_jax.export.convert_torch` makes of it.
+                        `.safetensors` that `python -m nbp_jax.interop.convert_torch` makes of it.
   tokenizer_checkpoint  `magvit2_*.pt` or its `.safetensors`. Without it, the tokenizer is taken from the .ckpt's
                         `first_stage_model.` entries when they are there.
   UCF-101 only: the 8 LLaMA-2 ids of each class name, from `llama_tokenizer` (sentencepiece) and `class_names`
@@ -17,7 +17,7 @@ checkpoints/0} (where `--mode=sample/eval` look for the tokenizer when `tokenize
 is the given one with `nbp.id_layout` = 'official_k600' (V = 64000) or 'official_ucf' (V = 96016) and, for UCF-101,
 the 101 id rows in `nbp.class_prefix_ids`, so later modes need only `--workdir`.
 
-Mapping (official_nbp.md): Linear weight [out, in] -> Dense kernel [in, out]; Conv3d [out, in, kt, kh, kw] ->
+Mapping (docs/design.md): Linear weight [out, in] -> Dense kernel [in, out]; Conv3d [out, in, kt, kh, kw] ->
 [kt, kh, kw, in, out]; pos_emb [1, P, d] -> [P, d]; LayerNorm/GroupNorm weight -> scale; Swish beta [1, C, 1, 1, 1]
 -> [C]; `transformer.uncond_embedding` -> the null-prefix param (ignored by the unconditional K600 model).
 Every expected key must be present with its exact shape and no unknown key may remain: errors name the key.
@@ -25,10 +25,12 @@ Every expected key must be present with its exact shape and no unknown key may r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+import importlib.util
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from absl import logging
 from flax import traverse_util
@@ -40,11 +42,12 @@ import numpy as np
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
-from nbp_jax.export import convert_torch
 from nbp_jax.export import safetensors_io
+from nbp_jax.interop import convert_torch
 from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import train as nbp_train
-from nbp_jax.nbp.spec import Spec, spec_from_config
+from nbp_jax.nbp.spec import Spec
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import official_name
 from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -89,7 +92,7 @@ class StateDict(Mapping[str, np.ndarray]):
   def shape(self, key: str) -> tuple[int, ...]:
     return self._shapes[key]
 
-  def without_prefix(self, prefix: str) -> 'StateDict':
+  def without_prefix(self, prefix: str) -> StateDict:
     """The entries under `prefix`, with the prefix removed."""
     keys = {k[len(prefix):]: k for k in self._shapes if k.startswith(prefix)}
     return StateDict({k: self._shapes[src] for k, src in keys.items()}, lambda k: self._get(keys[k]), self.source)
@@ -118,15 +121,13 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> StateDict:
     return StateDict({k: reader.shape(src) for k, src in keys.items()}, lambda k: reader[keys[k]], path)
   if not path.endswith(TORCH_SUFFIXES):
     raise OfficialImportError(f'{path}: unknown checkpoint format; pass an official .ckpt / .pt file or a '
-                              '.safetensors made by `python -m nbp_jax.export.convert_torch`.')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+                              '.safetensors made by `python -m nbp_jax.interop.convert_torch`.')
+  if importlib.util.find_spec('torch') is None:
     stem = os.path.splitext(path)[0]
     raise OfficialImportError(
         f'reading {path} needs PyTorch, which is not installed here. Either install the CPU wheel '
         '(pip install -r requirements-torch.txt), or convert the file where torch is installed: '
-        f'`python -m nbp_jax.export.convert_torch {path} {stem}.safetensors`, then pass the .safetensors file.'
+        f'`python -m nbp_jax.interop.convert_torch {path} {stem}.safetensors`, then pass the .safetensors file.'
     ) from None
   try:
     tensors = convert_torch.torch_load(path, allow_pickle)
@@ -349,7 +350,7 @@ def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layo
   return rows
 
 
-def _find_class_ind(raw_dir: str) -> Optional[str]:
+def _find_class_ind(raw_dir: str) -> str | None:
   for dirpath, _, filenames in os.walk(raw_dir):
     for f in filenames:
       if f.lower() == 'classind.txt':
@@ -357,7 +358,7 @@ def _find_class_ind(raw_dir: str) -> Optional[str]:
   return None
 
 
-def read_class_ids(path: str, class_names: Optional[Sequence[str]] = None) -> list[list[int]]:
+def read_class_ids(path: str, class_names: Sequence[str] | None = None) -> list[list[int]]:
   """A JSON of prompt ids: a list of rows in label order, {'class_prefix_ids': rows} (as written to
   WORKDIR/class_prompts.json), or {class folder name: row} (ordered by `class_names`)."""
   with open(path) as f:
@@ -375,7 +376,7 @@ def read_class_ids(path: str, class_names: Optional[Sequence[str]] = None) -> li
   return [[int(i) for i in row] for row in data]
 
 
-def class_names(config: ml_collections.ConfigDict) -> Optional[list[str]]:
+def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   """Class folder names in label order: import_.class_names, else data.raw_dir's classInd.txt, else None."""
   imp = config.import_
   path = imp.class_names or (_find_class_ind(config.data.raw_dir) if config.data.raw_dir else None)

@@ -10,26 +10,27 @@ Static shapes throughout: no Python loop over steps, no growing arrays, one comp
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from nbp_jax.nbp import sampling as sampling_lib
 from nbp_jax.nbp.layout import LayoutError
 from nbp_jax.nbp.spec import Spec
-from nbp_jax.nbp.transformer import Transformer, init_cache
+from nbp_jax.nbp.transformer import Transformer
+from nbp_jax.nbp.transformer import init_cache
 
 Sampling = sampling_lib.Sampling
+_DEFAULT_SAMPLING = Sampling()
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'num_blocks', 'batch_size'))
-def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = Sampling(), *,
-             labels: Optional[jax.Array] = None, context: Optional[jax.Array] = None,
-             num_blocks: Optional[int] = None, batch_size: Optional[int] = None) -> jax.Array:
+def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_SAMPLING, *,
+             labels: jax.Array | None = None, context: jax.Array | None = None,
+             num_blocks: int | None = None, batch_size: int | None = None) -> jax.Array:
   """Generates video codes block by block.
 
   Args:
@@ -79,7 +80,9 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = Sampling()
 
   def run(z, cache, start, size, last, key):
     """Feeds input positions [start, start+size); samples the video tokens predicted by the last `last`."""
-    pos = start + jnp.arange(size)
+    # The prefill's positions are static (start 0): numpy block ids let attention use a static mask (the splash
+    # kernel on TPU); the steps' positions are traced.
+    pos = start + (np.arange(size) if isinstance(start, int) else jnp.arange(size))
     zz = jnp.concatenate([z, z]) if sampling.use_cfg else z
     ids = layout.input_ids_at(pos, prefix, zz, vocab)
     logits, cache = model.apply({'params': params}, ids, start, cache, layout.block_ids(pos), k_block,

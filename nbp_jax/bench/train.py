@@ -5,7 +5,7 @@ r"""Training-step benchmark: step time, tokens/s and MFU of the NBP transformer 
 
 The step is the trainer's own (same shardings, donation, accumulation); the data are random codes of the preset's
 latent shape, already on the devices, so the figure is the model's and not the input pipeline's. MFU counts the
-task's `flops_per_example` against the device's dense bf16 peak (nbp_jax.metrics.PEAK_FLOPS); on CPU the peak is
+task's `flops_per_example` against the device's dense bf16 peak (nbp_jax.metric_logger.PEAK_FLOPS); on CPU the peak is
 unknown and mfu=nan. Last line: `step_s=... tokens_per_s=... mfu=...`.
 """
 
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from nbp_jax import config_lib
-from nbp_jax import metrics as metrics_lib
+from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import timing
 from nbp_jax import trainer
@@ -28,7 +28,7 @@ from nbp_jax.parallel import sharding as sharding_lib
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random codes [B, t, h, w] in the codebook and class labels [B]: the NBP batch contract (DESIGN.md)."""
+  """Random codes [B, t, h, w] in the codebook and class labels [B]: the NBP batch contract (docs/design.md)."""
   rng = np.random.default_rng(seed)
   grid = config_lib.latent_shape(config)
   batch = {'codes': rng.integers(0, config_lib.codebook_size(config.tokenizer), (batch_size,) + grid, np.int32)}
@@ -75,8 +75,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
   step_s = statistics.median(times)
   examples_per_s = global_batch / step_s
   tokens_per_s = examples_per_s * task.tokens_per_example
-  peak = metrics_lib.peak_flops_per_device(device, config.train.get('peak_tflops', 0.0))
-  mfu = metrics_lib.mfu(task.flops_per_example, examples_per_s, setup.mesh.size, peak)
+  peak = metric_logger.peak_flops_per_device(device, config.train.get('peak_tflops', 0.0))
+  mfu = metric_logger.mfu(task.flops_per_example, examples_per_s, setup.mesh.size, peak)
   print(f'steps={num_steps} median_step_s={step_s:.4f} min_step_s={min(times):.4f} '
         f'peak_tflops_per_device={peak / 1e12 if peak else float("nan"):.0f} '
         + ('(CPU: no peak FLOPs, MFU not defined)' if not peak else ''), flush=True)

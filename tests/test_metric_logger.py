@@ -1,15 +1,15 @@
 """MetricWriter: scalars, images and text in the TensorBoard event file (read back from its bytes), scalars only in
 metrics.jsonl, nothing at all from a disabled writer."""
 
-import io
 import glob
+import io
 import os
 import struct
 
 import numpy as np
 from PIL import Image
 
-from nbp_jax import metrics
+from nbp_jax import metric_logger
 
 
 def read_events(path):
@@ -35,7 +35,7 @@ def summaries(workdir):
 def test_images_and_text_reach_tensorboard_and_only_scalars_the_jsonl(tmp_path):
   workdir = str(tmp_path)
   image = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
-  writer = metrics.MetricWriter(workdir, enabled=True)
+  writer = metric_logger.MetricWriter(workdir, enabled=True)
   writer.write_image(3, 'samples/grid', image)
   writer.write_text(1, 'config', '{\n  "seed": 0\n}')
   writer.write(3, {'loss': 1.5})
@@ -49,11 +49,11 @@ def test_images_and_text_reach_tensorboard_and_only_scalars_the_jsonl(tmp_path):
   assert text.metadata.plugin_data.plugin_name == 'text'
   assert text.tensor.string_val == [b'    {\n      "seed": 0\n    }']  # a markdown code block: shown verbatim
   assert values[(3, 'loss')].simple_value == 1.5
-  assert metrics.read_metrics(workdir) == [{'step': 3, 'loss': 1.5}]
+  assert metric_logger.read_metrics(workdir) == [{'step': 3, 'loss': 1.5}]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
-  writer = metrics.MetricWriter(str(tmp_path), enabled=False)
+  writer = metric_logger.MetricWriter(str(tmp_path), enabled=False)
   writer.write_image(1, 'samples/grid', np.zeros((4, 4, 3), np.uint8))
   writer.write_text(1, 'config', 'x')
   writer.write(1, {'loss': 1.0})

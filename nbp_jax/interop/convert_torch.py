@@ -1,7 +1,7 @@
 r"""Official PyTorch checkpoint -> safetensors, run where torch is installed (needs torch and safetensors, not JAX).
 
-  python -m nbp_jax.export.convert_torch ucf_700m.ckpt ucf_700m.safetensors       # Lightning: ckpt['state_dict']
-  python -m nbp_jax.export.convert_torch magvit2_ucf.pt magvit2_ucf.safetensors   # ckpt['model_state_dict']
+  python -m nbp_jax.interop.convert_torch ucf_700m.ckpt ucf_700m.safetensors       # Lightning: ckpt['state_dict']
+  python -m nbp_jax.interop.convert_torch magvit2_ucf.pt magvit2_ucf.safetensors   # ckpt['model_state_dict']
 
 Keys are written exactly as in the state dict, except the `module.` prefix of DataParallel checkpoints, which is
 dropped; dtypes are kept (bf16 stays bf16). Then, in the JAX environment:
@@ -19,10 +19,12 @@ for checkpoints you trust that hold other objects. A file that asks for a functi
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+import importlib.util
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 # Where the tensors are in the released files, tried in order.
 STATE_DICT_ENTRIES = ('state_dict', 'model_state_dict', 'model', 'module')
@@ -144,14 +146,12 @@ def convert(src: str, dst: str, allow_pickle: bool = False) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m nbp_jax.export.convert_torch', description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(prog='python -m nbp_jax.interop.convert_torch', description=__doc__.split('\n')[0])
   parser.add_argument('src', help='official .ckpt (Lightning) or magvit2_*.pt')
   parser.add_argument('dst', help='output .safetensors')
   parser.add_argument('--allow-pickle', action='store_true', help='torch.load(weights_only=False); trusted files only')
   args = parser.parse_args(argv)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('torch') is None:
     print('convert_torch needs PyTorch: pip install -r requirements-torch.txt (CPU wheel), or run it in any '
           'environment that has torch and safetensors.', file=sys.stderr)
     return 2

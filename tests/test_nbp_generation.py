@@ -17,11 +17,19 @@ from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import timing
-from nbp_jax.nbp import decode, sample as sample_lib, sampling as sampling_lib, train
-from nbp_jax.nbp.layout import BlockLayout, LayoutError, Vocab
+from nbp_jax.nbp import generation
+from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import sampling as sampling_lib
+from nbp_jax.nbp import train
+from nbp_jax.nbp.layout import BlockLayout
+from nbp_jax.nbp.layout import LayoutError
+from nbp_jax.nbp.layout import Vocab
 from nbp_jax.nbp.sampling import Sampling
-from nbp_jax.nbp.spec import Spec, spec_from_config
-from nbp_jax.nbp.transformer import Transformer, TransformerConfig, init_cache
+from nbp_jax.nbp.spec import Spec
+from nbp_jax.nbp.spec import spec_from_config
+from nbp_jax.nbp.transformer import Transformer
+from nbp_jax.nbp.transformer import TransformerConfig
+from nbp_jax.nbp.transformer import init_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 16  # codebook of the micro models
@@ -35,7 +43,7 @@ def _spec(grid, block, first_block='bov', num_classes=0):
   return Spec(model=model, layout=layout, vocab=vocab)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(spec, seed=0):
   @jax.jit
   def init(rng):
@@ -99,7 +107,7 @@ def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx):
   b = 2
   labels = jnp.array([0, 2]) if classes else None
   context = np.random.default_rng(0).integers(0, C, (b, ctx)) if ctx else None
-  got = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels,
+  got = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels,
                         context=None if context is None else jnp.asarray(context), batch_size=b)
   _assert_greedy(spec, params, labels, context, got)
   assert len(set(np.asarray(got).ravel().tolist())) > 2  # the model is not degenerate
@@ -109,11 +117,11 @@ def test_cfg_matches_naive_and_scale_one_is_conditional():
   spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
   params = _params(spec)
   labels = jnp.array([1, 2])
-  guided = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=3.0),
+  guided = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=3.0),
                            labels=labels)
   _assert_greedy(spec, params, labels, None, guided, cfg_scale=3.0)
-  plain = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels)
-  one = decode.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=1.0),
+  plain = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels)
+  one = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=1.0),
                         labels=labels)
   np.testing.assert_array_equal(np.asarray(one), np.asarray(plain))
   assert not np.array_equal(np.asarray(guided), np.asarray(plain))
@@ -166,23 +174,23 @@ def test_greedy_is_argmax():
 def test_no_recompilation_between_calls_with_the_same_shapes():
   spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
   params = _params(spec)
-  run = lambda rng, t, p: decode.generate(spec, params, rng, Sampling(temperature=t, top_p=p, top_k=4),  # noqa
+  run = lambda rng, t, p: generation.generate(spec, params, rng, Sampling(temperature=t, top_p=p, top_k=4),
                                           labels=jnp.array([0, 1]))
   a = run(jax.random.key(0), 1.0, 0.9)
-  size = decode.generate._cache_size()
+  size = generation.generate._cache_size()
   b = run(jax.random.key(1), 0.7, 0.5)  # new rng and new traced sampling values: same executable
-  assert decode.generate._cache_size() == size
+  assert generation.generate._cache_size() == size
   assert a.shape == b.shape == (2, 8) and int(a.max()) < C
 
 
 def test_context_is_kept_and_labels_are_required():
   spec = _spec((3, 2, 4), (1, 2, 2), 'none', 0)
   context = jnp.arange(16).reshape(2, 8) % C
-  z = decode.generate(spec, _params(spec), jax.random.key(0), Sampling(top_k=4), context=context)
+  z = generation.generate(spec, _params(spec), jax.random.key(0), Sampling(top_k=4), context=context)
   np.testing.assert_array_equal(z[:, :8], context)
   cond = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
   with pytest.raises(LayoutError, match='labels'):
-    decode.generate(cond, _params(cond), jax.random.key(0), batch_size=2)
+    generation.generate(cond, _params(cond), jax.random.key(0), batch_size=2)
 
 
 # ---- every preset's shapes ----
@@ -207,7 +215,7 @@ def test_demo_preset_samples_on_cpu():
   params = train.init_params(spec, jax.random.key(0))
   labels, context = _inputs(config, spec, 2)
   context = context + 7
-  codes = sample_lib.Generator(config, spec, params).codes(jax.random.key(1), labels=labels, context_codes=context)
+  codes = generator_lib.Generator(config, spec, params).codes(jax.random.key(1), labels=labels, context_codes=context)
   assert codes.shape == (2, *spec.layout.latent_shape) and codes.dtype == jnp.int32
   np.testing.assert_array_equal(codes[:, :2], context)  # 5 given frames = 2 latent frames, kept
   assert int(codes.max()) < config_lib.codebook_size(config.tokenizer)
@@ -219,34 +227,34 @@ def _micro_generator():
   config.tokenizer.fsq_levels = (4, 4)
   config.nbp.block_shape = (1, 1, 4)
   spec = spec_from_config(config)
-  return sample_lib.Generator(config, spec, nn.meta.unbox(_params(spec)))
+  return generator_lib.Generator(config, spec, nn.meta.unbox(_params(spec)))
 
 
 def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sampling():
-  """Generator.codes = decode.generate on context_to_seq's sequence, as a grid; sampling overrides and block_shape
+  """Generator.codes = generation.generate on context_to_seq's sequence, as a grid; sampling overrides and block_shape
   reach the core."""
   generator = _micro_generator()
   spec = generator.spec
   labels = np.array([0, 1], np.int32)
   context = np.random.default_rng(0).integers(0, 16, (2, 2, 4, 4)).astype(np.int32)  # 5 frames = 2 latent frames
   got = generator.codes(jax.random.key(3), labels=labels, context_codes=context, sampling={'greedy': True})
-  z = decode.generate(spec, generator.params, jax.random.key(3), Sampling(greedy=True), labels=jnp.asarray(labels),
-                      context=decode.context_to_seq(spec, jnp.asarray(context)))
+  z = generation.generate(spec, generator.params, jax.random.key(3), Sampling(greedy=True), labels=jnp.asarray(labels),
+                      context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(got, spec.layout.seq_to_grid(z))
   assert generator.sampling({'top_k': 3}) == Sampling.from_config(generator.config.sample).replace(top_k=3)
   with pytest.raises(ValueError, match='top_kk'):
     generator.sampling({'top_kk': 3})
   ntp = generator.codes(jax.random.key(3), labels=labels, context_codes=context, block_shape=(1, 1, 1),
                         sampling=Sampling(greedy=True))
-  z = decode.generate(spec.with_block_shape((1, 1, 1)), generator.params, jax.random.key(3), Sampling(greedy=True),
-                      labels=jnp.asarray(labels), context=decode.context_to_seq(spec, jnp.asarray(context)))
+  z = generation.generate(spec.with_block_shape((1, 1, 1)), generator.params, jax.random.key(3), Sampling(greedy=True),
+                      labels=jnp.asarray(labels), context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(ntp, spec.layout.seq_to_grid(z))
 
 
 def test_generator_on_a_mesh_splits_the_batch_and_samples_what_one_device_does():
   one = _micro_generator()
   mesh = parallel.create_mesh((-1, 1, 1), devices=jax.devices()[:2])
-  split = sample_lib.Generator(one.config, one.spec, jax.device_put(one.params, parallel.replicated(mesh)),
+  split = generator_lib.Generator(one.config, one.spec, jax.device_put(one.params, parallel.replicated(mesh)),
                                mesh=mesh)
   inputs = dict(labels=np.array([0, 1], np.int32), context_codes=np.full((2, 2, 4, 4), 3, np.int32))
   codes = split.codes(jax.random.key(0), **inputs)
@@ -268,9 +276,9 @@ def test_generation_speed_counts_generated_frames_and_tokens():
 
 def test_generator_load_says_what_to_run_first(tmp_path):
   with pytest.raises(errors.MissingError, match='train first'):
-    sample_lib.Generator.load(str(tmp_path / 'missing'))  # no config.json
+    generator_lib.Generator.load(str(tmp_path / 'missing'))  # no config.json
   with pytest.raises(errors.MissingError, match='train first'):
-    sample_lib.Generator.load(str(tmp_path), config_lib.task_config('demo', 'tiny'))  # no checkpoints/
+    generator_lib.Generator.load(str(tmp_path), config_lib.task_config('demo', 'tiny'))  # no checkpoints/
 
 
 def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):
@@ -280,7 +288,7 @@ def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):
   (tmp_path / 'data').mkdir()
   (tmp_path / 'tokenizer').mkdir()
   checkpoint_lib.write_config(str(tmp_path / 'nbp'), config)
-  moved = sample_lib.saved_config(str(tmp_path / 'nbp'))
+  moved = generator_lib.saved_config(str(tmp_path / 'nbp'))
   assert moved.data.dir == str(tmp_path / 'data') and moved.tokenizer.checkpoint == str(tmp_path / 'tokenizer')
   assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
 
@@ -298,8 +306,8 @@ def test_every_preset_generates_abstractly(path):
   spec = spec_from_config(config)
   params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
   labels, context = _inputs(config, spec, 2)
-  ctx_seq = None if context is None else decode.context_to_seq(spec, context)
-  out = jax.eval_shape(lambda p: decode.generate(spec, p, jax.random.key(0), Sampling(top_k=16000, top_p=0.9),
+  ctx_seq = None if context is None else generation.context_to_seq(spec, context)
+  out = jax.eval_shape(lambda p: generation.generate(spec, p, jax.random.key(0), Sampling(top_k=16000, top_p=0.9),
                                                  labels=labels, context=ctx_seq, batch_size=2), params)
   assert out.shape == (2, spec.layout.num_tokens) and out.dtype == jnp.int32
   m = config.model
@@ -325,7 +333,8 @@ def test_official_ucf_layout_generates_abstractly():
   assert spec.model.vocab_size == 96016 and spec.layout.seq_len == 1288
   params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
   assert params['uncond_embedding'].value.shape == (8, 1536)
-  out = jax.eval_shape(lambda p: decode.generate(spec, p, jax.random.key(0), labels=jnp.zeros(1, jnp.int32)), params)
+  labels = jnp.zeros(1, jnp.int32)
+  out = jax.eval_shape(lambda p: generation.generate(spec, p, jax.random.key(0), labels=labels), params)
   assert out.shape == (1, 1280)
   config.nbp.class_prefix_ids = ()
   with pytest.raises(config_lib.ConfigError, match='nbp.class_prefix_ids'):
@@ -333,7 +342,7 @@ def test_official_ucf_layout_generates_abstractly():
 
 
 def test_decode_benchmark_prints_the_machine_readable_line(capsys):
-  from nbp_jax.nbp import bench  # pylint: disable=g-import-not-at-top
+  from nbp_jax.bench import generation as bench  # pylint: disable=g-import-not-at-top
   config = config_lib.task_config('demo', 'micro')  # 5 context frames
   config.tokenizer = config_lib.tokenizer_config('micro')  # a (5, 4, 4) grid, whatever the demo's tokenizer is
   config.nbp.block_shape = (1, 1, 4)

@@ -1,9 +1,10 @@
 """Import of the official release: random official-layout state dicts -> workdir -> logits vs a numpy forward.
 
-The numpy forward and the official masks/id sequences below are written from official_nbp.md alone (not from the
+The numpy forward and the official masks/id sequences below are written from docs/design.md alone (not from the
 model code), so the test checks the key mapping, the transposes, the id layouts and the masks together.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from scipy.special import erf
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
-from nbp_jax.export import official
+from nbp_jax.interop import official
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -45,7 +46,7 @@ def _config(task):
 
 
 def _official_state_dict(vocab, prefix_rows, seed=0):
-  """The release's key names and PyTorch shapes (official_nbp.md), random values."""
+  """The release's key names and PyTorch shapes (docs/design.md), random values."""
   rng = np.random.default_rng(seed)
   n = lambda *s, std=0.2: (std * rng.standard_normal(s)).astype(np.float32)
   sd = {'transformer.tok_emb.weight': n(vocab, D, std=1.0), 'transformer.pos_emb': n(1, 5120, D, std=0.5),
@@ -196,10 +197,6 @@ def test_cli_import_then_export(tmp_path):
   assert 'official_k600' in proc.stdout and '--mode=sample' in proc.stdout
   saved = checkpoint_lib.load_config(workdir)
   assert (saved.nbp.id_layout, saved.model.emb_dim, saved.nbp.context_frames) == ('official_k600', D, 5)
-  try:
-    import flatbuffers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pytest.skip('jax.export serialization needs flatbuffers (requirements.txt)')
   proc = run('--mode=export', '--config.export.batch_size=1', '--config.export.dtype=bfloat16')
   assert proc.returncode == 0, proc.stderr[-3000:]
   sig = json.load(open(os.path.join(workdir, 'export', 'generate.json')))
@@ -268,7 +265,7 @@ def test_class_names_and_ids_files(tmp_path):
 
 
 def _tokenizer_state_dict(spec, seed=0):
-  """Official magvit2 key names (official_nbp.md) and PyTorch shapes for the layer lists of `spec`."""
+  """Official magvit2 key names (docs/design.md) and PyTorch shapes for the layer lists of `spec`."""
   rng = np.random.default_rng(seed)
   n = lambda *s, std=0.3: (std * rng.standard_normal(s)).astype(np.float32)
   sd = {}
@@ -362,11 +359,8 @@ def test_tokenizer_bad_key_is_named(tmp_path):
 
 
 def test_torch_ckpt_without_torch_says_how_to_convert(tmp_path):
-  try:
-    import torch  # pylint: disable=unused-import
-    pytest.skip('torch is installed here; tests/test_export_torch.py reads .ckpt files directly')
-  except ImportError:
-    pass
+  if importlib.util.find_spec('torch') is not None:
+    pytest.skip('torch is installed here; tests/test_interop_torch.py reads .ckpt files directly')
   path = tmp_path / 'model.ckpt'
   path.write_bytes(b'not read')
   with pytest.raises(official.OfficialImportError, match='convert_torch .*model.ckpt .*model.safetensors'):

@@ -1,7 +1,7 @@
 """Reading the official PyTorch files: Lightning .ckpt and magvit2 .pt, directly and through convert_torch.
 
 torch is an optional dependency (requirements-torch.txt): without it these tests are skipped, and
-tests/test_export_official.py checks that the import says how to convert instead.
+tests/test_interop_official.py checks that the import says how to convert instead.
 """
 
 import argparse
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
-from nbp_jax.export import convert_torch
-from nbp_jax.export import official
 from nbp_jax.export import safetensors_io
+from nbp_jax.interop import convert_torch
+from nbp_jax.interop import official
 
 torch = pytest.importorskip('torch', reason='torch is optional (pip install -r requirements-torch.txt)')
 
@@ -104,7 +104,7 @@ class _Unknown:
 def test_other_objects_need_allow_pickle_and_say_what_they_are(tmp_path):
   path = str(tmp_path / 'model.ckpt')
   torch.save({'state_dict': _tensors(), 'extra': _Unknown()}, path)
-  with pytest.raises(official.OfficialImportError, match=r'objects of test_export_torch\._Unknown.*'
+  with pytest.raises(official.OfficialImportError, match=r'objects of test_interop_torch\._Unknown.*'
                                                          r'import_\.allow_pickle=True'):
     official.read_state_dict(path)
   assert 'transformer.tok_emb.weight' in official.read_state_dict(path, allow_pickle=True)
@@ -137,7 +137,7 @@ def test_malicious_file_is_refused_by_every_entry_point(tmp_path):
   with pytest.raises(official.OfficialImportError, match=refusal):
     official.run(config, str(tmp_path / 'wd'))
   out = str(tmp_path / 'model.safetensors')
-  proc = subprocess.run([sys.executable, '-m', 'nbp_jax.export.convert_torch', path, out], capture_output=True,
+  proc = subprocess.run([sys.executable, '-m', 'nbp_jax.interop.convert_torch', path, out], capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and re.search(refusal, proc.stderr), proc.stderr
   assert 'allow-pickle' not in proc.stderr and 'Traceback' not in proc.stderr
