@@ -103,7 +103,7 @@ def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict
     c = pipeline.model_config(config, workdir, name, block, seed)
     generator = generator_lib.Generator.load(vdir, c)
     timings[name] = pipeline.time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator,
-                                                                               c.sample.batch_size))
+                                                                                  c.sample.batch_size))
   with open(path + '.tmp', 'w') as f:
     json.dump(timings, f, indent=2)
   os.replace(path + '.tmp', path)

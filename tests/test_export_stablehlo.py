@@ -107,7 +107,7 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
   spec = spec_from_config(config)
   ctx_codes = tokenizer_model.encode(tparams, jnp.asarray(context), model)
   z = generation.generate(spec, params, jax.random.PRNGKey(seed), Sampling.from_config(config.sample),
-                      labels=jnp.asarray(labels), context=generation.context_to_seq(spec, ctx_codes))
+                          labels=jnp.asarray(labels), context=generation.context_to_seq(spec, ctx_codes))
   codes = spec.layout.seq_to_grid(z)
   video = tokenizer_model.decode(tparams, codes, model)
   np.testing.assert_array_equal(fresh['codes'], np.asarray(codes))

@@ -108,7 +108,7 @@ def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx):
   labels = jnp.array([0, 2]) if classes else None
   context = np.random.default_rng(0).integers(0, C, (b, ctx)) if ctx else None
   got = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels,
-                        context=None if context is None else jnp.asarray(context), batch_size=b)
+                            context=None if context is None else jnp.asarray(context), batch_size=b)
   _assert_greedy(spec, params, labels, context, got)
   assert len(set(np.asarray(got).ravel().tolist())) > 2  # the model is not degenerate
 
@@ -118,11 +118,11 @@ def test_cfg_matches_naive_and_scale_one_is_conditional():
   params = _params(spec)
   labels = jnp.array([1, 2])
   guided = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=3.0),
-                           labels=labels)
+                               labels=labels)
   _assert_greedy(spec, params, labels, None, guided, cfg_scale=3.0)
   plain = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels)
   one = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True, use_cfg=True, cfg_scale=1.0),
-                        labels=labels)
+                            labels=labels)
   np.testing.assert_array_equal(np.asarray(one), np.asarray(plain))
   assert not np.array_equal(np.asarray(guided), np.asarray(plain))
   logits = jax.random.normal(jax.random.key(1), (4, 3, C))
@@ -175,7 +175,7 @@ def test_no_recompilation_between_calls_with_the_same_shapes():
   spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
   params = _params(spec)
   run = lambda rng, t, p: generation.generate(spec, params, rng, Sampling(temperature=t, top_p=p, top_k=4),
-                                          labels=jnp.array([0, 1]))
+                                              labels=jnp.array([0, 1]))
   a = run(jax.random.key(0), 1.0, 0.9)
   size = generation.generate._cache_size()
   b = run(jax.random.key(1), 0.7, 0.5)  # new rng and new traced sampling values: same executable
@@ -239,7 +239,7 @@ def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sa
   context = np.random.default_rng(0).integers(0, 16, (2, 2, 4, 4)).astype(np.int32)  # 5 frames = 2 latent frames
   got = generator.codes(jax.random.key(3), labels=labels, context_codes=context, sampling={'greedy': True})
   z = generation.generate(spec, generator.params, jax.random.key(3), Sampling(greedy=True), labels=jnp.asarray(labels),
-                      context=generation.context_to_seq(spec, jnp.asarray(context)))
+                          context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(got, spec.layout.seq_to_grid(z))
   assert generator.sampling({'top_k': 3}) == Sampling.from_config(generator.config.sample).replace(top_k=3)
   with pytest.raises(ValueError, match='top_kk'):
@@ -247,7 +247,7 @@ def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sa
   ntp = generator.codes(jax.random.key(3), labels=labels, context_codes=context, block_shape=(1, 1, 1),
                         sampling=Sampling(greedy=True))
   z = generation.generate(spec.with_block_shape((1, 1, 1)), generator.params, jax.random.key(3), Sampling(greedy=True),
-                      labels=jnp.asarray(labels), context=generation.context_to_seq(spec, jnp.asarray(context)))
+                          labels=jnp.asarray(labels), context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(ntp, spec.layout.seq_to_grid(z))
 
 
@@ -255,7 +255,7 @@ def test_generator_on_a_mesh_splits_the_batch_and_samples_what_one_device_does()
   one = _micro_generator()
   mesh = parallel.create_mesh((-1, 1, 1), devices=jax.devices()[:2])
   split = generator_lib.Generator(one.config, one.spec, jax.device_put(one.params, parallel.replicated(mesh)),
-                               mesh=mesh)
+                                  mesh=mesh)
   inputs = dict(labels=np.array([0, 1], np.int32), context_codes=np.full((2, 2, 4, 4), 3, np.int32))
   codes = split.codes(jax.random.key(0), **inputs)
   assert sorted(s.data.shape[0] for s in codes.addressable_shards) == [1, 1]  # one sample per device
@@ -308,7 +308,7 @@ def test_every_preset_generates_abstractly(path):
   labels, context = _inputs(config, spec, 2)
   ctx_seq = None if context is None else generation.context_to_seq(spec, context)
   out = jax.eval_shape(lambda p: generation.generate(spec, p, jax.random.key(0), Sampling(top_k=16000, top_p=0.9),
-                                                 labels=labels, context=ctx_seq, batch_size=2), params)
+                                                     labels=labels, context=ctx_seq, batch_size=2), params)
   assert out.shape == (2, spec.layout.num_tokens) and out.dtype == jnp.int32
   m = config.model
   q = params['blocks']['attn']['query']['kernel']

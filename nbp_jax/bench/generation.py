@@ -62,8 +62,8 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
     context = None if not ctx_latent else generation.context_to_seq(spec, inputs['context_codes'])
     t0 = time.perf_counter()
     compiled = generation.generate.lower(spec, params, jax.random.key(2), generator.sampling(),
-                                     labels=inputs.get('labels'), context=context,
-                                     batch_size=inputs.get('batch_size')).compile()
+                                         labels=inputs.get('labels'), context=context,
+                                         batch_size=inputs.get('batch_size')).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     r = generator.generation_speed(inputs, block_shape=block, repeats=reps)

@@ -250,7 +250,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   files = {}
   for name, r in results.items():
     files[name] = generator_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,
-                                           name=f'{tag}_{name}')
+                                              name=f'{tag}_{name}')
   report = {
       'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
       'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'num_samples_requested': ev.num_samples,

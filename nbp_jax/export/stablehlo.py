@@ -137,7 +137,7 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
     tparams = as_tree(t_names, weights[:len(t_names)], scan)
     kparams = as_tree(k_names, weights[len(t_names):], False) if tokenizer is not None else None
     generator = generator_lib.Generator(config, spec, tparams, tokenizer=None if tokenizer is None else tokenizer[0],
-                                     tokenizer_params=kparams)
+                                        tokenizer_params=kparams)
     key, rest = data[0], list(data[1:])
     labels = rest.pop(0) if cond else None
     context = None

@@ -161,7 +161,7 @@ class Generator:
     else:
       batch_size = None
     z = generation.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
-                        batch_size=batch_size)
+                            batch_size=batch_size)
     return spec.layout.seq_to_grid(z)
 
   def sampling(self, overrides: Sampling | Mapping[str, Any] | None = None) -> Sampling:

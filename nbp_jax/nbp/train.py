@@ -121,7 +121,7 @@ def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok
     at_step = dataclasses.replace(generator, params=params, step=step)
     codes = at_step.codes(jax.random.key(step), labels=labels, batch_size=None if labels is not None else count)
     generator_lib.write_samples(at_step.decode(codes), os.path.join(workdir, 'samples', f'step_{step}'),
-                             config.data.fps)
+                                config.data.fps)
 
   return write
 
