@@ -214,6 +214,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 0.9
   c.sample.cfg_scale = 1.0  # 1.0 = no guidance
   c.sample.greedy = False
+  # Long videos: N = 1 + 4k frames (0 = one clip of data.num_frames). Longer than a clip, generation slides a window:
+  # the last `window_context_frames` latent frames (0 = the model's context latent frames, at least one block deep)
+  # are the next window's context, at positions 0.. again.
+  c.sample.num_frames = 0
+  c.sample.window_context_frames = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 10_000
@@ -425,6 +430,18 @@ def codebook_size(tok: ml_collections.ConfigDict) -> int:
   return math.prod(tok.fsq_levels)
 
 
+def rollout_frames(config: ml_collections.ConfigDict) -> int:
+  """Video frames `--mode=sample` generates: sample.num_frames, or one clip (data.num_frames)."""
+  return int(config.sample.get('num_frames', 0)) or int(config.data.num_frames)
+
+
+def window_context_frames(config: ml_collections.ConfigDict) -> int:
+  """Latent frames a sliding window keeps as the next window's context (sample.window_context_frames, default the
+  model's context latent frames, at least one block deep)."""
+  c = int(config.sample.get('window_context_frames', 0))
+  return c or max(context_latent_frames(config), int(config.nbp.block_shape[0]))
+
+
 def context_latent_frames(config: ml_collections.ConfigDict) -> int:
   """Latent frames covered by `nbp.context_frames` video frames (5 frames -> 2 latent frames)."""
   n = config.nbp.context_frames
@@ -532,6 +549,16 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f'(grid has {grid[0]}); use fewer context frames.')
   _require(ctx % block[0] == 0, f'nbp.context_frames={nbp.context_frames} covers {ctx} latent frames, '
            f'not a whole number of blocks of nbp.block_shape[0]={block[0]}; change one of them.')
+  frames = rollout_frames(config)
+  _require(frames >= 1 and (frames - 1) % ft == 0,
+           f'sample.num_frames={config.sample.num_frames} is not 1 + a multiple of {ft} (the tokenizer makes one '
+           f'latent frame of the first frame, then one of every {ft}); use e.g. {1 + ft * 16} (0 = one clip).')
+  if frames > d.num_frames:
+    window = window_context_frames(config)
+    _require(0 < window < grid[0] and window % block[0] == 0,
+             f'sample.window_context_frames={window} leaves no room to generate in a window of {grid[0]} latent '
+             f'frames (or is not a multiple of nbp.block_shape[0]={block[0]}); keep between {block[0]} and '
+             f'{grid[0] - block[0]} latent frames as context.')
   num_tokens = math.prod(grid)
   # Prefix + at most one extra block for the first block's start; the exact count is the layout's.
   _require(num_tokens + math.prod(block) + 16 <= m.max_positions,

@@ -95,24 +95,34 @@ def run(config, workdir: str) -> None:
 # Synthetic videos.
 
 
+SYNTHETIC_SPLITS = ('train', 'validation')
+
+
+def synthetic_clip(config, split: str, index: int, num_frames: int | None = None) -> tuple[np.ndarray, int]:
+  """(uint8 video [T, H, W, 3], label) of clip `index` of a synthetic split, as prepare_data writes it; with
+  `num_frames` the same clip longer (or shorter): its first data.num_frames frames are the prepared clip's."""
+  d, s = config.data, config.data.synthetic
+  # One independent seed per (dataset seed, split, index): splits never share a video.
+  seed = int(np.random.SeedSequence([s.seed, SYNTHETIC_SPLITS.index(split), index]).generate_state(1)[0])
+  label = index % s.num_classes
+  return synthetic.generate_video(seed, label, num_frames or d.num_frames, d.resolution), label
+
+
 def prepare_synthetic(config, location: builder.Location) -> None:
   """Writes config.data.synthetic.num_train / num_val generated clips (labels cycle through the classes)."""
   d, s = config.data, config.data.synthetic
   if s.num_classes < 1:
     raise ValueError(f'data.synthetic.num_classes={s.num_classes} must be >= 1.')
 
-  def split_generator(split_id: int, split: str, count: int):
+  def split_generator(split: str, count: int):
     def generate():
       for i in tqdm(range(count), desc=f'synthetic {split}', unit='clip', leave=False):
-        # One independent seed per (dataset seed, split, index): splits never share a video.
-        seed = int(np.random.SeedSequence([s.seed, split_id, i]).generate_state(1)[0])
-        label = i % s.num_classes
-        yield f'{i:08d}', {'video': synthetic.generate_video(seed, label, d.num_frames, d.resolution),
-                           'label': label}
+        video, label = synthetic_clip(config, split, i)
+        yield f'{i:08d}', {'video': video, 'label': label}
     return generate
 
-  sizes = {'train': s.num_train, 'validation': s.num_val}
-  splits = {split: split_generator(i, split, n) for i, (split, n) in enumerate(sizes.items()) if n > 0}
+  sizes = dict(zip(SYNTHETIC_SPLITS, (s.num_train, s.num_val)))
+  splits = {split: split_generator(split, n) for split, n in sizes.items() if n > 0}
   metadata = dict(source='synthetic', num_frames=d.num_frames, resolution=d.resolution, fps=d.fps,
                   seed=s.seed, class_names=[synthetic.motion_name(c) for c in range(s.num_classes)])
   builder.build(location, builder.video_features(d.num_frames, d.resolution), splits,

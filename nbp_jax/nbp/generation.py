@@ -30,7 +30,7 @@ _DEFAULT_SAMPLING = Sampling()
 @functools.partial(jax.jit, static_argnames=('spec', 'num_blocks', 'batch_size'))
 def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_SAMPLING, *,
              labels: jax.Array | None = None, context: jax.Array | None = None,
-             num_blocks: int | None = None, batch_size: int | None = None) -> jax.Array:
+             num_blocks: int | None = None, batch_size: int | None = None, first_round=0) -> jax.Array:
   """Generates video codes block by block.
 
   Args:
@@ -42,6 +42,9 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_S
     context: [B, n] int32 video codes in sequence order, n a multiple of L (frame prediction: the leading blocks).
     num_blocks: blocks to generate after the context (default: the rest of the clip).
     batch_size: B when neither labels nor context is given.
+    first_round: the sampling round's key index of the first block generated here (round r samples with
+      fold_in(rng, r)): a generation cut into pieces (streaming) passes the rounds already done, and then samples
+      what one call samples.
   Returns:
     [B, n + num_blocks * L] int32 video codes in sequence order (the context included).
   """
@@ -93,11 +96,11 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_S
     tokens = sampling_lib.sample(key, logits, sampling)
     return lax.dynamic_update_slice(z, tokens, (0, start + size - last + shift)), cache
 
-  z, cache = run(z, cache, 0, plan.prefill_len, plan.first_group, jax.random.fold_in(rng, 0))
+  z, cache = run(z, cache, 0, plan.prefill_len, plan.first_group, jax.random.fold_in(rng, first_round))
   done = 1
   for start, size, steps in plan.phases:
     def body(i, carry, start=start, size=size, done=done):
-      return run(*carry, start + i * size, size, size, jax.random.fold_in(rng, done + i))
+      return run(*carry, start + i * size, size, size, jax.random.fold_in(rng, first_round + done + i))
     z, cache = lax.fori_loop(0, steps, body, (z, cache))
     done += steps
   return z

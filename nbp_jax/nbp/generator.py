@@ -9,9 +9,10 @@ WORKDIR/samples/step_<step>/{sample_<i>.mp4, sample_<i>.gif, grid.png} and print
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import itertools
+import json
 import os
 import time
 from typing import Any
@@ -20,12 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import image_metrics
 from nbp_jax import parallel
 from nbp_jax import timing
 from nbp_jax.data import pipeline
+from nbp_jax.data import prepare
 from nbp_jax.data import video_io
 from nbp_jax.nbp import generation
 from nbp_jax.nbp.sampling import Sampling
@@ -175,8 +179,87 @@ class Generator:
     return Sampling.from_config(ml_collections.ConfigDict({**self.config.sample.to_dict(), **overrides}))
 
   def decode(self, codes) -> np.ndarray:
-    """int32 codes [B, t, h, w] -> uint8 videos [B, T, H, W, 3] (on the host)."""
-    return np.asarray(_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
+    """int32 codes [B, t, h, w] -> uint8 videos [B, 1 + ft (t - 1), H, W, 3] (on the host), ft the tokenizer's
+    temporal factor. Codes longer than the model's clip (a rollout) are decoded in windows of that many latent
+    frames, each with `decoder_history` latent frames before it, which gives the same frames as one pass."""
+    t, window = codes.shape[1], self.spec.layout.latent_shape[0]
+    if t <= window:
+      return self._decode_frames(codes, 0)
+    history = tokenizer_model.decoder_history(self.tokenizer.spec)
+    return np.concatenate([self._decode_frames(codes[:, max(0, s - history):s + window], s - max(0, s - history))
+                           for s in range(0, t, window)], axis=1)
+
+  def _decode_frames(self, codes, skip: int) -> np.ndarray:
+    """The video frames of codes[:, skip:], decoded with codes[:, :skip] as the causal decoder's history."""
+    video = np.asarray(_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
+    ft = config_lib.temporal_factor(self.config.tokenizer)
+    # Decoded alone, codes[:, 0] gives one frame (the last of its ft) and each later latent frame ft frames.
+    return video[:, 0 if skip == 0 else 1 + ft * (skip - 1):]
+
+  def rollout(self, rng: jax.Array, num_frames: int, *, labels=None, context_codes=None,
+              batch_size: int | None = None, window_context: int | None = None,
+              sampling: Sampling | Mapping[str, Any] | None = None) -> jax.Array:
+    """int32 codes [B, 1 + (num_frames - 1) / ft, h, w] of a video of any length, by a sliding window.
+
+    The first window is `codes(...)` (from the labels and/or context); each later one keeps its predecessor's last
+    `window_context` latent frames (default config_lib.window_context_frames) as context, at positions 0.. (the
+    learned positions restart with the window), and generates the rest of a clip. Every later window is the same
+    jitted call (same shapes), so a long rollout compiles twice at most.
+    """
+    ft = config_lib.temporal_factor(self.config.tokenizer)
+    if num_frames < 1 or (num_frames - 1) % ft:
+      raise ValueError(f'num_frames={num_frames} is not 1 + a multiple of {ft} (sample.num_frames).')
+    total, window = 1 + (num_frames - 1) // ft, self.spec.layout.latent_shape[0]
+    keep = window_context or config_lib.window_context_frames(self.config)
+    if not 0 < keep < window:
+      raise ValueError(f'window_context={keep} latent frames leaves no room in a window of {window} '
+                       '(sample.window_context_frames).')
+    pieces = [self.codes(jax.random.fold_in(rng, 0), labels=labels, context_codes=context_codes,
+                         batch_size=batch_size, sampling=sampling)]
+    have = window
+    while have < total:
+      context = jnp.concatenate(pieces, axis=1)[:, -keep:] if len(pieces) > 1 else pieces[0][:, -keep:]
+      new = self.codes(jax.random.fold_in(rng, len(pieces)), labels=labels, context_codes=context,
+                       sampling=sampling)[:, keep:]
+      pieces.append(new[:, :total - have])
+      have += new.shape[1]
+    return jnp.concatenate(pieces, axis=1)[:, :total]
+
+  def stream_codes(self, rng: jax.Array, *, labels=None, context_codes=None, batch_size: int | None = None,
+                   sampling: Sampling | Mapping[str, Any] | None = None) -> Iterator[jax.Array]:
+    """Yields the codes [B, t_i, h, w] known so far (the context included) each time a layer of blocks is done:
+    every block_shape[0] latent frames. The last equals `codes(rng, ...)` with the same arguments: each piece is a
+    `generate` call with the rounds already done as `first_round`, so it samples with the same keys."""
+    spec, layout = self.spec, self.spec.layout
+    t, h, w = layout.latent_shape
+    bt, bh, bw = layout.block_shape
+    per_layer = (h // bh) * (w // bw)  # blocks of bt latent frames
+    labels = None if labels is None else self._split(np.asarray(labels) if isinstance(labels, (list, tuple))
+                                                     else labels, jnp.int32)
+    z = None
+    if context_codes is not None:
+      z = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
+      yield jnp.asarray(context_codes, jnp.int32)
+    batch_size = None if labels is not None or z is not None else batch_size or self.config.sample.batch_size
+    rounds, sampling = 0, self.sampling(sampling)
+    while z is None or z.shape[1] < layout.num_tokens:
+      done = 0 if z is None else z.shape[1]
+      z = generation.generate(spec, self.params, rng, sampling, labels=labels, context=z, num_blocks=per_layer,
+                              batch_size=batch_size, first_round=rounds)
+      rounds += layout.decode_plan(done, per_layer).num_steps
+      full = jnp.zeros((z.shape[0], layout.num_tokens), jnp.int32).at[:, :z.shape[1]].set(z)
+      yield layout.seq_to_grid(full)[:, :z.shape[1] // (h * w)]
+
+  def stream(self, rng: jax.Array, **inputs) -> Iterator[np.ndarray]:
+    """Yields uint8 video frames [B, n, H, W, 3] as soon as they exist: the given context's frames first, then
+    the frames of each new layer of latent frames (1 + ft (t_i - 1) frames in all after piece i). Concatenated,
+    they are `decode(codes(rng, **inputs))`. `inputs` as for `stream_codes`."""
+    history = tokenizer_model.decoder_history(self.tokenizer.spec)
+    shown = 0  # latent frames whose video frames were yielded
+    for codes in self.stream_codes(rng, **inputs):
+      start = max(0, shown - history)
+      yield self._decode_frames(codes[:, start:], shown - start)
+      shown = codes.shape[1]
 
   def generation_speed(self, inputs: Mapping[str, Any], *, block_shape: Sequence[int] | None = None,
                        repeats: int = 3) -> dict[str, Any]:
@@ -233,8 +316,86 @@ def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: in
   return grid
 
 
+def rollout_truth(config: ml_collections.ConfigDict, count: int, num_frames: int) -> dict[str, np.ndarray] | None:
+  """The first `count` held-out synthetic clips at `num_frames` frames ({'video', 'label'}), regenerated by the
+  project's generator (their first data.num_frames frames are the prepared clips); None for real datasets, whose
+  clips are only data.num_frames long."""
+  if config.data.source != 'synthetic':
+    return None
+  clips = [prepare.synthetic_clip(config, 'validation', i, num_frames) for i in range(count)]
+  return {'video': np.stack([v for v, _ in clips]), 'label': np.asarray([l for _, l in clips], np.int32)}
+
+
+def window_report(config: ml_collections.ConfigDict, videos: np.ndarray, truth: np.ndarray | None,
+                  real_mean_colour: np.ndarray) -> list[dict[str, Any]]:
+  """Quality over time of rollouts uint8 [B, N, H, W, 3]: one row per window (the first is one clip; each later
+  one adds the frames of its generated latent frames): its frames, PSNR of the generated frames against `truth`
+  [B, >= N, ...] where given, and the drift of its mean colour from the real clips' (`real_mean_colour` [3] in 0..255,
+  the Euclidean distance in 0..255 units)."""
+  ft = config_lib.temporal_factor(config.tokenizer)
+  t = config_lib.latent_shape(config)[0]
+  step = ft * (t - config_lib.window_context_frames(config))
+  given = config.nbp.context_frames
+  bounds = [(given, config.data.num_frames)]
+  while bounds[-1][1] < videos.shape[1]:
+    bounds.append((bounds[-1][1], min(bounds[-1][1] + step, videos.shape[1])))
+  rows = []
+  for w, (lo, hi) in enumerate(bounds):
+    part = videos[:, lo:hi]
+    row = {'window': w, 'frames': [int(lo), int(hi)],
+           'mean_colour_drift': float(np.linalg.norm(part.reshape(-1, 3).mean(0) - real_mean_colour))}
+    if truth is not None:
+      row['psnr'] = float(np.mean(np.asarray(image_metrics.psnr(part, truth[:, lo:hi]))))
+    rows.append(row)
+  return rows
+
+
+def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Generator, num_frames: int) -> dict:
+  """--mode=sample with sample.num_frames longer than a clip: sliding-window rollouts, their videos and the
+  per-window report (WORKDIR/samples/rollout_<N>f_step_<step>/{sample_*.mp4/gif, sample_grid.png, rollout.json})."""
+  count, batch = config.sample.num_samples, config.sample.batch_size
+  truth = rollout_truth(config, count, num_frames)
+  if truth is not None and config.nbp.context_frames > 0:
+    inputs: dict[str, Any] = {'context_codes': generator.context_codes(truth['video'][:, :config.data.num_frames])}
+    if config.nbp.condition == 'class':
+      inputs['labels'] = truth['label']
+  else:
+    inputs = sample_inputs(config, workdir, generator, count)
+    truth = None if 'context_codes' not in inputs else truth
+  rng = jax.random.key(config.seed)
+  videos, seconds = [], 0.0
+  for start in tqdm.tqdm(range(0, count, batch), desc=f'rollouts of {num_frames} frames', unit='batch'):
+    chunk = {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
+    t0 = time.perf_counter()
+    codes = jax.block_until_ready(generator.rollout(jax.random.fold_in(rng, start), num_frames, **chunk))
+    seconds += time.perf_counter() - t0
+    videos.append(generator.decode(codes))
+  videos = np.concatenate(videos)
+  reference = truth['video'] if truth is not None else next(pipeline.first_clips(config, workdir, count))['video']
+  rows = window_report(config, videos, truth['video'] if truth is not None else None,
+                       reference.reshape(-1, 3).mean(0))
+  out_dir = os.path.join(workdir, 'samples', f'rollout_{num_frames}f_step_{generator.step}')
+  grid = write_samples(videos, out_dir, config.data.fps)
+  report = {'num_frames': num_frames, 'window_context_frames': config_lib.window_context_frames(config),
+            'checkpoint_step': generator.step, 'num_samples': int(len(videos)),
+            'seconds_per_sample': seconds / len(videos), 'windows': rows}
+  with open(os.path.join(out_dir, 'rollout.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  print('window | frames | PSNR vs truth | mean-colour drift')
+  for r in rows:
+    psnr = f'{r["psnr"]:.2f}' if 'psnr' in r else '-'
+    lo, hi = r['frames']
+    print(f'{r["window"]:6d} | {lo:3d}-{hi - 1:<3d} | {psnr:>13} | {r["mean_colour_drift"]:.1f}')
+  print(f'Wrote {len(videos)} rollouts of {num_frames} frames (step {generator.step}) to {out_dir}; grid: {grid}')
+  return report
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   generator = Generator.load(workdir, config)
+  frames = config_lib.rollout_frames(config)
+  if frames > config.data.num_frames:
+    run_rollout(config, workdir, generator, frames)
+    return
   count = config.sample.num_samples
   inputs = sample_inputs(config, workdir, generator, count)
   rng = jax.random.key(config.seed)

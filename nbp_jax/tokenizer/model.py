@@ -141,6 +141,21 @@ def decoder_layers(spec: TokenizerSpec) -> list[Layer]:
   return layers
 
 
+def decoder_history(spec: TokenizerSpec) -> int:
+  """Latent frames before latent frame f that the causal decoder's frames of f depend on (its temporal receptive
+  field, rounded up, plus one for the frames inside a latent frame): decoding codes[:, f - history:] gives the frames
+  of f and later exactly as decoding the whole clip does (replicate padding only reaches frames before that)."""
+  reach, frames_per_latent = 0.0, 1
+  for layer in decoder_layers(spec):
+    if layer.kind == 'conv':
+      reach += (layer.kernel - 1) / frames_per_latent
+    elif layer.kind == 'res':
+      reach += 2 * (layer.kernel - 1) / frames_per_latent  # two causal convs; the shortcut is 1x1x1
+    elif layer.kind == 'd2s':
+      frames_per_latent *= layer.factors[0]
+  return math.ceil(reach) + 1
+
+
 def layer_param_count(layer: Layer) -> tuple[int, int]:
   """(parameters, tensors) of one layer, counted as the official state dict does."""
   conv = lambda cin, cout, kk: cin * cout * kk ** 3 + cout
