@@ -341,7 +341,7 @@ def test_official_ucf_layout_generates_abstractly():
     spec_from_config(config)
 
 
-def test_decode_benchmark_prints_the_machine_readable_line(capsys):
+def test_generation_benchmark_prints_the_machine_readable_line(capsys):
   from nbp_jax.bench import generation as bench  # pylint: disable=g-import-not-at-top
   config = config_lib.task_config('demo', 'micro')  # 5 context frames
   config.tokenizer = config_lib.tokenizer_config('micro')  # a (5, 4, 4) grid, whatever the demo's tokenizer is
@@ -352,3 +352,6 @@ def test_decode_benchmark_prints_the_machine_readable_line(capsys):
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last.startswith('nbp_steps=12 ntp_steps=48 nbp_frames_per_s=') and ' speedup=' in last
   assert result['speedup'] > 0
+  # Time to first frame: one 4x4 latent frame is 4 row steps, or 16 token steps.
+  assert ' nbp_first_frame_s=' in last and ' ntp_first_frame_s=' in last
+  assert 0 < result['nbp_first_frame_s'] < result['nbp_seconds'] and 0 < result['ntp_first_frame_s']

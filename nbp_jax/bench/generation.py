@@ -4,8 +4,9 @@ prediction on the same model, in one run, each after a warm-up compile.
   python -m nbp_jax.bench generate --config=configs/bench_cpu.py
 
 Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
-included). Last line:
-`nbp_steps=48 ntp_steps=768 nbp_frames_per_s=... ntp_frames_per_s=... speedup=...`.
+included) and `Generator.first_frame_seconds` (time until the stream has the first generated latent frame). Last line:
+`nbp_steps=48 ntp_steps=768 nbp_frames_per_s=... ntp_frames_per_s=... speedup=... nbp_first_frame_s=...
+ntp_first_frame_s=...`.
 """
 
 from __future__ import annotations
@@ -68,15 +69,19 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
     mem = compiled.memory_analysis()
     r = generator.generation_speed(inputs, block_shape=block, repeats=reps)
     steps, secs = r['steps'], r['seconds']
-    results[name] = dict(steps=steps, seconds=secs, tokens_per_s=r['tokens_per_s'], frames_per_s=r['frames_per_s'])
+    first = generator.first_frame_seconds(inputs, block_shape=block, repeats=reps)
+    results[name] = dict(steps=steps, seconds=secs, tokens_per_s=r['tokens_per_s'], frames_per_s=r['frames_per_s'],
+                         first_frame_s=first)
     temp = getattr(mem, 'temp_size_in_bytes', 0) + getattr(mem, 'argument_size_in_bytes', 0)
     print(f'{name}: block {r["block"]}, {steps} steps, compile {compile_s:.1f} s, '
           f'{secs:.2f} s/clip, {r["tokens_per_s"]:.1f} tokens/s, {r["frames_per_s"]:.2f} frames/s, '
+          f'first latent frame after {first:.2f} s, '
           f'compiled memory {_mib(temp)}, peak RSS {_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}')
   speedup = results['nbp']['frames_per_s'] / results['ntp']['frames_per_s']
   print(f'speed-up of next-block over next-token prediction: {speedup:.1f}x '
         f'({results["ntp"]["steps"] / results["nbp"]["steps"]:.0f}x fewer steps)')
   print(f'nbp_steps={results["nbp"]["steps"]} ntp_steps={results["ntp"]["steps"]} '
         f'nbp_frames_per_s={results["nbp"]["frames_per_s"]:.3f} ntp_frames_per_s={results["ntp"]["frames_per_s"]:.3f} '
-        f'speedup={speedup:.2f}')
+        f'speedup={speedup:.2f} nbp_first_frame_s={results["nbp"]["first_frame_s"]:.3f} '
+        f'ntp_first_frame_s={results["ntp"]["first_frame_s"]:.3f}')
   return dict(speedup=speedup, **{f'{k}_{m}': v for k, r in results.items() for m, v in r.items()})
