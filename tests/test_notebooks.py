@@ -24,7 +24,8 @@ print('NOTEBOOK_STATE=' + json.dumps({
     'speedup': summary.get('speedup'), 'steps': {n: g.step for n, g in models.items()},
     'config': models['nbp'].config.name, 'class_names': [names[i] for i in labels],
     'samples': {n: [list(v.shape), str(v.dtype)] for n, v in samples.items()},
-    'predictions': {n: list(v.shape) for n, v in predictions.items()}, 'clips': list(clips['video'].shape)}))
+    'predictions': {n: list(v.shape) for n, v in predictions.items()}, 'clips': list(clips['video'].shape),
+    'rollouts': list(rollouts.shape), 'stream': [n for n, _ in arrivals]}))
 '''
 _TPU_PROBE = '''
 print('NOTEBOOK_STATE=' + json.dumps({
@@ -105,9 +106,11 @@ def test_notebooks_run_on_cpu(tiny_pipeline, tmp_path):
   clip = [4, 9, 16, 16, 3]  # NUM_SAMPLES clips of 9 frames at 16x16
   assert state['samples'] == {'nbp': [clip, 'uint8'], 'ntp': [clip, 'uint8']}
   assert state['predictions'] == {'nbp': clip, 'ntp': clip} and state['clips'] == clip
+  # Rollouts of 1 + 4 * 8 frames; the stream yields the 5 given frames, then 4 per generated latent frame (1 of 3).
+  assert state['rollouts'] == [4, 33, 16, 16, 3] and state['stream'] == [5, 4]
   rich = _displays(nb)
   videos = [r['text/html'] for r in rich if 'show_videos' in r.get('text/html', '')]
-  assert len(videos) == 4 and all('data:image/gif;base64' in v for v in videos)  # 2 tasks x NBP, NTP
+  assert len(videos) == 5 and all('data:image/gif;base64' in v for v in videos)  # 2 tasks x NBP, NTP; the rollouts
   tables = [r['text/markdown'] for r in rich if 'text/markdown' in r]
   assert tables == [(workdir / 'summary.md').read_text()]
   assert '| nbp |' in tables[0] and '| ntp |' in tables[0]
