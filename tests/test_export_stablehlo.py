@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import flatbuffers  # noqa: F401  jax.export serialization needs it (requirements.txt)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,6 @@ from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
-
-pytest.importorskip('flatbuffers', reason='jax.export serialization needs flatbuffers (requirements.txt)')
 
 
 def _config():

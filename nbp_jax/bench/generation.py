@@ -1,4 +1,4 @@
-r"""Decode benchmark: the same clip generated with next-block (config's block, 1x1x16) and next-token (1x1x1)
+r"""Generation benchmark: the same clip generated with next-block (config's block, 1x1x16) and next-token (1x1x1)
 prediction on the same model, in one run, each after a warm-up compile.
 
   python -m nbp_jax.bench generate --config=configs/bench_cpu.py
@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
   ctx_latent = config_lib.context_latent_frames(config)
   n_ctx = ctx_latent * h * w
   frames = config.data.num_frames - config.nbp.context_frames  # video frames produced per clip
-  print(f'decode benchmark: {config.name}, {jax.devices()[0].device_kind} ({jax.default_backend()}), '
+  print(f'generation benchmark: {config.name}, {jax.devices()[0].device_kind} ({jax.default_backend()}), '
         f'{nbp_spec.num_params / 1e6:.0f}M params ({nbp_spec.model.num_layers} layers, width '
         f'{nbp_spec.model.emb_dim}), dtype {nbp_spec.model.dtype}, batch {b}, grid {layout.latent_shape}, '
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
