@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbp_jax.nbp import sampling as sampling_lib
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.layout import LayoutError
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.transformer import Transformer
@@ -48,8 +49,11 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_S
   Returns:
     [B, n + num_blocks * L] int32 video codes in sequence order (the context included).
   """
-  layout, vocab, cfg = spec.layout, spec.vocab, spec.model
-  params = nn.meta.unbox(params)
+  layout, vocab = spec.layout, spec.vocab
+  # Generation always runs the layers unrolled (transformer.unstack_layers says why), whatever the training layout;
+  # a Generator unstacks scanned params once at load, other callers' are unstacked here.
+  cfg = transformer_lib.unrolled(spec.model)
+  params = transformer_lib.unstack_layers(nn.meta.unbox(params))
   if labels is not None:
     b = labels.shape[0]
   elif context is not None:

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,6 +33,7 @@ from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
 from nbp_jax.data import video_io
 from nbp_jax.nbp import generation
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.spec import spec_from_config
@@ -109,6 +111,8 @@ class Generator:
       config = saved_config(workdir)
       config_lib.validate(config, 'sample')
     params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh)  # first: "train first" is the apt error
+    # Once here rather than in every generate call: generation runs the layers unrolled (transformer.unstack_layers).
+    params = transformer_lib.unstack_layers(nn.meta.unbox(params))
     tokenizer, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
     if mesh is not None:
       tok_params = jax.device_put(tok_params, parallel.replicated(mesh))

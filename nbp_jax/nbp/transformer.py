@@ -66,15 +66,42 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-  """Preallocated keys and values, each [layers, B, heads, max_len, head_dim] in the compute dtype."""
-  k: jax.Array
-  v: jax.Array
+  """Preallocated keys and values in the compute dtype: each one array [layers, B, heads, max_len, head_dim] for a
+  scanned model, or a tuple of per-layer arrays [B, heads, max_len, head_dim] for an unrolled one (what generation
+  uses: a layer then writes and reads its own buffer in place, without slicing a copy out of a stacked one)."""
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
-  """Zero cache for `length` positions."""
-  shape = (cfg.num_layers, batch_size, cfg.num_heads, length, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+  """Zero cache for `length` positions (stacked when cfg.scan_layers, per layer otherwise)."""
+  shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
+  if cfg.scan_layers:
+    stacked = (cfg.num_layers, *shape)
+    return KVCache(jnp.zeros(stacked, cfg.dtype), jnp.zeros(stacked, cfg.dtype))
+  return KVCache(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                 tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)))
+
+
+def unrolled(cfg: TransformerConfig) -> TransformerConfig:
+  """The same model with one module (and parameter subtree `blocks_{i}`) per layer, as generation runs it."""
+  return dataclasses.replace(cfg, scan_layers=False, remat=False)
+
+
+def unstack_layers(params) -> dict:
+  """Scanned params ({'blocks': leaves [layers, ...], ...}) -> unrolled ones ({'blocks_0': ..., 'blocks_1': ...});
+  unrolled params are returned as they are.
+
+  Generation runs the layers unrolled: in a scan over layers, XLA slices each layer's weights (and KV cache) out of
+  the stacked arrays as copies on every decoding step, which doubles what a memory-bound step reads.
+  """
+  if 'blocks' not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != 'blocks'}
+  num_layers = jax.tree_util.tree_leaves(params['blocks'])[0].shape[0]
+  for i in range(num_layers):
+    out[f'blocks_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], params['blocks'])
+  return out
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: str) -> nn.Dense:
@@ -105,7 +132,12 @@ class SelfAttention(nn.Module):
     q = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'query')(x))
     k = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'key')(x))
     v = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'value')(x))
-    if cache is not None:
+    if cache is not None and isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
+      at = (0, 0, offset, 0)
+      k = lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), at)
+      v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), at)
+      cache = KVCache(cache.k[:layer] + (k,) + cache.k[layer + 1:], cache.v[:layer] + (v,) + cache.v[layer + 1:])
+    elif cache is not None:
       at = (layer, 0, 0, offset, 0)
       cache = KVCache(lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
                       lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
