@@ -157,20 +157,25 @@ class Generator:
     Traceable (no host round trip), so jax.export can trace it with params as inputs.
     """
     spec = self.spec if block_shape is None else self.spec.with_block_shape(block_shape)
+    labels, context, batch_size = self._generate_inputs(spec, labels, context_codes, batch_size)
+    z = generation.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
+                            batch_size=batch_size)
+    return spec.layout.seq_to_grid(z)
+
+  def _generate_inputs(self, spec: Spec, labels, context_codes, batch_size: int | None):
+    """`generate`'s (labels [B] int32, context [B, n] int32 in sequence order, batch_size) from `codes`-style
+    arguments, split over the mesh; batch_size only when neither labels nor context is given."""
     context = None
     if context_codes is not None:
       context = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
     if labels is not None:
       labels = self._split(np.asarray(labels) if isinstance(labels, (list, tuple)) else labels, jnp.int32)
-    if labels is None and context is None:
-      batch_size = batch_size or self.config.sample.batch_size
-      if self.mesh is not None:
-        self._check_batch(batch_size)
-    else:
-      batch_size = None
-    z = generation.generate(spec, self.params, rng, self.sampling(sampling), labels=labels, context=context,
-                            batch_size=batch_size)
-    return spec.layout.seq_to_grid(z)
+    if labels is not None or context is not None:
+      return labels, context, None
+    batch_size = batch_size or self.config.sample.batch_size
+    if self.mesh is not None:
+      self._check_batch(batch_size)
+    return labels, context, batch_size
 
   def sampling(self, overrides: Sampling | Mapping[str, Any] | None = None) -> Sampling:
     """config.sample's sampling settings, with `overrides` (a Sampling replaces them all)."""
@@ -238,13 +243,9 @@ class Generator:
     t, h, w = layout.latent_shape
     bt, bh, bw = layout.block_shape
     per_layer = (h // bh) * (w // bw)  # blocks of bt latent frames
-    labels = None if labels is None else self._split(np.asarray(labels) if isinstance(labels, (list, tuple))
-                                                     else labels, jnp.int32)
-    z = None
-    if context_codes is not None:
-      z = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
+    labels, z, batch_size = self._generate_inputs(spec, labels, context_codes, batch_size)
+    if z is not None:
       yield jnp.asarray(context_codes, jnp.int32)
-    batch_size = None if labels is not None or z is not None else batch_size or self.config.sample.batch_size
     rounds, sampling = 0, self.sampling(sampling)
     while z is None or z.shape[1] < layout.num_tokens:
       done = 0 if z is None else z.shape[1]
