@@ -165,6 +165,26 @@ def test_top_k_top_p_match_numpy(top_k, top_p, temperature):
   np.testing.assert_allclose(np.bincount(draws, minlength=10) / 4000, p, atol=0.03)
 
 
+@pytest.mark.parametrize('codes', [5000, 1000])
+def test_inverse_cdf_is_the_first_index_reaching_u(codes):
+  # 5000 codes: two levels (20 chunks of 256, the last padded); 1000: one flat sum. Every third probability zero,
+  # one whole chunk empty, u at chunk edges included.
+  rng = np.random.default_rng(0)
+  p = rng.random((3, codes)).astype(np.float32)
+  p[:, ::3] = 0
+  p[1, 256:512] = 0
+  cdf = np.cumsum(p.astype(np.float64), -1)
+  edges = [10, 255, 256, 511, 700, codes - 2]
+  u = np.concatenate([rng.random((3, 200)) * cdf[:, -1:], cdf[:, edges] * (1 - 1e-6)], -1).astype(np.float32)
+  got = np.asarray(jax.vmap(sampling_lib.inverse_cdf, in_axes=(None, 1), out_axes=1)(jnp.asarray(p), jnp.asarray(u)))
+  want = (cdf[:, None, :] < u[..., None]).sum(-1)  # the naive definition, in float64
+  assert (p[np.arange(3)[:, None], got] > 0).all()  # never a zero-probability code
+  # Equal except where u lies within float32 rounding of a cdf step.
+  near = np.abs(cdf[np.arange(3)[:, None], np.minimum(want, codes - 1)] - u) < 1e-5 * cdf[:, -1:]
+  np.testing.assert_array_equal(got[~near], want[~near])
+  assert (~near).mean() > 0.9
+
+
 def test_greedy_is_argmax():
   logits = jax.random.normal(jax.random.key(4), (3, 5, C))
   np.testing.assert_array_equal(sampling_lib.sample(jax.random.key(0), logits, Sampling(greedy=True)),
@@ -314,7 +334,8 @@ def test_every_preset_generates_abstractly(path):
   q = params['blocks']['attn']['query']['kernel']
   assert q.value.shape == (m.num_layers, m.emb_dim, m.emb_dim)
   cache = jax.eval_shape(lambda: init_cache(spec.model, 2, spec.layout.seq_len))
-  assert cache.k.shape == (m.num_layers, 2, m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
+  assert cache.k.shape == (m.num_layers, 2, m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
+  assert cache.v.shape == (m.num_layers, 2, m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
   if os.path.basename(path) in ('k600_3b.py', 'ucf101_3b.py'):
     assert (m.num_layers, m.num_heads, m.emb_dim) == (32, 32, 3072)
     assert cache.k.shape[0] == 32 and cache.k.shape[2] == 32 and q.value.shape[-1] == 3072
@@ -354,4 +375,5 @@ def test_generation_benchmark_prints_the_machine_readable_line(capsys):
   assert result['speedup'] > 0
   # Time to first frame: one 4x4 latent frame is 4 row steps, or 16 token steps.
   assert ' nbp_first_frame_s=' in last and ' ntp_first_frame_s=' in last
-  assert 0 < result['nbp_first_frame_s'] < result['nbp_seconds'] and 0 < result['ntp_first_frame_s']
+  # Only presence and sign: at this size an ordering of two timings is noise (a benchmark's job, not a test's).
+  assert result['nbp_first_frame_s'] > 0 and result['ntp_first_frame_s'] > 0

@@ -136,3 +136,17 @@ def test_logical_axis_names_shard_on_a_2x2x2_mesh():
   batch = jax.device_put(_batch(8), NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
   loss = jax.jit(lambda p, b: train.loss_fn(spec, p, b, None, False)[0])
   np.testing.assert_allclose(loss(params, batch), loss(jax.device_get(params), jax.device_get(batch)), rtol=1e-5)
+
+
+def test_train_benchmark_reports_mfu_against_the_measured_cpu_peak(capsys):
+  from nbp_jax.bench import train as train_bench  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.data.batch_size = 8
+  config.train.bench_steps, config.train.bench_warmup = 2, 1
+  result = train_bench.run(config)
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  # CPU has no datasheet peak: the MFU is against this machine's measured matmul rate, so it is a finite fraction.
+  assert last.endswith('peak_source=measured') and ' mfu=nan' not in last
+  assert 0 < result['mfu'] < 1
+  np.testing.assert_allclose(result['achieved_flops'], train.flops_per_example(spec_from_config(config)) * 8
+                             / result['step_s'], rtol=1e-6)

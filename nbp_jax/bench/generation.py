@@ -4,14 +4,24 @@ prediction on the same model, in one run, each after a warm-up compile.
   python -m nbp_jax.bench generate --config=configs/bench_cpu.py
 
 Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
-included) and `Generator.first_frame_seconds` (time until the stream has the first generated latent frame). Last line:
-`nbp_steps=48 ntp_steps=768 nbp_frames_per_s=... ntp_frames_per_s=... speedup=... nbp_first_frame_s=...
-ntp_first_frame_s=...`.
+included) and `Generator.first_frame_seconds` (time until the stream has the first generated latent frame).
+
+Then a roofline line per mode, all measured in this run on this machine (medians of repeats):
+- step: one decoding step, (clip - prefill) / (steps - 1), the prefill timed alone as a generation of one block;
+- matmuls: the step's weight matmuls alone (per layer query, key, value, proj, fc1, fc2, then the head's video
+  columns, chained on the same weight arrays, [B*L, d] rows), nothing else;
+- weights: the time to read those weights once, at the bandwidth of a reduction over them;
+- roofline = step / max(matmuls, weights): 1.0 is a step that costs only its weight reads and matmuls (what is left
+  above that: attention over the cache, layer norms, embedding, sampling, loop and copy overhead).
+
+Last line: `nbp_steps=48 ntp_steps=768 nbp_frames_per_s=... ntp_frames_per_s=... speedup=... nbp_first_frame_s=...
+ntp_first_frame_s=... nbp_step_ms=... ntp_step_ms=... nbp_roofline=... ntp_roofline=...`.
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 
 import flax.linen as nn
@@ -20,14 +30,59 @@ import jax.numpy as jnp
 import ml_collections
 
 from nbp_jax import config_lib
+from nbp_jax import timing
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.spec import spec_from_config
 
 
 def _mib(n: float) -> str:
   return f'{n / 2**20:.0f} MiB'
+
+
+_LAYER_MATMULS = (('attn', 'query'), ('attn', 'key'), ('attn', 'value'), ('attn', 'proj'), ('mlp', 'fc1'),
+                  ('mlp', 'fc2'))
+
+
+def step_weights(params, video_slice: tuple[int, int]) -> tuple[list[tuple[jax.Array, ...]], jax.Array]:
+  """The kernels a decoding step multiplies by: per layer (query, key, value, proj, fc1, fc2) of unrolled params,
+  and the head's video columns [d, V_video] (a copy made here, outside anything timed)."""
+  layers = []
+  i = 0
+  while f'blocks_{i}' in params:
+    layers.append(tuple(params[f'blocks_{i}'][m][n]['kernel'] for m, n in _LAYER_MATMULS))
+    i += 1
+  head = jnp.array(params['head']['kernel'][:, video_slice[0]:video_slice[1]])
+  return layers, head
+
+
+@jax.jit
+def _chained_matmuls(x, layers, head):
+  """x [rows, d] through every layer's six matmuls (the same wiring as a block, without anything between them),
+  then the head: the matmul work of one step on its weights, chained so that nothing can be skipped."""
+  for wq, wk, wv, wo, w1, w2 in layers:
+    x = (x @ wq + x @ wk + x @ wv) @ wo
+    x = (x @ w1) @ w2
+  return x @ head
+
+
+@jax.jit
+def _read_all(layers, head):
+  """One pass over every weight (a sum of each): the time to stream them from memory."""
+  return sum(jnp.sum(w) for w in jax.tree_util.tree_leaves((layers, head)))
+
+
+def matmul_seconds(layers, head, rows: int, repeats: int = 5) -> float:
+  """Median seconds of a step's weight matmuls alone with `rows` = B*L new positions."""
+  x = jax.random.normal(jax.random.key(0), (rows, head.shape[0]), head.dtype) * 0.02
+  return statistics.median(timing.timings(lambda: _chained_matmuls(x, layers, head), repeats))
+
+
+def read_seconds(layers, head, repeats: int = 5) -> float:
+  """Median seconds of reading every weight once."""
+  return statistics.median(timing.timings(lambda: _read_all(layers, head), repeats))
 
 
 def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]:
@@ -47,6 +102,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
 
   params = nn.meta.unbox(jax.jit(lambda r: train.init_params(nbp_spec, r))(jax.random.key(config.seed)))
+  params = transformer_lib.unstack_layers(params)  # as Generator.load does: generation runs the layers unrolled
   generator = generator_lib.Generator(config, nbp_spec, params)
   inputs = {}
   if ctx_latent:
@@ -57,6 +113,9 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
   if not inputs:
     inputs['batch_size'] = b
 
+  weights = step_weights(generator.params, nbp_spec.vocab.video_slice)
+  nbytes = sum(w.nbytes for w in jax.tree_util.tree_leaves(weights))
+  read_s = read_seconds(*weights)
   results = {}
   for name, block, reps in (('nbp', None, repeats), ('ntp', (1, 1, 1), 1)):
     spec = nbp_spec if block is None else ntp_spec
@@ -70,18 +129,32 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
     r = generator.generation_speed(inputs, block_shape=block, repeats=reps)
     steps, secs = r['steps'], r['seconds']
     first = generator.first_frame_seconds(inputs, block_shape=block, repeats=reps)
+    prefill_s = statistics.median(timing.timings(
+        lambda spec=spec, context=context: generation.generate(
+            spec, generator.params, jax.random.key(3), generator.sampling(), labels=inputs.get('labels'),
+            context=context, num_blocks=1, batch_size=inputs.get('batch_size')), max(reps, 3)))
+    step_s = (secs - prefill_s) / max(steps - 1, 1)
+    rows = b * spec.layout.block_len * (2 if generator.sampling().use_cfg else 1)
+    matmul_s = matmul_seconds(*weights, rows)
     results[name] = dict(steps=steps, seconds=secs, tokens_per_s=r['tokens_per_s'], frames_per_s=r['frames_per_s'],
-                         first_frame_s=first)
+                         first_frame_s=first, prefill_s=prefill_s, step_ms=1e3 * step_s,
+                         roofline=step_s / max(matmul_s, read_s), matmul_ms=1e3 * matmul_s)
     temp = getattr(mem, 'temp_size_in_bytes', 0) + getattr(mem, 'argument_size_in_bytes', 0)
     print(f'{name}: block {r["block"]}, {steps} steps, compile {compile_s:.1f} s, '
           f'{secs:.2f} s/clip, {r["tokens_per_s"]:.1f} tokens/s, {r["frames_per_s"]:.2f} frames/s, '
           f'first latent frame after {first:.2f} s, '
           f'compiled memory {_mib(temp)}, peak RSS {_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}')
+  for name, m in results.items():
+    print(f'{name} roofline: step {m["step_ms"]:.1f} ms (prefill {m["prefill_s"] * 1e3:.0f} ms once); its matmuls '
+          f'alone {m["matmul_ms"]:.1f} ms; reading its {_mib(nbytes)} of weights {read_s * 1e3:.1f} ms '
+          f'({nbytes / read_s / 1e9:.1f} GB/s); step / max(matmuls, weights) = {m["roofline"]:.2f}x')
   speedup = results['nbp']['frames_per_s'] / results['ntp']['frames_per_s']
   print(f'speed-up of next-block over next-token prediction: {speedup:.1f}x '
         f'({results["ntp"]["steps"] / results["nbp"]["steps"]:.0f}x fewer steps)')
   print(f'nbp_steps={results["nbp"]["steps"]} ntp_steps={results["ntp"]["steps"]} '
         f'nbp_frames_per_s={results["nbp"]["frames_per_s"]:.3f} ntp_frames_per_s={results["ntp"]["frames_per_s"]:.3f} '
         f'speedup={speedup:.2f} nbp_first_frame_s={results["nbp"]["first_frame_s"]:.3f} '
-        f'ntp_first_frame_s={results["ntp"]["first_frame_s"]:.3f}')
+        f'ntp_first_frame_s={results["ntp"]["first_frame_s"]:.3f} nbp_step_ms={results["nbp"]["step_ms"]:.2f} '
+        f'ntp_step_ms={results["ntp"]["step_ms"]:.2f} nbp_roofline={results["nbp"]["roofline"]:.2f} '
+        f'ntp_roofline={results["ntp"]["roofline"]:.2f}')
   return dict(speedup=speedup, **{f'{k}_{m}': v for k, r in results.items() for m, v in r.items()})

@@ -69,6 +69,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
   raise ValueError(f'model.attention={impl!r} is unknown; pick one of {IMPLS}.')
 
 
+def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Array, k_block: jax.Array, *,
+                    impl: str = 'xla') -> jax.Array:
+  """`attention` against a KV cache whose keys are stored transposed, k_t [B, H, D, Tk] (transformer.KVCache).
+
+  The xla path (and every decoding step, which has too few queries for a kernel) multiplies by k_t directly; the
+  fused kernels (a long prefill with cudnn or splash) get the keys back in [B, H, Tk, D].
+  """
+  if impl == 'xla' or (impl == 'splash' and (q.shape[2] < SPLASH_MIN_QUERIES or not _is_static(q_block)
+                                             or not _is_static(k_block))):
+    return _xla_attention(q, k_t, v, block_mask(q_block, k_block), keys_transposed=True)
+  return attention(q, k_t.swapaxes(2, 3), v, q_block, k_block, impl=impl)
+
+
 def fused_attention(q, k, v, mask, *, implementation: str):
   """`jax.nn.dot_product_attention` on our [B, H, T, D] layout (it wants [B, T, H, D]); mask bool [Tq, Tk]."""
   out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
@@ -133,10 +146,11 @@ def _splash_per_shard(q, k, v, *, mask, tiles, interpret):
   return jax.vmap(kernel)(q, k, v)
 
 
-def _xla_attention(q, k, v, mask):
+def _xla_attention(q, k, v, mask, keys_transposed: bool = False):
   scale = q.shape[-1] ** -0.5
   # Scores and softmax in float32; the mask is a select, not an additive -1e10 (which breaks in bf16).
-  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum('bhqd,bhdk->bhqk' if keys_transposed else 'bhqd,bhkd->bhqk', q, k,
+                 preferred_element_type=jnp.float32) * scale
   s = jnp.where(mask[None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bhkd->bhqd', p, v)

@@ -89,13 +89,41 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   return jnp.where(keep, x, -jnp.inf)
 
 
+CDF_CHUNK = 256  # codes per chunk of the two-level inverse CDF
+_FLAT_CDF_MAX = 4096  # up to this many codes one flat cumulative sum is cheaper than two levels
+
+
+def inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+  """The first index whose cumulative probability reaches u: probs [..., C] >= 0, u [...] in (0, sum) -> int32 [...].
+
+  Two levels, O(C) work: the chunks' sums and their cumulative sum pick the chunk u falls in, then only that chunk's
+  CDF_CHUNK probabilities are summed cumulatively (a cumulative sum over all 64k codes per position costs as much
+  as the rest of sampling on CPU). Never returns a zero-probability index.
+  """
+  c = probs.shape[-1]
+  if c <= _FLAT_CDF_MAX:
+    i = (jnp.cumsum(probs, axis=-1) < u[..., None]).sum(-1)
+    last = c - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)
+    return jnp.minimum(i, last).astype(jnp.int32)
+  chunks = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, -c % CDF_CHUNK)]).reshape(
+      *probs.shape[:-1], -1, CDF_CHUNK)
+  ends = jnp.cumsum(chunks.sum(-1), axis=-1)  # [..., n_chunks] mass up to the end of each chunk
+  j = jnp.minimum((ends < u[..., None]).sum(-1), ends.shape[-1] - 1)  # the chunk where the cdf reaches u
+  start = jnp.where(j > 0, jnp.take_along_axis(ends, jnp.maximum(j - 1, 0)[..., None], -1)[..., 0], 0.0)
+  chunk = jnp.take_along_axis(chunks, j[..., None, None], -2)[..., 0, :]  # [..., CDF_CHUNK]
+  i = ((start[..., None] + jnp.cumsum(chunk, axis=-1)) < u[..., None]).sum(-1)
+  # Rounding (the chunk's sum vs its running sum) can leave u just past the chunk's last step: take its last
+  # non-zero probability then, never a zero-probability (filtered or padding) index.
+  last = CDF_CHUNK - 1 - jnp.argmax((chunk > 0)[..., ::-1], axis=-1)
+  return (j * CDF_CHUNK + jnp.minimum(i, last)).astype(jnp.int32)
+
+
 def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   """logits [..., C] float32 -> sampled indices [...] int32 in [0, C)."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   probs = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
-  # Inverse-CDF with one uniform per position (a Gumbel draw per logit costs more than the filtering on CPU).
-  cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(rng, cdf.shape[:-1], minval=jnp.finfo(jnp.float32).tiny) * cdf[..., -1]
-  idx = (cdf < u[..., None]).sum(-1)  # first index whose cdf reaches u: never a zero-probability token
-  return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
+  # Inverse CDF with one uniform per position (a Gumbel draw per logit costs more than the filtering on CPU).
+  total = probs.sum(-1)
+  u = jax.random.uniform(rng, total.shape, minval=jnp.finfo(jnp.float32).tiny) * total
+  return inverse_cdf(probs, u)

@@ -22,8 +22,9 @@ config_lib.DEFAULT_AXIS_RULES.
 
 The model is layout-agnostic: callers pass block ids for queries and keys and attention applies
 `key_block <= query_block` (attention.py). `__call__` is the training forward (whole sequence, no cache);
-`decode` runs a group of new positions at an offset against a cache [layers, B, heads, max_len, head_dim], writing
-their K/V with `lax.dynamic_update_slice` (the prefill is a decode call at offset 0).
+`decode` runs a group of new positions at an offset against a preallocated KV cache (KVCache: per layer, keys
+[B, heads, head_dim, max_len], values [B, heads, max_len, head_dim]), writing their K/V with
+`lax.dynamic_update_slice` (the prefill is a decode call at offset 0).
 """
 
 from __future__ import annotations
@@ -66,21 +67,23 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-  """Preallocated keys and values in the compute dtype: each one array [layers, B, heads, max_len, head_dim] for a
-  scanned model, or a tuple of per-layer arrays [B, heads, max_len, head_dim] for an unrolled one (what generation
-  uses: a layer then writes and reads its own buffer in place, without slicing a copy out of a stacked one)."""
+  """Preallocated keys and values in the compute dtype, per layer: keys transposed [B, heads, head_dim, max_len]
+  (the scores are then a plain [q, d] x [d, len] matmul per head; with keys [len, d] XLA:CPU transposes the whole
+  cache of a layer on every step), values [B, heads, max_len, head_dim]. One array with a leading [layers] axis
+  each for a scanned model, or a tuple of per-layer arrays for an unrolled one (what generation uses: a layer then
+  writes and reads its own buffer in place, without slicing a copy out of a stacked one)."""
   k: jax.Array | tuple[jax.Array, ...]
   v: jax.Array | tuple[jax.Array, ...]
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
   """Zero cache for `length` positions (stacked when cfg.scan_layers, per layer otherwise)."""
-  shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
+  k_shape = (batch_size, cfg.num_heads, cfg.head_dim, length)
+  v_shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
   if cfg.scan_layers:
-    stacked = (cfg.num_layers, *shape)
-    return KVCache(jnp.zeros(stacked, cfg.dtype), jnp.zeros(stacked, cfg.dtype))
-  return KVCache(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
-                 tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)))
+    return KVCache(jnp.zeros((cfg.num_layers, *k_shape), cfg.dtype), jnp.zeros((cfg.num_layers, *v_shape), cfg.dtype))
+  return KVCache(tuple(jnp.zeros(k_shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                 tuple(jnp.zeros(v_shape, cfg.dtype) for _ in range(cfg.num_layers)))
 
 
 def unrolled(cfg: TransformerConfig) -> TransformerConfig:
@@ -132,18 +135,21 @@ class SelfAttention(nn.Module):
     q = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'query')(x))
     k = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'key')(x))
     v = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'value')(x))
-    if cache is not None and isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
-      at = (0, 0, offset, 0)
-      k = lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), at)
-      v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), at)
-      cache = KVCache(cache.k[:layer] + (k,) + cache.k[layer + 1:], cache.v[:layer] + (v,) + cache.v[layer + 1:])
-    elif cache is not None:
-      at = (layer, 0, 0, offset, 0)
-      cache = KVCache(lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                      lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
-      k = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
-      v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-    y = attention_lib.attention(q, k, v, q_block, k_block, impl=cfg.attention)
+    if cache is None:
+      y = attention_lib.attention(q, k, v, q_block, k_block, impl=cfg.attention)
+    else:
+      k_t = k.transpose(0, 1, 3, 2)  # [B, H, D, T]: the cache's key layout
+      if isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
+        k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, 0, offset))
+        v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, 0, offset, 0))
+        cache = KVCache(cache.k[:layer] + (k_t,) + cache.k[layer + 1:],
+                        cache.v[:layer] + (v,) + cache.v[layer + 1:])
+      else:
+        cache = KVCache(lax.dynamic_update_slice(cache.k, k_t[None].astype(cache.k.dtype), (layer, 0, 0, 0, offset)),
+                        lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, 0, offset, 0)))
+        k_t = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
+        v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+      y = attention_lib.cache_attention(q, k_t, v, q_block, k_block, impl=cfg.attention)
     y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.emb_dim)
     return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(y), cache
 
