@@ -66,6 +66,10 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if 'tiny_pipeline' in item.fixturenames:
       item.add_marker(pytest.mark.slow)
+      # One pytest-xdist worker runs every test of the session fixture (`--dist loadgroup`), so it is built once.
+      item.add_marker(pytest.mark.xdist_group('tiny_pipeline'))
+    else:  # and each file's other tests on one worker, so its module fixtures are built once too
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
   for platform in ('gpu', 'tpu'):
     marked = [item for item in items if item.get_closest_marker(platform)]
     if marked and not _has_devices(platform):
