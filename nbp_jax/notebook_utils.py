@@ -62,21 +62,12 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def context_clips(config: ml_collections.ConfigDict, workdir: str, count: int) -> dict[str, np.ndarray]:
-  """`count` real clips to continue: the held-out split of the model's dataset (WORKDIR is its training workdir),
-  repeated to fill the batch; if there is no dataset (e.g. an imported model), synthetic clips (out of distribution,
-  but they run anywhere)."""
-  try:
-    clips = next(pipeline.first_clips(config, workdir, count))
-  except (FileNotFoundError, ValueError) as e:
-    from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    print(f'No dataset for this model ({e}); continuing synthetic clips instead (prepare the real one with '
+  """`count` real clips to continue (pipeline.example_clips), saying so when they are synthetic ones instead."""
+  clips, missing = pipeline.example_clips(config, workdir, count)
+  if missing:
+    print(f'No dataset for this model ({missing}); continuing synthetic clips instead (prepare the real one with '
           '--mode=prepare_data to use it).')
-    labels = np.arange(count) % max(config.data.num_classes, 1)
-    videos = np.stack([synthetic.generate_video(i, int(l), config.data.num_frames, config.data.resolution)
-                       for i, l in enumerate(labels)])
-    return {'video': videos, 'label': labels.astype(np.int32)}
-  index = np.arange(count) % len(clips['video'])
-  return {k: v[index] for k, v in clips.items()}
+  return clips
 
 
 def speed_report(rows: Mapping[str, Mapping[str, float]], *, baseline: str = 'NTP') -> str:

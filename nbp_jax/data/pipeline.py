@@ -158,3 +158,24 @@ def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_
     seen += take
     if seen >= count:
       return
+
+
+def example_clips(config, workdir: str, count: int) -> tuple[dict[str, np.ndarray], str | None]:
+  """`count` clips to condition a model on, anywhere: the held-out split of the run's dataset (repeated to fill
+  `count`), or, where there is none (an imported or exported model), synthetic clips of the config's length and
+  resolution (out of the real data's distribution, but they run everywhere).
+
+  Returns:
+    ({'video': uint8 [count, T, H, W, 3], 'label': int32 [count]}, None), or (synthetic clips, why the dataset
+    could not be read) so that callers can say so.
+  """
+  try:
+    clips = next(first_clips(config, workdir, count))
+  except (FileNotFoundError, ValueError) as e:  # no prepared dataset here
+    from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    labels = np.arange(count) % max(int(config.data.num_classes), 1)
+    videos = np.stack([synthetic.generate_video(i, int(l), int(config.data.num_frames), config.data.resolution)
+                       for i, l in enumerate(labels)])
+    return {'video': videos, 'label': labels.astype(np.int32)}, str(e)
+  index = np.arange(count) % len(clips['video'])
+  return {k: v[index] for k, v in clips.items()}, None

@@ -169,16 +169,12 @@ def _codebook_size(config: ml_collections.ConfigDict) -> int:
 def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, frames: int,
                    resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
   """(uint8 [n, >= frames, R, R, 3], labels or None): held-out clips of the run's data, else synthetic ones."""
-  try:
-    held_out = next(pipeline.first_clips(config, workdir, n))
-    video = held_out['video']
-    if video.shape[0] == n and video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
-      labels = held_out.get('label')
-      classes = int(config.data.num_classes)
-      ok = labels is not None and classes > 0 and bool(np.all((labels >= 0) & (labels < classes)))
-      return video, (labels.astype(np.int32) if ok else None)
-  except Exception:  # pylint: disable=broad-except  (no prepared data here: synthetic clips will do)
-    pass
-  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  clips, missing = pipeline.example_clips(config, workdir, n)
+  video = clips['video']
+  if missing is None and video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
+    labels, classes = clips['label'], int(config.data.num_classes)
+    ok = classes > 0 and bool(np.all((labels >= 0) & (labels < classes)))
+    return video, (labels.astype(np.int32) if ok else None)
+  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the exported function's own shape)
   classes = max(int(config.data.num_classes), 1)
   return np.stack([synthetic.generate_video(i, i % classes, frames, resolution) for i in range(n)]), None
