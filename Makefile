@@ -21,11 +21,11 @@ demo: venv
 	$(PY) -m nbp_jax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=pipeline
 
 # Everything, the slow end-to-end tests too (PYTEST_ARGS="-m 'not slow'" leaves those out), on TEST_WORKERS
-# processes (pytest-xdist; TEST_WORKERS=0 runs in this process). Tests sharing a session fixture run on one worker
-# (tests/conftest.py groups them), so it is built once.
+# processes (pytest-xdist; TEST_WORKERS=0 runs in this process). A file's tests run on one worker, so its module
+# fixtures are built once; the workers share the one end-to-end fixture (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 lint: venv
 	$(VENV)/bin/ruff check nbp_jax tests

@@ -154,7 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table = _summary_table(rows)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
-    table += f'\n\nNBP decodes {speedup:.1f}x faster than NTP ({rows["nbp"]["decode_steps"]} vs ' \
+    ratio = f'{speedup:.1f}x faster' if speedup >= 1 else f'{1 / speedup:.1f}x slower'
+    table += f'\n\nNBP decodes {ratio} than NTP ({rows["nbp"]["decode_steps"]} vs ' \
              f'{rows["ntp"]["decode_steps"]} steps per clip, same model size, same CPU, one run).'
     summary['speedup'] = speedup
   summary['result_line'] = result_line(rows, summary.get('speedup'))

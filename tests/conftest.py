@@ -7,6 +7,7 @@ _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 
+import fcntl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -41,10 +42,21 @@ def run_main(*args, timeout=900):
 
 @pytest.fixture(scope='session')
 def tiny_pipeline(tmp_path_factory):
-  """A workdir where `--mode=pipeline` finished at micro size (built once per test session)."""
-  workdir = tmp_path_factory.mktemp('pipeline') / 'demo'
-  out = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  """A workdir where `--mode=pipeline` finished at micro size, built once per test run: under pytest-xdist the
+  first worker to ask builds it under a file lock in the run's shared temporary folder and the others wait for it.
+  Tests must not change it (copy what they change)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the run's folder, shared by its workers (each worker's basetemp is a folder in it)
+  folder = root / 'tiny_pipeline'
+  folder.mkdir(exist_ok=True)
+  workdir, built = folder / 'demo', folder / 'built'
+  with open(folder / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not built.exists():
+      out = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
+      assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+      built.touch()
   return workdir
 
 
@@ -66,10 +78,6 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if 'tiny_pipeline' in item.fixturenames:
       item.add_marker(pytest.mark.slow)
-      # One pytest-xdist worker runs every test of the session fixture (`--dist loadgroup`), so it is built once.
-      item.add_marker(pytest.mark.xdist_group('tiny_pipeline'))
-    else:  # and each file's other tests on one worker, so its module fixtures are built once too
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
   for platform in ('gpu', 'tpu'):
     marked = [item for item in items if item.get_closest_marker(platform)]
     if marked and not _has_devices(platform):

@@ -1,6 +1,7 @@
 """The whole corridor through the CLI on tiny synthetic data: prepare, tokenizer, tokenize, NBP + NTP, sample, eval."""
 
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -9,8 +10,9 @@ from conftest import TINY_PIPELINE_FLAGS
 from conftest import run_main
 
 
-def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline):
-  workdir = tiny_pipeline
+def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tmp_path):
+  workdir = tmp_path / 'demo'
+  shutil.copytree(tiny_pipeline, workdir)  # the rerun, sample and eval below write into it; others share the fixture
 
   summary = json.loads((workdir / 'summary.json').read_text())
   assert set(summary['models']) == {'nbp', 'ntp'}
