@@ -334,11 +334,11 @@ def test_every_preset_generates_abstractly(path):
   q = params['blocks']['attn']['query']['kernel']
   assert q.value.shape == (m.num_layers, m.emb_dim, m.emb_dim)
   cache = jax.eval_shape(lambda: init_cache(spec.model, 2, spec.layout.seq_len))
-  assert cache.k.shape == (m.num_layers, 2, m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
-  assert cache.v.shape == (m.num_layers, 2, m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
+  assert cache.k.shape == (m.num_layers, 2 * m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
+  assert cache.v.shape == (m.num_layers, 2 * m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
   if os.path.basename(path) in ('k600_3b.py', 'ucf101_3b.py'):
     assert (m.num_layers, m.num_heads, m.emb_dim) == (32, 32, 3072)
-    assert cache.k.shape[0] == 32 and cache.k.shape[2] == 32 and q.value.shape[-1] == 3072
+    assert cache.k.shape[0] == 32 and cache.k.shape[1] == 2 * 32 and q.value.shape[-1] == 3072
   if os.path.basename(path).startswith('k600'):
     assert spec.layout.decode_plan(512).num_steps == 48
   if os.path.basename(path).startswith('ucf101'):
@@ -377,3 +377,7 @@ def test_generation_benchmark_prints_the_machine_readable_line(capsys):
   assert ' nbp_first_frame_s=' in last and ' ntp_first_frame_s=' in last
   # Only presence and sign: at this size an ordering of two timings is noise (a benchmark's job, not a test's).
   assert result['nbp_first_frame_s'] > 0 and result['ntp_first_frame_s'] > 0
+  # The roofline fields: a step's time over the larger of its matmul time and its weight-read time.
+  for mode in ('nbp', 'ntp'):
+    assert f' {mode}_step_ms=' in last and f' {mode}_roofline=' in last
+    assert result[f'{mode}_roofline'] > 0 and result[f'{mode}_matmul_ms'] > 0

@@ -6,7 +6,8 @@ prediction on the same model, in one run, each after a warm-up compile.
 Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
 included) and `Generator.first_frame_seconds` (time until the stream has the first generated latent frame).
 
-Then a roofline line per mode, all measured in this run on this machine (medians of repeats):
+Then a roofline line per mode, all measured in this run on this machine (the clip time as above; the prefill, the
+matmuls and the weight read: medians of repeats):
 - step: one decoding step, (clip - prefill) / (steps - 1), the prefill timed alone as a generation of one block;
 - matmuls: the step's weight matmuls alone (per layer query, key, value, proj, fc1, fc2, then the head's video
   columns, chained on the same weight arrays, [B*L, d] rows), nothing else;

@@ -71,15 +71,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
 
 def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Array, k_block: jax.Array, *,
                     impl: str = 'xla') -> jax.Array:
-  """`attention` against a KV cache whose keys are stored transposed, k_t [B, H, D, Tk] (transformer.KVCache).
+  """`attention` against one layer's KV cache (transformer.KVCache): q [N, Tq, D], keys stored transposed
+  k_t [N, D, Tk], v [N, Tk, D], N = batch x heads; returns [N, Tq, D].
 
-  The xla path (and every decoding step, which has too few queries for a kernel) multiplies by k_t directly; the
-  fused kernels (a long prefill with cudnn or splash) get the keys back in [B, H, Tk, D].
+  The xla path, and every decoding step (fewer than SPLASH_MIN_QUERIES queries: a fused kernel gains nothing
+  there, and giving it [Tk, D] keys would copy the layer's whole cache on every step), multiplies by k_t directly;
+  only a long prefill with cudnn or splash gets the keys back as [1, N, Tk, D], once.
   """
-  if impl == 'xla' or (impl == 'splash' and (q.shape[2] < SPLASH_MIN_QUERIES or not _is_static(q_block)
-                                             or not _is_static(k_block))):
+  if impl == 'xla' or q.shape[1] < SPLASH_MIN_QUERIES or (
+      impl == 'splash' and not (_is_static(q_block) and _is_static(k_block))):
     return _xla_attention(q, k_t, v, block_mask(q_block, k_block), keys_transposed=True)
-  return attention(q, k_t.swapaxes(2, 3), v, q_block, k_block, impl=impl)
+  return attention(q[None], k_t.swapaxes(1, 2)[None], v[None], q_block, k_block, impl=impl)[0]
 
 
 def fused_attention(q, k, v, mask, *, implementation: str):
@@ -147,10 +149,11 @@ def _splash_per_shard(q, k, v, *, mask, tiles, interpret):
 
 
 def _xla_attention(q, k, v, mask, keys_transposed: bool = False):
+  """q [..., Tq, D], k [..., Tk, D] (or [..., D, Tk] with keys_transposed), v [..., Tk, D], mask [Tq, Tk]."""
   scale = q.shape[-1] ** -0.5
   # Scores and softmax in float32; the mask is a select, not an additive -1e10 (which breaks in bf16).
-  s = jnp.einsum('bhqd,bhdk->bhqk' if keys_transposed else 'bhqd,bhkd->bhqk', q, k,
+  s = jnp.einsum('...qd,...dk->...qk' if keys_transposed else '...qd,...kd->...qk', q, k,
                  preferred_element_type=jnp.float32) * scale
-  s = jnp.where(mask[None, None], s, jnp.finfo(jnp.float32).min)
+  s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', p, v)
+  return jnp.einsum('...qk,...kd->...qd', p, v)

@@ -77,7 +77,11 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   batch = x.shape[:-1]
   keep = jnp.ones(x.shape, bool)
   if 0 < sampling.top_k < x.shape[-1]:
-    kth = _bisect(lambda t: (key >= t[..., None]).sum(-1) >= sampling.top_k, batch)  # k-th largest key
+    # Counts as a float32 matrix-vector product with ones: exact below 2^24 codes, and twice as fast on XLA:CPU as
+    # an integer sum of the comparisons.
+    ones = jnp.ones(x.shape[-1], jnp.float32)
+    count = lambda t: jnp.einsum('...c,c->...', (key >= t[..., None]).astype(jnp.float32), ones)
+    kth = _bisect(lambda t: count(t) >= sampling.top_k, batch)  # k-th largest key
     keep = key >= kth[..., None]
   probs = jax.nn.softmax(jnp.where(keep, x, -jnp.inf), axis=-1)
   # Nucleus: keep token i iff the mass of tokens strictly more likely than i is < top_p. The cut is the smallest

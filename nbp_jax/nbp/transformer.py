@@ -23,7 +23,7 @@ config_lib.DEFAULT_AXIS_RULES.
 The model is layout-agnostic: callers pass block ids for queries and keys and attention applies
 `key_block <= query_block` (attention.py). `__call__` is the training forward (whole sequence, no cache);
 `decode` runs a group of new positions at an offset against a preallocated KV cache (KVCache: per layer, keys
-[B, heads, head_dim, max_len], values [B, heads, max_len, head_dim]), writing their K/V with
+[B*heads, head_dim, max_len], values [B*heads, max_len, head_dim]), writing their K/V with
 `lax.dynamic_update_slice` (the prefill is a decode call at offset 0).
 """
 
@@ -67,19 +67,22 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-  """Preallocated keys and values in the compute dtype, per layer: keys transposed [B, heads, head_dim, max_len]
-  (the scores are then a plain [q, d] x [d, len] matmul per head; with keys [len, d] XLA:CPU transposes the whole
-  cache of a layer on every step), values [B, heads, max_len, head_dim]. One array with a leading [layers] axis
-  each for a scanned model, or a tuple of per-layer arrays for an unrolled one (what generation uses: a layer then
-  writes and reads its own buffer in place, without slicing a copy out of a stacked one)."""
+  """Preallocated keys and values in the compute dtype, per layer, batch and heads merged into one leading axis:
+  keys transposed [B*heads, head_dim, max_len] (the scores are then a plain [q, d] x [d, len] matmul per head; with
+  keys [len, d] XLA:CPU transposes the whole cache of a layer on every step), values [B*heads, max_len, head_dim]
+  (one batch axis and no size-1 one: XLA then updates the buffer in place and hands the same buffer to the
+  attention matmuls; with [B, heads, ...] and B = 1 it fused the update into each user separately and copied the
+  layer's cache for them on every step). One array with a leading [layers] axis each for a scanned model, or a
+  tuple of per-layer arrays for an unrolled one (what generation uses: a layer then writes and reads its own buffer
+  in place, without slicing a copy out of a stacked one)."""
   k: jax.Array | tuple[jax.Array, ...]
   v: jax.Array | tuple[jax.Array, ...]
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
   """Zero cache for `length` positions (stacked when cfg.scan_layers, per layer otherwise)."""
-  k_shape = (batch_size, cfg.num_heads, cfg.head_dim, length)
-  v_shape = (batch_size, cfg.num_heads, length, cfg.head_dim)
+  k_shape = (batch_size * cfg.num_heads, cfg.head_dim, length)
+  v_shape = (batch_size * cfg.num_heads, length, cfg.head_dim)
   if cfg.scan_layers:
     return KVCache(jnp.zeros((cfg.num_layers, *k_shape), cfg.dtype), jnp.zeros((cfg.num_layers, *v_shape), cfg.dtype))
   return KVCache(tuple(jnp.zeros(k_shape, cfg.dtype) for _ in range(cfg.num_layers)),
@@ -138,18 +141,22 @@ class SelfAttention(nn.Module):
     if cache is None:
       y = attention_lib.attention(q, k, v, q_block, k_block, impl=cfg.attention)
     else:
-      k_t = k.transpose(0, 1, 3, 2)  # [B, H, D, T]: the cache's key layout
+      # The cache's layouts (KVCache): keys [B*H, D, T], values [B*H, T, D].
+      bh = b * cfg.num_heads
+      k_t = k.transpose(0, 1, 3, 2).reshape(bh, cfg.head_dim, t)
+      v = v.reshape(bh, t, cfg.head_dim)
       if isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
-        k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, 0, offset))
-        v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, 0, offset, 0))
+        k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, offset))
+        v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, offset, 0))
         cache = KVCache(cache.k[:layer] + (k_t,) + cache.k[layer + 1:],
                         cache.v[:layer] + (v,) + cache.v[layer + 1:])
       else:
-        cache = KVCache(lax.dynamic_update_slice(cache.k, k_t[None].astype(cache.k.dtype), (layer, 0, 0, 0, offset)),
-                        lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, 0, offset, 0)))
+        cache = KVCache(lax.dynamic_update_slice(cache.k, k_t[None].astype(cache.k.dtype), (layer, 0, 0, offset)),
+                        lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, offset, 0)))
         k_t = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
         v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-      y = attention_lib.cache_attention(q, k_t, v, q_block, k_block, impl=cfg.attention)
+      y = attention_lib.cache_attention(q.reshape(bh, t, cfg.head_dim), k_t, v, q_block, k_block,
+                                        impl=cfg.attention).reshape(b, cfg.num_heads, t, cfg.head_dim)
     y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.emb_dim)
     return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(y), cache
 
