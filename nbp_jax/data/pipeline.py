@@ -160,10 +160,20 @@ def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_
       return
 
 
-def example_clips(config, workdir: str, count: int) -> tuple[dict[str, np.ndarray], str | None]:
+def synthetic_clips(count: int, num_classes: int, num_frames: int, resolution) -> dict[str, np.ndarray]:
+  """`count` synthetic clips, clip i of class i % num_classes drawn with seed i:
+  {'video': uint8 [count, num_frames, H, W, 3], 'label': int32 [count]}."""
+  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  labels = np.arange(count) % max(int(num_classes), 1)
+  videos = np.stack([synthetic.generate_video(i, int(l), int(num_frames), resolution) for i, l in enumerate(labels)])
+  return {'video': videos, 'label': labels.astype(np.int32)}
+
+
+def example_clips(config, workdir: str, count: int, *, num_frames: int | None = None, resolution=None
+                  ) -> tuple[dict[str, np.ndarray], str | None]:
   """`count` clips to condition a model on, anywhere: the held-out split of the run's dataset (repeated to fill
-  `count`), or, where there is none (an imported or exported model), synthetic clips of the config's length and
-  resolution (out of the real data's distribution, but they run everywhere).
+  `count`), or, where there is none (an imported or exported model), synthetic clips of `num_frames` x `resolution`
+  (default the config's; out of the real data's distribution, but they run everywhere).
 
   Returns:
     ({'video': uint8 [count, T, H, W, 3], 'label': int32 [count]}, None), or (synthetic clips, why the dataset
@@ -172,10 +182,7 @@ def example_clips(config, workdir: str, count: int) -> tuple[dict[str, np.ndarra
   try:
     clips = next(first_clips(config, workdir, count))
   except (FileNotFoundError, ValueError) as e:  # no prepared dataset here
-    from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    labels = np.arange(count) % max(int(config.data.num_classes), 1)
-    videos = np.stack([synthetic.generate_video(i, int(l), int(config.data.num_frames), config.data.resolution)
-                       for i, l in enumerate(labels)])
-    return {'video': videos, 'label': labels.astype(np.int32)}, str(e)
+    return synthetic_clips(count, config.data.num_classes, num_frames or config.data.num_frames,
+                           resolution or config.data.resolution), str(e)
   index = np.arange(count) % len(clips['video'])
   return {k: v[index] for k, v in clips.items()}, None

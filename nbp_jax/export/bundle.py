@@ -169,12 +169,13 @@ def _codebook_size(config: ml_collections.ConfigDict) -> int:
 def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, frames: int,
                    resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
   """(uint8 [n, >= frames, R, R, 3], labels or None): held-out clips of the run's data, else synthetic ones."""
-  clips, missing = pipeline.example_clips(config, workdir, n)
+  clips, missing = pipeline.example_clips(config, workdir, n, num_frames=frames, resolution=resolution)
   video = clips['video']
-  if missing is None and video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
+  if missing is not None:
+    return video, None
+  if video.shape[1] >= frames and video.shape[2:4] == (resolution, resolution):
     labels, classes = clips['label'], int(config.data.num_classes)
     ok = classes > 0 and bool(np.all((labels >= 0) & (labels < classes)))
     return video, (labels.astype(np.int32) if ok else None)
-  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the exported function's own shape)
-  classes = max(int(config.data.num_classes), 1)
-  return np.stack([synthetic.generate_video(i, i % classes, frames, resolution) for i in range(n)]), None
+  # Held-out clips of another size than the exported function's: synthetic ones of its own size.
+  return pipeline.synthetic_clips(n, config.data.num_classes, frames, resolution)['video'], None
