@@ -72,7 +72,8 @@ def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | No
 
 
 class _Collector:
-  """Accumulates I3D features and per-video metrics over batches; keeps the first videos for the sample files."""
+  """Accumulates I3D features (none if `feature_fn` is None) and per-video metrics over batches; keeps the first
+  videos for the sample files."""
 
   def __init__(self, feature_fn, keep: int):
     self.feature_fn, self.keep = feature_fn, keep
@@ -80,15 +81,20 @@ class _Collector:
 
   def add(self, videos: np.ndarray, shown: np.ndarray | None = None, **per_video: np.ndarray) -> None:
     """Features of `videos`; `shown` (default `videos`) is what the sample files show."""
-    self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
+    if self.feature_fn is not None:
+      self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
     if sum(len(v) for v in self.kept) < self.keep:
       self.kept.append((videos if shown is None else shown)[:self.keep])
     for name, value in per_video.items():
       self.values.setdefault(name, []).append(np.asarray(value, np.float64))
 
-  def result(self) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+  def result(self, stats: dict[str, np.ndarray] | None, fvd_name: str = 'fvd'
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """({fvd_name: FVD against the real `stats` (if features were taken), per-video metric: mean}, kept videos)."""
     means = {k: float(np.concatenate(v).mean()) for k, v in self.values.items()}
-    return np.concatenate(self.features), means, np.concatenate(self.kept)[:self.keep]
+    if self.feature_fn is not None:
+      means = {fvd_name: fvd.fvd_from_stats(fvd.feature_stats(np.concatenate(self.features)), stats), **means}
+    return means, np.concatenate(self.kept)[:self.keep]
 
 
 def _num_batches(num: int, batch_size: int) -> int:
@@ -127,7 +133,7 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
   # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
   labels = np.concatenate([b['label'] for b in _real_batches(config, workdir, real_split, ev.num_samples,
                                                              ev.batch_size)]).astype(np.int32)
-  stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
+  stats = real_stats(config, workdir, real_split, feature_fn, stats_dir) if feature_fn else None
   predict = eval_classifier(config, workdir, stats_dir) if ev.classifier_steps > 0 else None
   fake = _Collector(feature_fn, keep)
   for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
@@ -135,19 +141,20 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
     codes = generator.codes(jax.random.fold_in(rng, i), labels=chunk)
     videos = generator.decode(codes)
     fake.add(videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
-  fake_features, means, kept = fake.result()
+  means, kept = fake.result(stats)
   extra = classifier_references(config, workdir, predict) if predict else {}
-  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means, **extra},
+  return {'metrics': {**means, **extra},
           'num_samples': int(len(labels)), 'real_split': real_split, 'videos': kept}
 
 
 def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, rng, *,
                               keep: int, stats_dir: str | None = None) -> dict:
-  """Frame prediction: context from held-out clips; FVD of whole clips; PSNR/SSIM/LPIPS of predicted frames."""
+  """Frame prediction: context from held-out clips; FVD of whole clips (unless `feature_fn` is None); PSNR/SSIM/LPIPS
+  of predicted frames and of the copy-last-frame baseline."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
   given = config.nbp.context_frames
-  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir) if feature_fn else None
   fake = _Collector(feature_fn, keep)
   count = 0
   batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
@@ -167,8 +174,8 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
              copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
              copy_last_ssim=np.asarray(image_metrics.ssim(copy_last, tf)))
     count += len(truth)
-  fake_features, means, kept = fake.result()
-  return {'metrics': {'fvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
+  means, kept = fake.result(stats)
+  return {'metrics': means,
           'num_samples': count,
           'real_split': split, 'videos': kept}
 
@@ -184,10 +191,10 @@ def copy_last_prediction(videos: np.ndarray, given: int) -> np.ndarray:
 
 def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, *,
                             keep: int, stats_dir: str | None = None) -> dict:
-  """The tokenizer alone on held-out clips: rFVD, PSNR, SSIM, LPIPS (all frames)."""
+  """The tokenizer alone on held-out clips: rFVD (unless `feature_fn` is None), PSNR, SSIM, LPIPS (all frames)."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
-  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir) if feature_fn else None
   fake = _Collector(feature_fn, keep)
   count = 0
   for batch in tqdm(_real_batches(config, workdir, split, ev.num_samples, ev.batch_size), desc='reconstruction',
@@ -199,8 +206,8 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
              ssim=np.asarray(image_metrics.ssim(recon, truth)),
              lpips=lpips)
     count += len(truth)
-  fake_features, means, kept = fake.result()
-  return {'metrics': {'rfvd': fvd.fvd_from_stats(fvd.feature_stats(fake_features), stats), **means},
+  means, kept = fake.result(stats, fvd_name='rfvd')
+  return {'metrics': means,
           'num_samples': count,
           'real_split': split, 'videos': kept}
 
@@ -230,16 +237,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   lpips_fn = image_metrics.make_lpips()
   rng = jax.random.key(config.seed + 1)
   keep = int(ev.get('num_video_files', 4))
+  with_fvd = fvd_protocols(config)
   results: dict[str, dict] = {}
   for name in protocols:
     start = time.perf_counter()
+    features = feature_fn if name in with_fvd else None
     if name == 'class':
-      results[name] = evaluate_class(config, workdir, generator, feature_fn, rng, keep=keep, stats_dir=stats_dir)
+      results[name] = evaluate_class(config, workdir, generator, features, rng, keep=keep, stats_dir=stats_dir)
     elif name == 'frame_prediction':
-      results[name] = evaluate_frame_prediction(config, workdir, generator, feature_fn, lpips_fn, rng, keep=keep,
+      results[name] = evaluate_frame_prediction(config, workdir, generator, features, lpips_fn, rng, keep=keep,
                                                 stats_dir=stats_dir)
     elif name == 'reconstruction':
-      results[name] = evaluate_reconstruction(config, workdir, generator, feature_fn, lpips_fn, keep=keep,
+      results[name] = evaluate_reconstruction(config, workdir, generator, features, lpips_fn, keep=keep,
                                               stats_dir=stats_dir)
     else:
       raise ValueError(f'eval.protocols has {name!r}; pick from {PROTOCOLS} or auto.')
@@ -265,16 +274,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   return report
 
 
+def _protocol_names(value, field: str) -> tuple[str, ...]:
+  names = tuple(n.strip() for n in (value.split(',') if isinstance(value, str) else value) if n.strip())
+  for n in names:
+    if n not in PROTOCOLS:
+      raise config_lib.ConfigError(f'{field} has {n!r}; pick from {", ".join(PROTOCOLS)}.')
+  return names
+
+
 def configured_protocols(config, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
   """config.eval.protocols as a tuple; 'auto' = `default`, or what the model can do (auto_protocols)."""
   names = config.eval.get('protocols', 'auto')
   if names in ('auto', '', None):
     return default or auto_protocols(config)
-  names = tuple(n.strip() for n in (names.split(',') if isinstance(names, str) else names))
-  for n in names:
-    if n not in PROTOCOLS:
-      raise config_lib.ConfigError(f'eval.protocols has {n!r}; pick from {", ".join(PROTOCOLS)} or auto.')
-  return names
+  return _protocol_names(names, 'eval.protocols (or auto)')
+
+
+def fvd_protocols(config) -> tuple[str, ...]:
+  """config.eval.fvd_protocols as a tuple: the protocols that score FVD ('all' = every one)."""
+  names = config.eval.get('fvd_protocols', 'all')
+  if names == 'all':
+    return PROTOCOLS
+  return _protocol_names(names, "eval.fvd_protocols (or 'all')")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
