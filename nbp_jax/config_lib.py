@@ -341,14 +341,14 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     if task == 'demo':
       # Measured on this CPU (README, the demo's settings): at a fixed ~7 minutes per model, 2000 steps of 4 clips
       # at lr 3e-3 on 4096 clips beat 500 of 16 at 1e-3 on 1024 (NBP val loss 3.48 vs 4.21, frame-prediction PSNR
-      # 17.8 vs 17.2): the model is far from its critical batch, and 1024 clips overfit. 1800 steps keep the demo
+      # 17.8 vs 17.2): the model is far from its critical batch, and 1024 clips overfit. 2000 steps keep the demo
       # within 20 minutes.
       c.data.synthetic.num_train = 4096
       c.data.batch_size = 4
       c.optim.lr = 3e-3
-      c.train.num_steps = 1800
-      c.train.eval_every = 900
-      c.train.checkpoint_every = 900
+      c.train.num_steps = 2000
+      c.train.eval_every = 1000
+      c.train.checkpoint_every = 1000
     if task == 'study':
       # --mode=study (nbp_jax/study.py): the demo's data, tokenizer and transformer, one run per block shape and
       # seed. The latent grid is 5x8x8, so blocks with t > 1 other than whole clips cannot tile it: the non-row

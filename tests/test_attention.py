@@ -56,6 +56,51 @@ def _qkv(seed, b, h, tq, tk, d=16):
   return (jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32) for t in (tq, tk, tk))
 
 
+@pytest.mark.parametrize('case', ['training', 'prefill', 'unordered'])
+def test_chunked_xla_attention_matches_a_naive_loop(case, monkeypatch):
+  """The xla path with static block ids computes queries in chunks against only the keys they may see: against the
+  naive loop, with chunks that do not divide the length, for a whole sequence, a prefill whose cache has unwritten
+  slots (larger block ids), and block ids that do not grow with the position (the key range is then not a prefix
+  of what any query sees)."""
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 24)
+  layout = BlockLayout(latent_shape=(3, 4, 8), block_shape=(1, 1, 8), prefix_len=3)
+  k_block = layout.block_ids(np.arange(layout.seq_len))  # 99 positions
+  q_block = k_block[:60] if case == 'prefill' else k_block
+  if case == 'unordered':
+    q_block = k_block = np.random.default_rng(0).permutation(k_block)
+  q, k, v = _qkv(7, 2, 2, len(q_block), len(k_block))
+  out = attention_lib.attention(q, k, v, q_block, k_block)
+  numerics.assert_close(out, _naive_attention(q, k, v, q_block, k_block), OUT_RTOL)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v)))
+  chunked = lambda q, k, v: attention_lib.attention(q, k, v, q_block, k_block)
+  ref_fn = lambda q, k, v: _dense_reference(q, k, v, q_block, k_block)
+  grads = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(lambda *a: loss(ref_fn, *a), argnums=(0, 1, 2))(q, k, v)
+  for g, r, name in zip(grads, ref_grads, 'qkv'):
+    numerics.assert_close(g, r, GRAD_RTOL, err_msg=f'd{name}')
+
+
+def test_chunked_xla_attention_skips_the_keys_no_query_of_a_chunk_sees(monkeypatch):
+  """With block ids growing with the position, chunk i's scores stop at the end of the last block its queries
+  are in: the score matrices have the lengths of the block-causal staircase, not the whole sequence."""
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 32)
+  block = np.repeat(np.arange(8), 16)  # 128 positions, blocks of 16
+  q, k, v = _qkv(8, 1, 1, 128, 128)
+  lengths = []
+  real = attention_lib._xla_attention
+
+  def spy(q, k, v, mask, **kw):
+    lengths.append(k.shape[-2])
+    return real(q, k, v, mask, **kw)
+  monkeypatch.setattr(attention_lib, '_xla_attention', spy)
+  attention_lib.attention(q, k, v, block, block)
+  assert lengths == [32, 64, 96, 128]
+  jax.jit(lambda q, k, v, b: attention_lib.attention(q, k, v, b, b))(q, k, v, block)  # traced ids: one product
+  assert lengths[4:] == [128]
+
+
 def test_splash_tile_pads_least_and_prefers_large_tiles():
   assert attention_lib.splash_tile(1024) == 512
   assert attention_lib.splash_tile(200) == 256  # 256 and 128 both pad by 56

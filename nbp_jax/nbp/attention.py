@@ -6,7 +6,10 @@ positions for queries and keys; decoding passes the new group's positions (a que
 Keys not yet written to the cache have larger block ids than any query, so they are masked by the same rule.
 
 Implementations (config `model.attention`):
-  xla     materialised [Tq, Tk] mask, scores in float32; the reference, runs everywhere.
+  xla     materialised mask, scores in float32; the reference, runs everywhere. With static block ids (training, a
+          prefill) and at least 2 * XLA_QUERY_CHUNK queries, the queries go in chunks, each against only the keys
+          some query of the chunk may see (a prefix, for block ids that grow with the position): the scores above
+          the block diagonal, about half of them, are never computed.
   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, the fused GPU kernel (bf16/fp16 inputs).
   splash  Pallas splash attention (TPU). The block ids are static (numpy: they follow from the layout), so the mask
           is a static splash `NumpyMask` whose tiles are classified (empty / full / partial) at trace time, as
@@ -34,6 +37,10 @@ IMPLS = ('xla', 'cudnn', 'splash')
 SPLASH_TILES = (512, 256, 128)  # candidate tile lengths (queries and keys); the smallest padding wins, then the larger
 SPLASH_MIN_QUERIES = 128
 _PAD_BLOCK = np.iinfo(np.int32).max  # block id of padding: no real query sees a padded key
+# Queries per chunk of the xla path with static block ids. Measured on a 2-core CPU (B=2, 12 heads, 1264 positions,
+# head_dim 64, blocks of 16, forward + backward): whole [Tq, Tk] scores 0.43 s, chunks of 128 0.22 s, 256 0.25 s,
+# 512 0.26 s.
+XLA_QUERY_CHUNK = 128
 
 
 def block_mask(q_block: jax.Array, k_block: jax.Array) -> jax.Array:
@@ -54,6 +61,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
     [B, H, Tq, D] in the dtype of v.
   """
   if impl == 'xla':
+    if _is_static(q_block) and _is_static(k_block) and q.shape[2] >= 2 * XLA_QUERY_CHUNK:
+      return chunked_attention(q, k, v, np.asarray(q_block), np.asarray(k_block), XLA_QUERY_CHUNK)
     return _xla_attention(q, k, v, block_mask(q_block, k_block))
   if impl == 'cudnn':
     if jax.default_backend() != 'gpu':
@@ -82,6 +91,20 @@ def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Arr
       impl == 'splash' and not (_is_static(q_block) and _is_static(k_block))):
     return _xla_attention(q, k_t, v, block_mask(q_block, k_block), keys_transposed=True)
   return attention(q[None], k_t.swapaxes(1, 2)[None], v[None], q_block, k_block, impl=impl)[0]
+
+
+def chunked_attention(q, k, v, q_block: np.ndarray, k_block: np.ndarray, chunk: int):
+  """`attention`'s xla path for static (numpy) block ids, `chunk` queries at a time: each chunk's scores only over
+  the keys up to the last one any of its queries may see, with that chunk's static mask. Same result as the whole
+  [Tq, Tk] product, about half its work for block-causal training (q_block = k_block growing with position)."""
+  outs = []
+  for start in range(0, q.shape[2], chunk):
+    q_ids = q_block[start:start + chunk]
+    visible = np.nonzero(k_block <= q_ids.max())[0]
+    end = int(visible[-1]) + 1 if len(visible) else 1  # (no layout has a query that sees no key)
+    outs.append(_xla_attention(q[:, :, start:start + chunk], k[:, :, :end], v[:, :, :end],
+                               block_mask(q_ids, k_block[:end])))
+  return jnp.concatenate(outs, axis=2)
 
 
 def fused_attention(q, k, v, mask, *, implementation: str):
