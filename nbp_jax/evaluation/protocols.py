@@ -55,9 +55,11 @@ def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -
 
 
 def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | None = None
-               ) -> dict[str, np.ndarray]:
+               ) -> dict[str, np.ndarray] | None:
   """I3D statistics of the first eval.num_samples clips of `split`, cached in STATS_DIR (default WORKDIR)/fvd_stats
-  and reused."""
+  and reused; None when `feature_fn` is None (a protocol that scores no FVD)."""
+  if feature_fn is None:
+    return None
   ev = config.eval
   path = fvd.stats_cache_path(stats_dir or workdir, dataset=builder.video_dataset_name(config), split=split,
                               resolution=config.data.resolution, frames=ev.fvd_num_frames, resize=ev.fvd_resize,
@@ -133,7 +135,7 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
   # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
   labels = np.concatenate([b['label'] for b in _real_batches(config, workdir, real_split, ev.num_samples,
                                                              ev.batch_size)]).astype(np.int32)
-  stats = real_stats(config, workdir, real_split, feature_fn, stats_dir) if feature_fn else None
+  stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
   predict = eval_classifier(config, workdir, stats_dir) if ev.classifier_steps > 0 else None
   fake = _Collector(feature_fn, keep)
   for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
@@ -154,7 +156,7 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
   given = config.nbp.context_frames
-  stats = real_stats(config, workdir, split, feature_fn, stats_dir) if feature_fn else None
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   count = 0
   batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
@@ -194,7 +196,7 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
   """The tokenizer alone on held-out clips: rFVD (unless `feature_fn` is None), PSNR, SSIM, LPIPS (all frames)."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
-  stats = real_stats(config, workdir, split, feature_fn, stats_dir) if feature_fn else None
+  stats = real_stats(config, workdir, split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   count = 0
   for batch in tqdm(_real_batches(config, workdir, split, ev.num_samples, ev.batch_size), desc='reconstruction',
