@@ -165,6 +165,59 @@ def test_top_k_top_p_match_numpy(top_k, top_p, temperature):
   np.testing.assert_allclose(np.bincount(draws, minlength=10) / 4000, p, atol=0.03)
 
 
+def _np_kept_set(x, top_k, top_p):
+  """The set filter_logits keeps, from its definition in float64 (all ties at the k-th value kept; a code is in the
+  nucleus iff the mass of the codes strictly more likely than it is < top_p). Returns (kept, near): near marks
+  codes whose mass above is within float32 rounding of top_p."""
+  x = x.astype(np.float64)
+  keep = np.ones(x.shape, bool)
+  if top_k:
+    keep = x >= np.sort(x, -1)[:, -top_k][:, None]
+  e = np.where(keep, np.exp(x - x.max(-1, keepdims=True)), 0.0)
+  p = e / e.sum(-1, keepdims=True)
+  above = np.empty_like(p)
+  for r in range(x.shape[0]):
+    order = np.argsort(x[r])
+    tail = np.concatenate([np.cumsum(p[r, order][::-1])[::-1], [0.0]])  # tail[i]: mass of sorted positions >= i
+    above[r] = tail[np.searchsorted(x[r, order], x[r], side='right')]
+  return keep & ((above < top_p) | (top_p >= 1.0)), keep & (np.abs(above - top_p) < 1e-5) & (top_p < 1.0)
+
+
+def _hard_logits(codes):
+  rng = np.random.default_rng(5)
+  rows = [rng.standard_normal(codes) * 2,
+          np.asarray(jnp.asarray(rng.standard_normal(codes) * 3, jnp.bfloat16).astype(jnp.float32)),  # many ties
+          np.round(rng.standard_normal(codes)),  # a handful of distinct values
+          np.full(codes, 0.25),  # all tied
+          np.concatenate([rng.standard_normal(codes - 4), [-3e38, 3e38, 1e-30, -1e-30]])]  # keys of every range
+  return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize('top_k,top_p', [(700, 1.0), (0, 0.9), (700, 0.9), (5, 0.5), (2999, 0.3), (1, 0.9)])
+def test_filter_keeps_the_defined_set_with_ties_and_extreme_values(top_k, top_p):
+  # 3000 codes: the threshold searches need their interpolation, their bisection fallback (ties) and the whole
+  # range of float keys; the reference sorts.
+  logits = _hard_logits(3000)
+  got = np.isfinite(np.asarray(sampling_lib.filter_logits(jnp.asarray(logits), Sampling(top_k=top_k, top_p=top_p))))
+  want, near = _np_kept_set(logits, top_k, top_p)
+  np.testing.assert_array_equal(got[~near], want[~near])
+  assert near.sum() <= 2
+
+
+@pytest.mark.parametrize('top_p', [0.9, 0.3, 1e-6])
+def test_sample_draws_the_kept_set_with_its_probabilities(top_p):
+  # One row repeated in a batch of 4000: at top_p 0.3 about a quarter of the positions miss with all their
+  # candidates and take the exact path, so the batch mixes both.
+  row = np.asarray(jax.random.normal(jax.random.key(6), (64,))) * 2
+  s = Sampling(top_k=20, top_p=top_p)
+  draws = np.asarray(jax.jit(lambda k, x: sampling_lib.sample(k, x, s))(
+      jax.random.key(7), jnp.asarray(np.tile(row, (4000, 1)))))
+  kept, _ = _np_kept_set(row[None], 20, top_p)
+  assert kept[0, draws].all()
+  p = np.where(kept[0], np.exp(row - row.max()), 0.0)
+  np.testing.assert_allclose(np.bincount(draws, minlength=64) / 4000, p / p.sum(), atol=0.03)
+
+
 @pytest.mark.parametrize('codes', [5000, 1000])
 def test_inverse_cdf_is_the_first_index_reaching_u(codes):
   # 5000 codes: two levels (20 chunks of 256, the last padded); 1000: one flat sum. Every third probability zero,
