@@ -185,14 +185,16 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   probability >= top_p, so with top_p = 0.9 all of a position's candidates miss once in 10^4; then (for the whole
   batch, rarely) the exact set is computed and drawn from. First inside of i.i.d. draws, or a draw from the exact
   set, is a draw from the top-k distribution restricted to the nucleus: exactly what filtering then sampling gives.
+  Up to a few thousand codes (the demo's 1000) filtering first costs less, and is what it does.
   """
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if logits.shape[-1] <= _FLAT_CDF_MAX:  # a few thousand codes: the exact set costs less than the candidates
+    return _draw(rng, filter_logits(logits, sampling))
   x = logits.astype(jnp.float32) / sampling.temperature
   key = _sortable_key(x)
   probs = jax.nn.softmax(_top_k(x, key, sampling), axis=-1)
   draw_rng, exact_rng = jax.random.split(rng)
-  # Inverse CDF with one uniform per draw (a Gumbel draw per logit costs more than the filtering on CPU).
   total = probs.sum(-1, keepdims=True)
   u = jax.random.uniform(draw_rng, (*total.shape[:-1], NUCLEUS_CANDIDATES), minval=jnp.finfo(jnp.float32).tiny)
   candidates = jax.vmap(inverse_cdf, in_axes=(None, -1), out_axes=-1)(probs, u * total)  # [..., M]
@@ -202,9 +204,13 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   first = jnp.take_along_axis(candidates, jnp.argmax(inside, axis=-1)[..., None], axis=-1)[..., 0]
   missed = ~inside.any(-1)
 
-  def exact():
-    kept = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
-    u = jax.random.uniform(exact_rng, missed.shape, minval=jnp.finfo(jnp.float32).tiny) * kept.sum(-1)
-    return jnp.where(missed, inverse_cdf(kept, u), first)
-
+  exact = lambda: jnp.where(missed, _draw(exact_rng, filter_logits(logits, sampling)), first)
   return jax.lax.cond(missed.any(), exact, lambda: first)
+
+
+def _draw(rng: jax.Array, logits: jax.Array) -> jax.Array:
+  """One code per position from softmax(logits [..., C]) -> int32 [...]."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  # Inverse CDF with one uniform per position (a Gumbel draw per logit costs more than the filtering on CPU).
+  u = jax.random.uniform(rng, probs.shape[:-1], minval=jnp.finfo(jnp.float32).tiny) * probs.sum(-1)
+  return inverse_cdf(probs, u)
