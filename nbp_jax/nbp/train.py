@@ -73,13 +73,16 @@ def loss_fn(spec: Spec, params, batch, rng: jax.Array, train: bool = True, cond_
   logits, targets = logits_fn(spec, params, batch, rng, train, cond_drop_prob)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   loss = ce.mean()
-  # Top-5 by counting the logits above the target's: O(V). lax.top_k fused behind the head's matmul falls back to a
-  # full sort on CPU (seconds per step over 64k codes).
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-  rank = (logits > target_logit).sum(-1)
+  # Accuracy and top-5 from one count of the codes scored above the target (the target's rank; a tie with the top
+  # counts as a hit): one O(V) pass. lax.top_k fused behind the head's matmul falls back to a full sort on CPU
+  # (seconds per step over 64k codes), and a separate argmax is one more pass over the [B, T, V] logits (~0.25 s of
+  # bench train's 15 s step).
+  scored = jax.lax.stop_gradient(logits)
+  target_logit = jnp.take_along_axis(scored, targets[..., None], axis=-1)
+  rank = jnp.sum(scored > target_logit, axis=-1, dtype=jnp.int32)
   metrics = {
       'loss': loss,
-      'accuracy': (jnp.argmax(logits, -1) == targets).mean(),
+      'accuracy': (rank == 0).mean(),
       'top5_accuracy': (rank < 5).mean(),
       'perplexity': jnp.exp(loss),
   }
