@@ -303,7 +303,7 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.tokenizer = tokenizer_config('demo')
     # Start from the tokenizer bundled in nbp_jax/assets/demo_tokenizer, made by --mode=train_tokenizer in two runs
     # (its README has both commands): 3000 steps on L1 (a 3000-step cosine), then resumed to 7000 on L2 (the tail of
-    # a 7000-step cosine; PSNR is a squared error), about 100 min of this 2-core CPU in all.
+    # a 7000-step cosine; PSNR is a squared error), about 105 min of this 2-core CPU in all.
     # --config.tokenizer.pretrained='' trains this config from scratch instead (7000 steps on L2; not measured).
     c.tokenizer.pretrained = 'demo'
     c.tokenizer.batch_size = 8
