@@ -223,7 +223,9 @@ def _finished_eval(config, vdir: str, step: int, names: tuple[str, ...]):
   with open(path) as f:
     report = json.load(f)
   done = report.get('protocols', {})
-  if all(n in done for n in names) and report.get('num_samples_requested') == config.eval.num_samples:
+  decoding = protocols.frame_prediction_decoding(config)
+  same_decoding = done.get('frame_prediction', {}).get('decoding', 'sampled') == decoding
+  if all(n in done for n in names) and report.get('num_samples_requested') == config.eval.num_samples and same_decoding:
     return {**report, 'protocols': {n: done[n] for n in names}}
   return None
 

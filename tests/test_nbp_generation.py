@@ -387,14 +387,17 @@ def test_every_preset_generates_abstractly(path):
                                                      labels=labels, context=ctx_seq, batch_size=2), params)
   assert out.shape == (2, spec.layout.num_tokens) and out.dtype == jnp.int32
   m = config.model
-  q = params['blocks']['attn']['query']['kernel']
-  assert q.value.shape == (m.num_layers, m.emb_dim, m.emb_dim)
+  # Scanned layers (the presets) stack every layer's params and cache; unrolled ones (the demo) keep one per layer.
+  stacked = lambda xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype) if isinstance(xs, tuple) else xs
+  q = (params['blocks'] if m.scan_layers else params['blocks_0'])['attn']['query']['kernel'].value
+  assert q.shape == ((m.num_layers,) if m.scan_layers else ()) + (m.emb_dim, m.emb_dim)
+  assert m.scan_layers or f'blocks_{m.num_layers - 1}' in params and f'blocks_{m.num_layers}' not in params
   cache = jax.eval_shape(lambda: init_cache(spec.model, 2, spec.layout.seq_len))
-  assert cache.k.shape == (m.num_layers, 2 * m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
-  assert cache.v.shape == (m.num_layers, 2 * m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
+  assert stacked(cache.k).shape == (m.num_layers, 2 * m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
+  assert stacked(cache.v).shape == (m.num_layers, 2 * m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
   if os.path.basename(path) in ('k600_3b.py', 'ucf101_3b.py'):
     assert (m.num_layers, m.num_heads, m.emb_dim) == (32, 32, 3072)
-    assert cache.k.shape[0] == 32 and cache.k.shape[1] == 2 * 32 and q.value.shape[-1] == 3072
+    assert cache.k.shape[0] == 32 and cache.k.shape[1] == 2 * 32 and q.shape[-1] == 3072
   if os.path.basename(path).startswith('k600'):
     assert spec.layout.decode_plan(512).num_steps == 48
   if os.path.basename(path).startswith('ucf101'):

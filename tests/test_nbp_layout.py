@@ -180,3 +180,19 @@ def test_official_k600_and_native_vocab():
   layout = BlockLayout((1, 1, 8), (1, 1, 4), prefix_len=0, first_block='bov')
   with pytest.raises(LayoutError, match='BOV'):
     layout.input_ids(np.zeros((1, 0), np.int32), np.zeros((1, 8), np.int32), k600)
+
+
+@pytest.mark.parametrize('first_block', ['bov', 'hybrid', 'none'])
+@pytest.mark.parametrize('block', [(1, 1, 1), (1, 2, 4), (1, 4, 4), (2, 2, 2)])
+def test_target_coordinates_are_the_grid_place_of_each_target(first_block, block):
+  layout = BlockLayout((2, 4, 4), block, prefix_len=1, first_block=first_block)
+  # Reference: walk the blocks in raster order, their tokens in raster order, and note each token's (t, h, w).
+  bt, bh, bw = block
+  walk = [(t0 + t, h0 + h, w0 + w)
+          for t0, h0, w0 in itertools.product(range(0, 2, bt), range(0, 4, bh), range(0, 4, bw))
+          for t, h, w in itertools.product(range(bt), range(bh), range(bw))]
+  coords = layout.target_coordinates
+  assert coords.shape == (layout.seq_len, 3)
+  np.testing.assert_array_equal(coords[0], [-1, -1, -1])  # the prefix
+  for q in range(1, layout.seq_len):
+    assert tuple(coords[q]) == walk[layout.target_index[q]]

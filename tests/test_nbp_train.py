@@ -150,3 +150,28 @@ def test_train_benchmark_reports_mfu_against_the_measured_cpu_peak(capsys):
   assert 0 < result['mfu'] < 1
   np.testing.assert_allclose(result['achieved_flops'], train.flops_per_example(spec_from_config(config)) * 8
                              / result['step_s'], rtol=1e-6)
+
+
+def test_grid_pos_emb_init_encodes_each_position_s_grid_place():
+  c = _config()
+  c.nbp.block_shape = (1, 4, 4)  # frame blocks: a position and the one a block later are one latent frame apart
+  c.model.pos_emb_init = 'grid'
+  spec = spec_from_config(c)
+  layout = spec.layout
+  pos = np.asarray(nn.meta.unbox(train.init_params(spec, jax.random.key(0)))['pos_emb'])
+  release = _config()
+  release.model.pos_emb_init = 'zeros'
+  zeros = np.asarray(nn.meta.unbox(train.init_params(spec_from_config(release), jax.random.key(0)))['pos_emb'])
+  assert pos.shape == zeros.shape and not zeros.any()  # the same parameter; the release's init is zeros
+  used = pos[:layout.seq_len]
+  np.testing.assert_array_equal(used[:layout.prefix_len], 0.0)  # the class prefix has no grid place
+  np.testing.assert_array_equal(pos[layout.seq_len:], 0.0)
+  video = used[layout.prefix_len:]
+  np.testing.assert_allclose(np.sqrt(np.mean(video[:, :video.shape[1] // 6 * 6] ** 2)), 0.02, rtol=0.25)
+  # Distinct grid places get distinct rows; by hand: position q (t, h, w) vs the one a frame later (t + 1, h, w)
+  # differ only in the t columns (the first d // 6 sin/cos pairs).
+  d6 = c.model.emb_dim // 6
+  assert len({tuple(np.round(r, 7)) for r in video}) == len(video)
+  frame = 16
+  np.testing.assert_allclose(video[:frame, 2 * d6:], video[frame:2 * frame, 2 * d6:], atol=1e-7)
+  assert not np.allclose(video[:frame, :2 * d6], video[frame:2 * frame, :2 * d6])

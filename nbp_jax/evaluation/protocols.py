@@ -7,9 +7,11 @@ Protocols (config.eval.protocols; 'auto' picks what the model can do):
     FVD of the samples against train-split real clips (UCF-101: 10,000 at 128x128), and the class accuracy of the
     samples by a classifier trained on the real train clips (classifier.py; eval.classifier_steps > 0), beside
     its accuracy on real held-out clips (the ceiling) and on the same clips with shuffled labels (the floor).
-  - 'frame_prediction': for held-out clips, condition on the first nbp.context_frames frames, predict the rest;
-    FVD of the whole clips against the real ones (K600: resized to 64x64 first), and PSNR/SSIM/LPIPS of the
-    predicted frames against the truth, beside the PSNR/SSIM of repeating the last given frame (copy_last_*).
+  - 'frame_prediction': for held-out clips, condition on the first nbp.context_frames frames, predict the rest
+    (sampled as sample.* says, or greedily with eval.frame_prediction_greedy);
+    FVD of the whole clips against the real ones (K600: resized to 64x64 first), PSNR/SSIM of the predicted frames
+    and LPIPS of the first predicted frame against the truth (the release's protocol), beside the PSNR/SSIM of
+    repeating the last given frame (copy_last_*).
   - 'reconstruction': the tokenizer alone: rFVD, PSNR, SSIM, LPIPS of decode(encode(x)) on held-out clips.
 Writes WORKDIR/eval/results_step<step>.json (config, checkpoint step, sample counts, every metric), a PNG grid and
 mp4s of the first samples beside it, and prints a table.
@@ -151,11 +153,12 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
 
 def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, rng, *,
                               keep: int, stats_dir: str | None = None) -> dict:
-  """Frame prediction: context from held-out clips; FVD of whole clips (unless `feature_fn` is None); PSNR/SSIM/LPIPS
-  of predicted frames and of the copy-last-frame baseline."""
+  """Frame prediction: context from held-out clips; FVD of whole clips (unless `feature_fn` is None); PSNR/SSIM of
+  the predicted frames and LPIPS of the first one; PSNR/SSIM of the copy-last-frame baseline."""
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
   given = config.nbp.context_frames
+  decoding = frame_prediction_decoding(config)
   stats = real_stats(config, workdir, split, feature_fn, stats_dir)
   fake = _Collector(feature_fn, keep)
   count = 0
@@ -164,12 +167,13 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
                                  total=_num_batches(ev.num_samples, ev.batch_size))):
     truth = batch['video']
     labels = batch['label'].astype(np.int32) if config.nbp.condition == 'class' else None
-    codes = generator.codes(jax.random.fold_in(rng, i), labels=labels,
-                            context_codes=generator.context_codes(truth))
+    codes = generator.codes(jax.random.fold_in(rng, i), labels=labels, context_codes=generator.context_codes(truth),
+                            sampling={'greedy': True} if decoding == 'greedy' else None)
     pred = generator.decode(codes)
     pf, tf = pred[:, given:], truth[:, given:]
     copy_last = copy_last_prediction(truth, given)[:, given:]
-    lpips = np.stack([np.asarray(lpips_fn(pf[:, t], tf[:, t])) for t in range(pf.shape[1])], 1).mean(1)
+    # LPIPS of the first predicted frame, as in the release's protocol; PSNR and SSIM of all of them.
+    lpips = np.asarray(lpips_fn(pf[:, 0], tf[:, 0]))
     # Sample files show truth | prediction side by side.
     fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
              ssim=np.asarray(image_metrics.ssim(pf, tf)), lpips=lpips,
@@ -178,8 +182,13 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
     count += len(truth)
   means, kept = fake.result(stats)
   return {'metrics': means,
-          'num_samples': count,
+          'num_samples': count, 'decoding': decoding,
           'real_split': split, 'videos': kept}
+
+
+def frame_prediction_decoding(config) -> str:
+  """How the frame-prediction protocol decodes: 'greedy' (eval.frame_prediction_greedy) or 'sampled'."""
+  return 'greedy' if config.eval.get('frame_prediction_greedy', False) else 'sampled'
 
 
 def copy_last_prediction(videos: np.ndarray, given: int) -> np.ndarray:

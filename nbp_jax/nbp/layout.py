@@ -325,6 +325,15 @@ class BlockLayout:
     q = np.arange(self.seq_len) - self.prefix_len
     return np.where(q < 0, -1, q + self.target_offset).astype(np.int32)
 
+  @functools.cached_property
+  def target_coordinates(self) -> np.ndarray:
+    """[S, 3] int32: latent (t, h, w) of the video token each input position predicts; (-1, -1, -1) for the
+    prefix. Every scored position has its own coordinate, and a position and the one a block later are one block
+    apart on the grid (e.g. the same place one latent frame on, for frame blocks)."""
+    flat = self.order[np.maximum(self.target_index, 0)]  # raster index on the grid
+    coords = np.stack(np.unravel_index(flat, self.latent_shape), axis=-1).astype(np.int32)
+    return np.where(self.target_index[:, None] < 0, -1, coords).astype(np.int32)
+
   def input_ids_at(self, positions, prefix_ids, codes, vocab: Vocab):
     """Input ids at some positions.
 

@@ -74,5 +74,6 @@ def spec_from_config(config: ml_collections.ConfigDict, *, block_shape: Sequence
       vocab_size=vocab.vocab_size, num_layers=m.num_layers, num_heads=m.num_heads, emb_dim=m.emb_dim,
       mlp_ratio=m.mlp_ratio, max_positions=m.max_positions, prefix_len=vocab.prefix_len, dropout=m.dropout,
       dtype=dtype or config_lib.resolve_dtype(m.dtype), param_dtype=m.param_dtype, attention=m.attention,
-      scan_layers=bool(m.get('scan_layers', True)), remat=bool(m.remat))
+      scan_layers=bool(m.get('scan_layers', True)), remat=bool(m.remat),
+      pos_emb_init=m.get('pos_emb_init', 'zeros'))
   return Spec(model=model, layout=layout, vocab=vocab)

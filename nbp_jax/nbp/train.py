@@ -25,6 +25,7 @@ from nbp_jax import trainer
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import Transformer
@@ -35,10 +36,15 @@ from nbp_jax.tokenizer import tokenize
 
 
 def init_params(spec: Spec, rng: jax.Array):
-  """rng -> params with logical axis names (flax `LogicallyPartitioned` boxes)."""
-  layout = spec.layout
+  """rng -> params with logical axis names (flax `LogicallyPartitioned` boxes); pos_emb as model.pos_emb_init says."""
+  layout, cfg = spec.layout, spec.model
   ids = jnp.zeros((1, layout.seq_len), jnp.int32)
-  return Transformer(spec.model).init({'params': rng}, ids, layout.block_ids(np.arange(layout.seq_len)))['params']
+  params = Transformer(cfg).init({'params': rng}, ids, layout.block_ids(np.arange(layout.seq_len)))['params']
+  if cfg.pos_emb_init == 'grid':
+    table = transformer_lib.grid_position_table(layout.target_coordinates, layout.latent_shape, cfg.emb_dim,
+                                                cfg.max_positions)
+    params = {**params, 'pos_emb': params['pos_emb'].replace_boxed(jnp.asarray(table, cfg.param_dtype))}
+  return params
 
 
 def logits_fn(spec: Spec, params, batch, rng: jax.Array | None = None, train: bool = False,

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from nbp_jax.nbp import attention as attention_lib
 
@@ -60,6 +61,9 @@ class TransformerConfig:
   attention: str = 'xla'
   scan_layers: bool = True
   remat: bool = False
+  # Initial value of pos_emb: 'zeros' (the release) or 'grid' (sinusoids of each position's latent (t, h, w),
+  # set by nbp.train.init_params from the block layout). Only the start differs: the parameter is the same.
+  pos_emb_init: str = 'zeros'
 
   @property
   def head_dim(self) -> int:
@@ -108,6 +112,34 @@ def unstack_layers(params) -> dict:
   for i in range(num_layers):
     out[f'blocks_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], params['blocks'])
   return out
+
+
+def grid_position_table(coords, extents: tuple[int, int, int], emb_dim: int, max_positions: int,
+                        scale: float = 0.02) -> np.ndarray:
+  """Sinusoids of latent grid coordinates, as an initial value for `pos_emb`.
+
+  Args:
+    coords: [S, 3] int (t, h, w) per input position; rows with a negative t (the prefix) get zeros.
+    extents: the grid's (t, h, w) sizes; each axis gets emb_dim // 6 frequencies, wavelengths from 2 to 4x its size.
+    emb_dim: d. max_positions: rows of the table (positions past S are zeros, as the zero init).
+    scale: root-mean-square of an entry (0.02: the token embeddings' init).
+  Returns:
+    float32 [max_positions, emb_dim].
+  """
+  coords = np.asarray(coords, np.float64)
+  per_axis = emb_dim // 6
+  table = np.zeros((max_positions, emb_dim), np.float32)
+  if per_axis == 0:
+    return table
+  columns = []
+  for axis, size in enumerate(extents):
+    wavelengths = 2.0 * (2.0 * max(size, 1)) ** (np.arange(per_axis) / max(per_axis - 1, 1))
+    angle = 2 * np.pi * coords[:, axis:axis + 1] / wavelengths[None]
+    columns += [np.sin(angle), np.cos(angle)]
+  rows = np.concatenate(columns, axis=1) * scale * np.sqrt(2.0)
+  rows[coords[:, 0] < 0] = 0.0
+  table[:len(rows), :rows.shape[1]] = rows
+  return table
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: str) -> nn.Dense:
