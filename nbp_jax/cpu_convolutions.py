@@ -1,7 +1,7 @@
 """Convolutions that XLA:CPU runs slowly, computed as the same sums in forms it runs fast.
 
 - A 3D convolution as the sum over its kernel's time taps of 2D convolutions of the (strided) frames: 2-4x faster
-  on XLA:CPU (the tokenizer's conv_impl='2d'; the I3D network of FVD, 8 clips: 7.0 -> 3.7 s).
+  on XLA:CPU (the tokenizer's conv_impl='2d'; the I3D network of FVD, 8 clips: 7.0 -> 4.0-4.6 s).
 - A stride-1 2D convolution over frames smaller than its kernel (VGG16's last stage inside LPIPS sees 2x2 pixels
   at 32x32 frames) as one matmul over the gathered patches: XLA:CPU runs that conv 100x slower than the matmul
   (258 vs 2.4 ms for 16 frames of 512 channels).

@@ -67,7 +67,7 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
   def features(video):
     x = preprocess(video, num_frames, pre_resize)
     # Full float32 convolutions on every backend (TPU/GPU default to bfloat16/tf32 passes): features match CPU's.
-    # On CPU the 3D convolutions run as sums of 2D ones (cpu_convolutions; 8 clips 7.0 -> 3.7 s, same features).
+    # On CPU the 3D convolutions run as sums of 2D ones (cpu_convolutions; 8 clips 7.0 -> 4.0-4.6 s, same features).
     with jax.default_matmul_precision('highest'), cpu_convolutions.rewrite_slow_convs():
       logits, _ = module.apply(variables, x, is_training=False)
     return logits.astype(jnp.float32)
