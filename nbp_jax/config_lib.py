@@ -566,6 +566,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
   _require(m.attention in ('xla', 'cudnn', 'splash'),
            f"model.attention={m.attention!r} is unknown; pick 'xla', 'cudnn' or 'splash'.")
+  _require(m.get('pos_emb_init', 'zeros') in ('zeros', 'grid'),
+           f"model.pos_emb_init={m.get('pos_emb_init')!r} is unknown; pick 'zeros' (the release) or 'grid'.")
   _require(m.dtype in ('auto', 'float32', 'bfloat16'),
            f"model.dtype={m.dtype!r} is unknown; pick 'auto', 'float32' or 'bfloat16'.")
   grid = latent_shape(config)

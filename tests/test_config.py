@@ -70,6 +70,7 @@ def _demo():
     ('data.resolution', 36, 'data.resolution'),
     ('nbp.first_block', 'middle', 'nbp.first_block'),
     ('model.attention', 'flash3', 'model.attention'),
+    ('model.pos_emb_init', 'sincos', 'model.pos_emb_init'),
 ])
 def test_bad_field_names_the_field(field, value, expected):
   c = _demo()

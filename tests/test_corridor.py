@@ -13,8 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nbp_jax'
 
 # Stage order of docs/design.md; a module may import modules of its own stage or an earlier one.
 STAGES = ('infrastructure', 'data', 'tokenizer', 'nbp', 'evaluation', 'export', 'interop', 'top')
-INFRASTRUCTURE = {'errors', 'config_lib', 'configs', 'checkpoint', 'metric_logger', 'image_metrics', 'parallel', 'task',
-                  'timing', 'trainer'}
+INFRASTRUCTURE = {'errors', 'config_lib', 'configs', 'checkpoint', 'metric_logger', 'image_metrics', 'cpu_convolutions',
+                  'parallel', 'task', 'timing', 'trainer'}
 TOP = {'pipeline', 'study', 'bench', 'notebook_utils', 'main', '__init__'}
 
 

@@ -4,6 +4,7 @@ r"""Benchmarks that measure things side by side in one run and print ratios, all
   python -m nbp_jax.bench tokenizer --config=configs/demo.py         # encode/decode throughput (bench/tokenizer.py)
   python -m nbp_jax.bench train --config=configs/k600_700m.py        # the train step, MFU (bench/train.py)
   python -m nbp_jax.bench fvd --config=configs/demo.py               # I3D feature throughput (bench/fvd.py)
+  python -m nbp_jax.bench generate_torch --config=configs/bench_cpu.py  # vs a PyTorch loop (bench/torch_reference.py)
 
 Each prints a machine-readable last line (key=value ...) and times with nbp_jax.timing (compilation excluded), as
 `Generator.generation_speed` does.
@@ -15,6 +16,7 @@ BENCHMARKS = {
     'tokenizer': 'nbp_jax.bench.tokenizer:run',
     'train': 'nbp_jax.bench.train:run',
     'fvd': 'nbp_jax.bench.fvd:run',
+    'generate_torch': 'nbp_jax.bench.torch_reference:run',
 }
 # Earlier releases and the issues call the generation benchmark `decode`.
 ALIASES = {'decode': 'generate'}
