@@ -30,6 +30,11 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tm
   grid = np.asarray(Image.open(workdir / 'grid.png'))
   assert grid.ndim == 3 and grid.shape[0] > 16 and grid.std() > 0
   assert (workdir / 'nbp' / 'eval').is_dir() and any(p.suffix == '.mp4' for p in (workdir / 'nbp' / 'eval').iterdir())
+  # The class samples on show are one per class, in class order, as many as eval.num_video_files (2) allows.
+  report = json.loads(next((workdir / 'nbp' / 'eval').glob('results_step*.json')).read_text())
+  shown = report['protocols']['class']['shown_labels']
+  assert shown == sorted(set(shown)) and 1 <= len(shown) <= 2 and all(0 <= c < 4 for c in shown)
+  assert len(list((workdir / 'nbp' / 'eval').glob('*_class_*.mp4'))) == len(shown)
   assert (workdir / 'tokenizer' / 'checkpoints').is_dir() and (workdir / 'ntp' / 'checkpoints').is_dir()
 
   # A finished run resumes: no stage trains or evaluates again.

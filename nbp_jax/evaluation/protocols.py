@@ -131,7 +131,8 @@ def classifier_references(config, workdir: str, predict) -> dict[str, float]:
 
 def evaluate_class(config, workdir: str, generator: generator_lib.Generator, feature_fn, rng, *, keep: int,
                    stats_dir: str | None = None) -> dict:
-  """Class-conditional FVD (samples with the real clips' labels vs those real train clips) and class accuracy."""
+  """Class-conditional FVD (samples with the real clips' labels vs those real train clips) and class accuracy; the
+  sample files show one sample per class, in class order (`shown_labels`)."""
   ev = config.eval
   real_split = 'train'
   # Class frequencies as in the train split: the labels of the same real clips the samples are compared with.
@@ -140,15 +141,20 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
   stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
   predict = eval_classifier(config, workdir, stats_dir) if ev.classifier_steps > 0 else None
   fake = _Collector(feature_fn, keep)
+  shown: dict[int, np.ndarray] = {}  # the sample files show the first sample of each of the first `keep` classes
   for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
     chunk = labels[start:start + ev.batch_size]
     codes = generator.codes(jax.random.fold_in(rng, i), labels=chunk)
     videos = generator.decode(codes)
+    for label, video in zip(chunk.tolist(), videos):
+      if label not in shown and len(shown) < keep:
+        shown[label] = video
     fake.add(videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
-  means, kept = fake.result(stats)
+  means, _ = fake.result(stats)
   extra = classifier_references(config, workdir, predict) if predict else {}
-  return {'metrics': {**means, **extra},
-          'num_samples': int(len(labels)), 'real_split': real_split, 'videos': kept}
+  shown_labels = sorted(shown)
+  return {'metrics': {**means, **extra}, 'num_samples': int(len(labels)), 'real_split': real_split,
+          'shown_labels': shown_labels, 'videos': np.stack([shown[label] for label in shown_labels])}
 
 
 def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, rng, *,
