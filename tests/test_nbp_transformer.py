@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.transformer import Transformer
 from nbp_jax.nbp.transformer import TransformerConfig
@@ -119,6 +120,28 @@ def test_scan_and_unrolled_layers_agree():
   ids = jax.random.randint(jax.random.key(7), (1, layout.seq_len), 0, V)
   numerics.assert_close(_full_logits(_cfg(scan_layers=True), params_s, ids, layout),
                         _full_logits(cfg_u, params_u, ids, layout), 1e-5)
+
+
+def test_generation_parameter_layout_gives_the_same_model():
+  """decode_params: layers unrolled and every kernel stored [out, in]; the decoding config on them computes the
+  training forward's logits, the layout matches what that config initialises, and a second conversion is a no-op."""
+  cfg = _cfg(scan_layers=True)
+  params = _params(cfg, seed=10)
+  decoded = transformer_lib.decode_params(params)
+  dcfg = transformer_lib.decoding(cfg)
+  assert not dcfg.scan_layers and dcfg.transposed_kernels
+  fresh = jax.eval_shape(lambda: nn.meta.unbox(Transformer(dcfg).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params']))
+  assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(decoded)
+  assert [x.shape for x in jax.tree_util.tree_leaves(fresh)] == [x.shape for x in jax.tree_util.tree_leaves(decoded)]
+  np.testing.assert_array_equal(decoded['head']['kernel_t'], np.asarray(params['head']['kernel']).T)
+  np.testing.assert_array_equal(decoded['blocks_1']['mlp']['fc1']['kernel_t'],
+                                np.asarray(params['blocks']['mlp']['fc1']['kernel'][1]).T)
+  again = transformer_lib.decode_params(decoded)
+  assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(decoded)))
+  layout = BlockLayout((1, 2, 6), (1, 1, 3), prefix_len=2)
+  ids = jax.random.randint(jax.random.key(11), (2, layout.seq_len), 0, V)
+  numerics.assert_close(_full_logits(dcfg, decoded, ids, layout), _full_logits(cfg, params, ids, layout), 1e-5)
 
 
 def test_null_condition_replaces_the_prefix():

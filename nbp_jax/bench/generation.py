@@ -10,7 +10,7 @@ Then a roofline line per mode, all measured in this run on this machine (the cli
 matmuls and the weight read: medians of repeats):
 - step: one decoding step, (clip - prefill) / (steps - 1), the prefill timed alone as a generation of one block;
 - matmuls: the step's weight matmuls alone (per layer query, key, value, proj, fc1, fc2, then the head's video
-  columns, chained on the same weight arrays, [B*L, d] rows), nothing else;
+  rows, chained on the same weight arrays in generation's [out, in] layout, [B*L, d] rows), nothing else;
 - weights: the time to read those weights once, at the bandwidth of a reduction over them;
 - roofline = step / max(matmuls, weights): 1.0 is a step that costs only its weight reads and matmuls (what is left
   above that: attention over the cache, layer norms, embedding, sampling, loop and copy overhead).
@@ -27,6 +27,7 @@ import time
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import ml_collections
 
@@ -48,15 +49,22 @@ _LAYER_MATMULS = (('attn', 'query'), ('attn', 'key'), ('attn', 'value'), ('attn'
 
 
 def step_weights(params, video_slice: tuple[int, int]) -> tuple[list[tuple[jax.Array, ...]], jax.Array]:
-  """The kernels a decoding step multiplies by: per layer (query, key, value, proj, fc1, fc2) of unrolled params,
-  and the head's video columns [d, V_video] (a copy made here, outside anything timed)."""
+  """The kernels a decoding step multiplies by, as generation stores them ([out, in]; transformer.decode_params):
+  per layer (query, key, value, proj, fc1, fc2), and the head's video rows [V_video, d] (a copy made here, outside
+  anything timed)."""
+  params = transformer_lib.decode_params(params)
   layers = []
   i = 0
   while f'blocks_{i}' in params:
-    layers.append(tuple(params[f'blocks_{i}'][m][n]['kernel'] for m, n in _LAYER_MATMULS))
+    layers.append(tuple(params[f'blocks_{i}'][m][n]['kernel_t'] for m, n in _LAYER_MATMULS))
     i += 1
-  head = jnp.array(params['head']['kernel'][:, video_slice[0]:video_slice[1]])
+  head = jnp.array(params['head']['kernel_t'][video_slice[0]:video_slice[1]])
   return layers, head
+
+
+def _times(x, kernel_t):
+  """x [rows, in] times a kernel stored [out, in] -> [rows, out]."""
+  return lax.dot_general(x, kernel_t, (((1,), (1,)), ((), ())))
 
 
 @jax.jit
@@ -64,9 +72,9 @@ def _chained_matmuls(x, layers, head):
   """x [rows, d] through every layer's six matmuls (the same wiring as a block, without anything between them),
   then the head: the matmul work of one step on its weights, chained so that nothing can be skipped."""
   for wq, wk, wv, wo, w1, w2 in layers:
-    x = (x @ wq + x @ wk + x @ wv) @ wo
-    x = (x @ w1) @ w2
-  return x @ head
+    x = _times(_times(x, wq) + _times(x, wk) + _times(x, wv), wo)
+    x = _times(_times(x, w1), w2)
+  return _times(x, head)
 
 
 @jax.jit
@@ -77,7 +85,7 @@ def _read_all(layers, head):
 
 def matmul_seconds(layers, head, rows: int, repeats: int = 5) -> float:
   """Median seconds of a step's weight matmuls alone with `rows` = B*L new positions."""
-  x = jax.random.normal(jax.random.key(0), (rows, head.shape[0]), head.dtype) * 0.02
+  x = jax.random.normal(jax.random.key(0), (rows, head.shape[1]), head.dtype) * 0.02
   return statistics.median(timing.timings(lambda: _chained_matmuls(x, layers, head), repeats))
 
 
@@ -103,7 +111,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
 
   params = nn.meta.unbox(jax.jit(lambda r: train.init_params(nbp_spec, r))(jax.random.key(config.seed)))
-  params = transformer_lib.unstack_layers(params)  # as Generator.load does: generation runs the layers unrolled
+  params = transformer_lib.decode_params(params)  # as Generator.load does: generation's parameter layout
   generator = generator_lib.Generator(config, nbp_spec, params)
   inputs = {}
   if ctx_latent:

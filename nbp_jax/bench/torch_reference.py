@@ -155,7 +155,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
   params = transformer_lib.unstack_layers(nn.meta.unbox(jax.jit(lambda r: train.init_params(spec, r))(
       jax.random.key(config.seed))))
   reference = TorchReference(spec, params)
-  generator = generator_lib.Generator(config, spec, params)
+  generator = generator_lib.Generator(config, spec, transformer_lib.decode_params(params))  # as Generator.load
   sampling = generator.sampling()
   context = np.asarray(jax.random.randint(jax.random.key(1), (b, n_ctx), 0, spec.vocab.codebook_size))
   print(f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads) vs nbp-jax, {spec.num_params / 1e6:.0f}M '

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -50,10 +49,10 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_S
     [B, n + num_blocks * L] int32 video codes in sequence order (the context included).
   """
   layout, vocab = spec.layout, spec.vocab
-  # Generation always runs the layers unrolled (transformer.unstack_layers says why), whatever the training layout;
-  # a Generator unstacks scanned params once at load, other callers' are unstacked here.
-  cfg = transformer_lib.unrolled(spec.model)
-  params = transformer_lib.unstack_layers(nn.meta.unbox(params))
+  # Generation runs its own parameter layout (layers unrolled, kernels transposed: transformer.decoding says why),
+  # whatever the training layout; a Generator converts once at load, other callers' params are converted here.
+  cfg = transformer_lib.decoding(spec.model)
+  params = transformer_lib.decode_params(params)
   if labels is not None:
     b = labels.shape[0]
   elif context is not None:

@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,7 +77,8 @@ class Generator:
   Attributes:
     config: the run's config (model, nbp, data and the default sampling settings in `sample`).
     spec: the transformer's static description (spec_from_config(config), or another block shape).
-    params: the transformer's params.
+    params: the transformer's params, of the training layout or generation's (Generator.load converts them once:
+      transformer.decode_params).
     tokenizer: the video tokenizer (None: codes only; encode/decode then fail).
     tokenizer_params: its params.
     step: the checkpoint step the params come from.
@@ -111,8 +111,8 @@ class Generator:
       config = saved_config(workdir)
       config_lib.validate(config, 'sample')
     params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh)  # first: "train first" is the apt error
-    # Once here rather than in every generate call: generation runs the layers unrolled (transformer.unstack_layers).
-    params = transformer_lib.unstack_layers(nn.meta.unbox(params))
+    # Once here rather than in every generate call: generation runs its own layout (transformer.decode_params).
+    params = transformer_lib.decode_params(params)
     tokenizer, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
     if mesh is not None:
       tok_params = jax.device_put(tok_params, parallel.replicated(mesh))
