@@ -152,9 +152,8 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
   b = config.sample.batch_size
   t, h, w = layout.latent_shape
   n_ctx = config_lib.context_latent_frames(config) * h * w
-  params = transformer_lib.unstack_layers(nn.meta.unbox(jax.jit(lambda r: train.init_params(spec, r))(
-      jax.random.key(config.seed))))
-  reference = TorchReference(spec, params)
+  params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
+  reference = TorchReference(spec, params)  # unboxes and unstacks its own copy
   generator = generator_lib.Generator(config, spec, transformer_lib.decode_params(params))  # as Generator.load
   sampling = generator.sampling()
   context = np.asarray(jax.random.randint(jax.random.key(1), (b, n_ctx), 0, spec.vocab.codebook_size))
