@@ -95,22 +95,45 @@ def _assert_greedy(spec, params, labels, context, got, cfg_scale=None):
   assert (shortfall > 0).mean() <= 0.05, 'more near-ties than random weights should give'
 
 
-@pytest.mark.parametrize('grid,block,first,classes,ctx', [
-    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0),
-    ((2, 2, 4), (1, 1, 4), 'hybrid', 3, 0),
-    ((3, 2, 4), (1, 2, 2), 'none', 0, 8),
-    ((2, 2, 4), (2, 2, 2), 'bov', 0, 0),
+# buckets: lengths the KV cache grows through (None: these short caches are not cut; 3 and 4 cut them, as long
+# caches are, so that a step also runs on a cache shorter than the whole sequence).
+@pytest.mark.parametrize('grid,block,first,classes,ctx,buckets', [
+    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, None),
+    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, 4),
+    ((2, 2, 4), (1, 1, 4), 'hybrid', 3, 0, 3),
+    ((3, 2, 4), (1, 2, 2), 'none', 0, 8, 3),
+    ((2, 2, 4), (2, 2, 2), 'bov', 0, 0, None),
 ])
-def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx):
+def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx, buckets):
   spec = _spec(grid, block, first, classes)
   params = _params(spec)
   b = 2
   labels = jnp.array([0, 2]) if classes else None
   context = np.random.default_rng(0).integers(0, C, (b, ctx)) if ctx else None
   got = generation.generate(spec, params, jax.random.key(0), Sampling(greedy=True), labels=labels,
-                            context=None if context is None else jnp.asarray(context), batch_size=b)
+                            context=None if context is None else jnp.asarray(context), batch_size=b,
+                            cache_buckets=buckets)
   _assert_greedy(spec, params, labels, context, got)
   assert len(set(np.asarray(got).ravel().tolist())) > 2  # the model is not degenerate
+
+
+def test_cache_schedule_grows_the_cache_ahead_of_every_step():
+  # The K600 frame-prediction plan (5x16x16 grid, 1x1x16 blocks, 512 context tokens): the prefill needs 512
+  # positions, the whole cache 1264; 4 buckets end at 512 + 188 j = 700, 888, 1076, 1264. The prefill runs in the
+  # first; the step at 512 + 16 i writes [512 + 16 i, 528 + 16 i) and sees nothing beyond it (row blocks), so
+  # i = 0..10 fit in 700, and so on.
+  spec = spec_from_config(config_lib.task_config('k600', 'tiny'))
+  plan = spec.layout.decode_plan(512)
+  assert (plan.prefill_len, plan.cache_len, plan.phases) == (512, 1264, ((512, 16, 47),))
+  assert generation.cache_schedule(spec.layout, plan, 4) == (
+      700, ((512, 16, 11, 700), (688, 16, 12, 888), (880, 16, 12, 1076), (1072, 16, 12, 1264)))
+  assert generation.cache_schedule(spec.layout, plan, 1) == (1264, ((512, 16, 47, 1264),))
+  assert generation.cache_schedule(spec.layout, plan)[1][0][3] == 700  # long caches are cut by default
+  # Frame blocks: the cache ends at 1024 (the last frame is only predicted) and the split at 640, 768, 896, 1024;
+  # each step writes a whole latent frame (256 positions), so it gets 768 and 1024, never a length inside a frame.
+  frames = spec.with_block_shape((1, 16, 16))
+  plan = frames.layout.decode_plan(512)
+  assert generation.cache_schedule(frames.layout, plan, 4) == (640, ((512, 256, 1, 768), (768, 256, 1, 1024)))
 
 
 def test_cfg_matches_naive_and_scale_one_is_conditional():

@@ -193,14 +193,17 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
     return _draw(rng, filter_logits(logits, sampling))
   x = logits.astype(jnp.float32) / sampling.temperature
   key = _sortable_key(x)
-  probs = jax.nn.softmax(_top_k(x, key, sampling), axis=-1)
+  top = key.max(-1, keepdims=True)
+  # The top-k distribution unnormalised (0 outside the top-k): the draws and the nucleus test scale by its total
+  # instead, which saves the softmax's division pass over the 64k logits.
+  weights = jnp.exp(_top_k(x, key, sampling) - _key_value(top))
   draw_rng, exact_rng = jax.random.split(rng)
-  total = probs.sum(-1, keepdims=True)
+  total = weights.sum(-1, keepdims=True)
   u = jax.random.uniform(draw_rng, (*total.shape[:-1], NUCLEUS_CANDIDATES), minval=jnp.finfo(jnp.float32).tiny)
-  candidates = jax.vmap(inverse_cdf, in_axes=(None, -1), out_axes=-1)(probs, u * total)  # [..., M]
+  candidates = jax.vmap(inverse_cdf, in_axes=(None, -1), out_axes=-1)(weights, u * total)  # [..., M]
   candidate_key = jnp.take_along_axis(key, candidates, axis=-1)
-  mass_above = jnp.where(key[..., None, :] > candidate_key[..., None], probs[..., None, :], 0.0).sum(-1)
-  inside = (mass_above < sampling.top_p) | (sampling.top_p >= 1.0) | (candidate_key == key.max(-1, keepdims=True))
+  mass_above = jnp.where(key[..., None, :] > candidate_key[..., None], weights[..., None, :], 0.0).sum(-1)
+  inside = (mass_above < sampling.top_p * total) | (sampling.top_p >= 1.0) | (candidate_key == top)
   first = jnp.take_along_axis(candidates, jnp.argmax(inside, axis=-1)[..., None], axis=-1)[..., 0]
   missed = ~inside.any(-1)
 

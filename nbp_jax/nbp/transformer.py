@@ -97,6 +97,26 @@ def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
                  tuple(jnp.zeros(v_shape, cfg.dtype) for _ in range(cfg.num_layers)))
 
 
+def cache_length(cache: KVCache) -> int:
+  """Positions the cache holds."""
+  return (cache.v[0] if isinstance(cache.v, tuple) else cache.v).shape[-2]
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+  """The cache padded with zeros to `length` positions (the same cache when it already holds that many)."""
+  extra = length - cache_length(cache)
+  if extra == 0:
+    return cache
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+  grow = lambda xs, axis: tuple(pad(x, axis) for x in xs) if isinstance(xs, tuple) else pad(xs, axis)
+  return KVCache(grow(cache.k, -1), grow(cache.v, -2))  # positions: keys' last axis, values' second to last
+
+
 def decoding(cfg: TransformerConfig) -> TransformerConfig:
   """The same model as generation runs it: one module (and parameter subtree `blocks_{i}`) per layer and kernels
   stored transposed; its params come from `decode_params`."""
