@@ -20,6 +20,8 @@ import numpy as np
 
 from nbp_jax.nbp import sampling as sampling_lib
 from nbp_jax.nbp import transformer as transformer_lib
+from nbp_jax.nbp.layout import BlockLayout
+from nbp_jax.nbp.layout import DecodePlan
 from nbp_jax.nbp.layout import LayoutError
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.transformer import Transformer
@@ -125,7 +127,8 @@ CACHE_BUCKETS = 4
 MIN_BUCKETED_CACHE = 1024
 
 
-def cache_schedule(layout, plan, buckets: int | None = None) -> tuple[int, tuple[tuple[int, int, int, int], ...]]:
+def cache_schedule(layout: BlockLayout, plan: DecodePlan,
+                   buckets: int | None = None) -> tuple[int, tuple[tuple[int, int, int, int], ...]]:
   """The plan's steps on a KV cache that grows from what the prefill needs to plan.cache_len in `buckets` equal
   parts (default: CACHE_BUCKETS for caches of MIN_BUCKETED_CACHE positions or more, else 1).
 
