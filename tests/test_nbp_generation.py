@@ -129,6 +129,9 @@ def test_cache_schedule_grows_the_cache_ahead_of_every_step():
       700, ((512, 16, 11, 700), (688, 16, 12, 888), (880, 16, 12, 1076), (1072, 16, 12, 1264)))
   assert generation.cache_schedule(spec.layout, plan, 1) == (1264, ((512, 16, 47, 1264),))
   assert generation.cache_schedule(spec.layout, plan)[1][0][3] == 700  # long caches are cut by default
+  # The last latent frame alone (a stream's last piece): the cache grows by 240 positions, too little to cut.
+  last = spec.layout.decode_plan(1024)
+  assert generation.cache_schedule(spec.layout, last) == (1264, ((1024, 16, 15, 1264),))
   # Frame blocks: the cache ends at 1024 (the last frame is only predicted) and the split at 640, 768, 896, 1024;
   # each step writes a whole latent frame (256 positions), so it gets 768 and 1024, never a length inside a frame.
   frames = spec.with_block_shape((1, 16, 16))

@@ -121,30 +121,32 @@ def generate(spec: Spec, params, rng: jax.Array, sampling: Sampling = _DEFAULT_S
 # A step attends to every position of the cache it is given, so the cache grows with the generation: the prefill
 # and the first steps run on a short one, and at up to CACHE_BUCKETS - 1 points it is padded to a longer one (one
 # copy of it each time). Each length is one more compiled loop body, so only caches of MIN_BUCKETED_CACHE positions
-# or more are cut. 187M bench model, K600 frame prediction on a 2-core CPU: NBP step 85.9 -> 81.7 ms, compilation
-# 3.7 -> 8.4 s.
+# or more are cut, into lengths at least MIN_BUCKET_GROWTH apart. 187M bench model, K600 frame prediction on a
+# 2-core CPU: NBP step 85.9 -> 81.7 ms, compilation 3.7 -> 8.4 s.
 CACHE_BUCKETS = 4
 MIN_BUCKETED_CACHE = 1024
+MIN_BUCKET_GROWTH = 128
 
 
 def cache_schedule(layout: BlockLayout, plan: DecodePlan,
                    buckets: int | None = None) -> tuple[int, tuple[tuple[int, int, int, int], ...]]:
   """The plan's steps on a KV cache that grows from what the prefill needs to plan.cache_len in `buckets` equal
-  parts (default: CACHE_BUCKETS for caches of MIN_BUCKETED_CACHE positions or more, else 1).
+  parts (default: up to CACHE_BUCKETS, MIN_BUCKET_GROWTH positions apart, for caches of MIN_BUCKETED_CACHE positions
+  or more; else 1).
 
   A group needs the cache up to the last position any of its queries may see under the block rule, so every step
   attends to the same keys as on the whole cache (the positions cut off are never visible to it).
   Returns (the prefill's cache length, ((first input position, group size, steps, cache length), ...)): the plan's
   phases, cut where the cache grows.
   """
-  if buckets is None:
-    buckets = CACHE_BUCKETS if plan.cache_len >= MIN_BUCKETED_CACHE else 1
   k_block = layout.block_ids(np.arange(plan.cache_len))
 
   def needed(start, size):  # 1 + the last cache position the group's queries may attend to
     return int(np.nonzero(k_block <= layout.block_ids(np.arange(start, start + size)).max())[0].max()) + 1
 
   lo, hi = needed(0, plan.prefill_len), plan.cache_len
+  if buckets is None:
+    buckets = min(CACHE_BUCKETS, max(1, (hi - lo) // MIN_BUCKET_GROWTH)) if hi >= MIN_BUCKETED_CACHE else 1
   lengths = sorted({lo + -(-(hi - lo) * j // buckets) for j in range(1, buckets + 1)})
   fit = lambda n: next(length for length in lengths if length >= n)
   phases = []
