@@ -192,6 +192,11 @@ def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: s
                   bias_init=nn.with_logical_partitioning(_ZEROS, (axes[1],)))
 
 
+def times_transposed(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
+  """x [..., in] times a kernel stored [out, in] (generation's layout) -> [..., out]."""
+  return lax.dot_general(x, kernel_t, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class TransposedDense(nn.Module):
   """nn.Dense with its kernel stored [out, in] as 'kernel_t' (TransformerConfig.transposed_kernels says why)."""
   features: int
@@ -206,7 +211,7 @@ class TransposedDense(nn.Module):
     bias = self.param('bias', nn.with_logical_partitioning(_ZEROS, (self.axes[1],)), (self.features,),
                       cfg.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ()))) + bias
+    return times_transposed(x, kernel) + bias
 
 
 def _layer_norm(cfg: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
