@@ -27,7 +27,6 @@ import time
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
 
@@ -62,19 +61,15 @@ def step_weights(params, video_slice: tuple[int, int]) -> tuple[list[tuple[jax.A
   return layers, head
 
 
-def _times(x, kernel_t):
-  """x [rows, in] times a kernel stored [out, in] -> [rows, out]."""
-  return lax.dot_general(x, kernel_t, (((1,), (1,)), ((), ())))
-
-
 @jax.jit
 def _chained_matmuls(x, layers, head):
   """x [rows, d] through every layer's six matmuls (the same wiring as a block, without anything between them),
   then the head: the matmul work of one step on its weights, chained so that nothing can be skipped."""
+  times = transformer_lib.times_transposed  # the product TransposedDense computes
   for wq, wk, wv, wo, w1, w2 in layers:
-    x = _times(_times(x, wq) + _times(x, wk) + _times(x, wv), wo)
-    x = _times(_times(x, w1), w2)
-  return _times(x, head)
+    x = times(times(x, wq) + times(x, wk) + times(x, wv), wo)
+    x = times(times(x, w1), w2)
+  return times(x, head)
 
 
 @jax.jit
