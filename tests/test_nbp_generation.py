@@ -247,6 +247,29 @@ def test_sample_draws_the_kept_set_with_its_probabilities(top_p, codes):
   np.testing.assert_allclose(np.bincount(draws, minlength=codes) / 4000, p / p.sum(), atol=0.03)
 
 
+@pytest.mark.parametrize('bracket', [None, 10**6])
+@pytest.mark.parametrize('top_p', [1.0, 0.9])
+def test_sample_through_an_undecided_top_k_bracket_draws_the_kept_set(monkeypatch, top_p, bracket):
+  # 5000 near-flat logits, top_k 1200, one row repeated in a batch of 4000: the top-k search stops with up to
+  # TOP_K_BRACKET codes between its ends, so a few percent of the draws land where it is undecided and take the
+  # exact path; with a bracket of 10^6 codes the search stops at once and every draw takes it. No draw may leave
+  # the kept set (the bracket's codes beyond the k-th included), and the kept codes' frequencies, in ten groups by
+  # rank, must be their probabilities.
+  if bracket is not None:
+    monkeypatch.setattr(sampling_lib, 'TOP_K_BRACKET', bracket)
+  row = (np.random.default_rng(8).standard_normal(5000) * 0.5).astype(np.float32)
+  s = Sampling(top_k=1200, top_p=top_p)
+  draws = np.asarray(jax.jit(lambda k, x: sampling_lib.sample(k, x, s))(
+      jax.random.key(9), jnp.asarray(np.tile(row, (4000, 1)))))
+  kept, near = _np_kept_set(row[None], 1200, top_p)
+  assert (kept | near)[0, draws].all()
+  p = np.where(kept[0], np.exp(row - row.max()), 0.0)
+  by_rank = np.argsort(-row)[:kept.sum()]  # the kept codes, most likely first
+  groups = np.array_split(by_rank, 10)
+  freq = np.bincount(draws, minlength=5000) / 4000
+  np.testing.assert_allclose([freq[g].sum() for g in groups], [p[g].sum() / p.sum() for g in groups], atol=0.025)
+
+
 @pytest.mark.parametrize('codes', [5000, 1000])
 def test_inverse_cdf_is_the_first_index_reaching_u(codes):
   # 5000 codes: two levels (20 chunks of 256, the last padded); 1000: one flat sum. Every third probability zero,
