@@ -60,7 +60,7 @@ def _key_value(key: jax.Array) -> jax.Array:
 INTERPOLATION_STEPS = 24  # then bisection of the keys, which ends in at most 32 more
 
 
-def _threshold(stat, target, lo, hi, stat_lo, stat_hi, done) -> jax.Array:
+def _threshold(stat, target, lo, hi, stat_lo, stat_hi, done) -> tuple[jax.Array, ...]:
   """The largest key t with y(t) >= target, where stat(t) = (y, n) over the codes with key >= t and y falls as t rises.
 
   Per row, lo/hi [...] int32 keys with y(lo) >= target > y(hi) and their stats (y, n: how many keys are >= them).
@@ -110,7 +110,7 @@ def _count_at_least(key: jax.Array):
   return count
 
 
-def _top_k_bracket(x: jax.Array, key: jax.Array, k: int, width: int = 0):
+def _top_k_bracket(x: jax.Array, key: jax.Array, k: int, width: int = 0) -> tuple[jax.Array, ...]:
   """Keys bracketing the k-th largest of key [..., C] (key = _sortable_key(x)): (lo, hi, n_lo, n_hi) [...] with
   n_lo = #(key >= lo) >= k > n_hi = #(key >= hi), searched until n_lo - n_hi <= width (0: until exact).
   The bracket is exact, lo the k-th largest key, where n_lo == k or hi == lo + 1 (ties at the k-th value)."""
