@@ -101,6 +101,31 @@ def test_chunked_xla_attention_skips_the_keys_no_query_of_a_chunk_sees(monkeypat
   assert lengths[4:] == [128]
 
 
+def test_cache_attention_prefill_is_chunked_over_the_keys_it_may_see(monkeypatch):
+  """A prefill against the KV cache (keys stored transposed, static block ids, the cache longer than the prefill)
+  computes its queries in chunks, each against the keys up to the last one it may see (none of the unwritten
+  slots after the prefill): against the naive loop on the written keys, and the lengths of the score matrices."""
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 24)
+  layout = BlockLayout(latent_shape=(3, 4, 8), block_shape=(1, 1, 8), prefix_len=3)
+  k_block = layout.block_ids(np.arange(layout.seq_len))  # a cache of 99 positions
+  q_block = k_block[:59]  # the prefill writes the prefix and the first 7 blocks
+  q, k, v = _qkv(9, 1, 3, 59, 99)
+  lengths = []
+  real = attention_lib._xla_attention
+
+  def spy(q, k, v, mask, keys_transposed=False):
+    lengths.append(k.shape[-1] if keys_transposed else k.shape[-2])
+    return real(q, k, v, mask, keys_transposed=keys_transposed)
+  monkeypatch.setattr(attention_lib, '_xla_attention', spy)
+  out = attention_lib.cache_attention(q[0], k[0].swapaxes(1, 2), v[0], q_block, k_block)
+  numerics.assert_close(out[None], _naive_attention(q, k, v, q_block, k_block), OUT_RTOL)
+  last_seen = [int(np.nonzero(k_block <= q_block[i:i + 24].max())[0][-1]) + 1 for i in range(0, 59, 24)]
+  assert lengths == last_seen and lengths[-1] == 59
+  jax.jit(lambda q, k_t, v, b: attention_lib.cache_attention(q, k_t, v, b, k_block))(
+      q[0], k[0].swapaxes(1, 2), v[0], q_block)  # traced query ids (a decoding step): one product over the cache
+  assert lengths[len(last_seen):] == [99]
+
+
 def test_splash_tile_pads_least_and_prefers_large_tiles():
   assert attention_lib.splash_tile(1024) == 512
   assert attention_lib.splash_tile(200) == 256  # 256 and 128 both pad by 56

@@ -17,6 +17,7 @@ from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import timing
+from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import sampling as sampling_lib
@@ -96,15 +97,19 @@ def _assert_greedy(spec, params, labels, context, got, cfg_scale=None):
 
 
 # buckets: lengths the KV cache grows through (None: these short caches are not cut; 3 and 4 cut them, as long
-# caches are, so that a step also runs on a cache shorter than the whole sequence).
-@pytest.mark.parametrize('grid,block,first,classes,ctx,buckets', [
-    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, None),
-    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, 4),
-    ((2, 2, 4), (1, 1, 4), 'hybrid', 3, 0, 3),
-    ((3, 2, 4), (1, 2, 2), 'none', 0, 8, 3),
-    ((2, 2, 4), (2, 2, 2), 'bov', 0, 0, None),
+# caches are, so that a step also runs on a cache shorter than the whole sequence). query_chunk: queries per chunk
+# of a long prefill (attention.XLA_QUERY_CHUNK; set small so that this short one is cut into chunks as well).
+@pytest.mark.parametrize('grid,block,first,classes,ctx,buckets,query_chunk', [
+    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, None, None),
+    ((3, 2, 2), (1, 1, 2), 'bov', 3, 0, 4, None),
+    ((2, 2, 4), (1, 1, 4), 'hybrid', 3, 0, 3, None),
+    ((3, 2, 4), (1, 2, 2), 'none', 0, 8, 3, None),
+    ((3, 2, 4), (1, 2, 2), 'none', 0, 12, 3, 5),
+    ((2, 2, 4), (2, 2, 2), 'bov', 0, 0, None, None),
 ])
-def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx, buckets):
+def test_greedy_generation_equals_naive_loop(grid, block, first, classes, ctx, buckets, query_chunk, monkeypatch):
+  if query_chunk:
+    monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', query_chunk)
   spec = _spec(grid, block, first, classes)
   params = _params(spec)
   b = 2

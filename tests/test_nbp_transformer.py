@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.transformer import Transformer
@@ -42,9 +43,13 @@ def _full_logits(cfg, params, ids, layout, null_cond=None):
   return fn(params, ids, layout.block_ids(np.arange(ids.shape[1])), null_cond)
 
 
-# ('none' with 1x2x2 blocks is covered through generation in test_nbp_generation.)
-@pytest.mark.parametrize('first_block,block,scan', [('bov', (1, 1, 3), True), ('hybrid', (1, 1, 3), False)])
-def test_cached_decode_equals_full_forward(first_block, block, scan):
+# ('none' with 1x2x2 blocks is covered through generation in test_nbp_generation.) prefill: the prefix and that many
+# blocks fed as one group, cut into chunks of 4 queries (as a long prefill is: attention.XLA_QUERY_CHUNK).
+@pytest.mark.parametrize('first_block,block,scan,prefill', [('bov', (1, 1, 3), True, 0),
+                                                             ('hybrid', (1, 1, 3), False, 0),
+                                                             ('bov', (1, 1, 3), False, 3)])
+def test_cached_decode_equals_full_forward(first_block, block, scan, prefill, monkeypatch):
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 4)
   cfg = _cfg(scan_layers=scan)
   params = _params(cfg)
   layout = BlockLayout((2, 2, 6) if block == (1, 1, 3) else (2, 4, 4), block, prefix_len=2, first_block=first_block)
@@ -53,15 +58,21 @@ def test_cached_decode_equals_full_forward(first_block, block, scan):
   null_cond = jnp.array([False, True])
   full = _full_logits(cfg, params, ids, layout, null_cond)
 
-  step = jax.jit(lambda *a: Transformer(cfg).apply({'params': params}, *a, null_cond=null_cond,
-                                                    method=Transformer.decode))
+  decode = lambda *a: Transformer(cfg).apply({'params': params}, *a, null_cond=null_cond, method=Transformer.decode)
+  step = jax.jit(decode)
   cache = init_cache(cfg, 2, s)
   k_block = layout.block_ids(np.arange(s))
   groups = [(0, layout.prefix_len)] + layout.groups()  # the prefix alone, then block by block
+  if prefill:
+    groups = [(0, groups[prefill + 1][0])] + groups[prefill + 1:]
   got = []
-  for start, size in groups:
+  for i, (start, size) in enumerate(groups):
     pos = np.arange(start, start + size)
-    logits, cache = step(ids[:, start:start + size], jnp.int32(start), cache, layout.block_ids(pos), k_block)
+    if prefill and i == 0:  # as generation's prefill: block ids known at trace time, which chunking needs
+      logits, cache = jax.jit(lambda x, c, q_block=layout.block_ids(pos): decode(x, 0, c, q_block, k_block))(
+          ids[:, :size], cache)
+    else:
+      logits, cache = step(ids[:, start:start + size], jnp.int32(start), cache, layout.block_ids(pos), k_block)
     got.append(logits)
   # fp32 paths that sum in another order: ~5e-7 of the logits' scale apart (tests/numerics.py).
   numerics.assert_close(np.concatenate(got, axis=1), full, 1e-5)
