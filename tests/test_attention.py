@@ -104,7 +104,7 @@ def test_chunked_xla_attention_skips_the_keys_no_query_of_a_chunk_sees(monkeypat
 def test_cache_attention_prefill_is_chunked_over_the_keys_it_may_see(monkeypatch):
   """A prefill against the KV cache (keys stored transposed, static block ids, the cache longer than the prefill)
   computes its queries in chunks, each against the keys up to the last one it may see (none of the unwritten
-  slots after the prefill): against the naive loop on the written keys, and the lengths of the score matrices."""
+  slots after the prefill): against the naive loop over the whole cache, and the lengths of the score matrices."""
   monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 24)
   layout = BlockLayout(latent_shape=(3, 4, 8), block_shape=(1, 1, 8), prefix_len=3)
   k_block = layout.block_ids(np.arange(layout.seq_len))  # a cache of 99 positions

@@ -63,14 +63,13 @@ def test_cached_decode_equals_full_forward(first_block, block, scan, prefill, mo
   cache = init_cache(cfg, 2, s)
   k_block = layout.block_ids(np.arange(s))
   groups = [(0, layout.prefix_len)] + layout.groups()  # the prefix alone, then block by block
-  if prefill:
-    groups = [(0, groups[prefill + 1][0])] + groups[prefill + 1:]
   got = []
-  if prefill:  # as generation's prefill: block ids known at trace time, which chunking needs
-    size = groups.pop(0)[1]
+  if prefill:  # one group, with block ids known at trace time as in generation's prefill (chunking needs them)
+    size = groups[prefill + 1][0]
     q_block = layout.block_ids(np.arange(size))
     logits, cache = jax.jit(lambda x, c: decode(x, 0, c, q_block, k_block))(ids[:, :size], cache)
     got.append(logits)
+    groups = groups[prefill + 1:]
   for start, size in groups:
     pos = np.arange(start, start + size)
     logits, cache = step(ids[:, start:start + size], jnp.int32(start), cache, layout.block_ids(pos), k_block)
