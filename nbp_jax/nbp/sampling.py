@@ -102,23 +102,23 @@ def _count(mask: jax.Array) -> jax.Array:
   return jnp.einsum('...c,c->...', mask.astype(jnp.float32), jnp.ones(mask.shape[-1], jnp.float32))
 
 
-def _count_at_least(key: jax.Array):
-  """stat for _threshold: t -> (n, n), n = how many keys are >= t."""
-  def count(t):
+def _top_k_bracket(x: jax.Array, key: jax.Array, k: int, width: int = 0,
+                   start: tuple[jax.Array, ...] | None = None) -> tuple[jax.Array, ...]:
+  """Keys bracketing the k-th largest of key [..., C] (key = _sortable_key(x)): (lo, hi, n_lo, n_hi) [...] with
+  n_lo = #(key >= lo) >= k > n_hi = #(key >= hi), searched until n_lo - n_hi <= width (0: until exact), from
+  `start` (such a bracket, e.g. an earlier search's; default: the whole range of x).
+  The bracket is exact, lo the k-th largest key, where n_lo == k or hi == lo + 1 (ties at the k-th value)."""
+  if start is None:
+    full = jnp.full(x.shape[:-1], x.shape[-1], jnp.float32)
+    zero = jnp.zeros(x.shape[:-1], jnp.float32)
+    start = (_sortable_key(x.min(-1)), _sortable_key(x.max(-1)) + 1, full, zero)
+  lo, hi, n_lo, n_hi = start
+
+  def count(t):  # _threshold's stat: (y, n) = how many keys are >= t, twice
     n = _count(key >= t[..., None])
     return n, n
-  return count
-
-
-def _top_k_bracket(x: jax.Array, key: jax.Array, k: int, width: int = 0) -> tuple[jax.Array, ...]:
-  """Keys bracketing the k-th largest of key [..., C] (key = _sortable_key(x)): (lo, hi, n_lo, n_hi) [...] with
-  n_lo = #(key >= lo) >= k > n_hi = #(key >= hi), searched until n_lo - n_hi <= width (0: until exact).
-  The bracket is exact, lo the k-th largest key, where n_lo == k or hi == lo + 1 (ties at the k-th value)."""
-  c = x.shape[-1]
-  full = jnp.full(x.shape[:-1], c, jnp.float32)
-  zero = jnp.zeros(x.shape[:-1], jnp.float32)
-  return _threshold(_count_at_least(key), k - 0.5, _sortable_key(x.min(-1)), _sortable_key(x.max(-1)) + 1,
-                    (full, full), (zero, zero), lambda n_lo, n_hi: (n_lo == k) | (n_lo - n_hi <= width))
+  return _threshold(count, k - 0.5, lo, hi, (n_lo, n_lo), (n_hi, n_hi),
+                    lambda n_lo, n_hi: (n_lo == k) | (n_lo - n_hi <= width))
 
 
 def _top_k(x: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -253,10 +253,7 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   undecided = ~jnp.take_along_axis(sure_in, open_, axis=-1)[..., 0]  # (also when every candidate is out)
 
   def exact_draw():
-    kth = lo
-    if 0 < k < c:
-      kth = jnp.where(exact, lo, _threshold(_count_at_least(key), k - 0.5, lo, hi, (n_lo, n_lo), (n_hi, n_hi),
-                                            lambda n_lo, n_hi: n_lo == k)[0])
+    kth = _top_k_bracket(x, key, k, start=(lo, hi, n_lo, n_hi))[0] if 0 < k < c else lo  # the search, finished
     total_k = jnp.where(key >= kth[..., None], weights, 0.0).sum(-1)
     inside = (candidate_key >= kth[..., None]) & (
         (mass_above < p * total_k[..., None]) | no_nucleus | is_top)
