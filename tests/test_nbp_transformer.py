@@ -45,18 +45,24 @@ def _full_logits(cfg, params, ids, layout, null_cond=None):
 
 # ('none' with 1x2x2 blocks is covered through generation in test_nbp_generation.) prefill: the prefix and that many
 # blocks fed as one group, cut into chunks of 4 queries (as a long prefill is: attention.XLA_QUERY_CHUNK).
-@pytest.mark.parametrize('first_block,block,scan,prefill', [('bov', (1, 1, 3), True, 0),
-                                                             ('hybrid', (1, 1, 3), False, 0),
-                                                             ('bov', (1, 1, 3), False, 3)])
-def test_cached_decode_equals_full_forward(first_block, block, scan, prefill, monkeypatch):
+# model: the training layouts (scanned or unrolled layers, [B, T, d]) and generation's (transformer.decoding:
+# unrolled, feature-major [d, B, T], [out, in] kernels), each decoding against the training forward of its params.
+@pytest.mark.parametrize('first_block,block,model,prefill', [('bov', (1, 1, 3), 'scanned', 0),
+                                                              ('hybrid', (1, 1, 3), 'unrolled', 0),
+                                                              ('bov', (1, 1, 3), 'unrolled', 3),
+                                                              ('hybrid', (1, 1, 3), 'decoding', 0),
+                                                              ('bov', (1, 1, 3), 'decoding', 3)])
+def test_cached_decode_equals_full_forward(first_block, block, model, prefill, monkeypatch):
   monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 4)
-  cfg = _cfg(scan_layers=scan)
+  cfg = _cfg(scan_layers=model == 'scanned')
   params = _params(cfg)
   layout = BlockLayout((2, 2, 6) if block == (1, 1, 3) else (2, 4, 4), block, prefix_len=2, first_block=first_block)
   s = layout.seq_len
   ids = jax.random.randint(jax.random.key(3), (2, s), 0, V)
   null_cond = jnp.array([False, True])
   full = _full_logits(cfg, params, ids, layout, null_cond)
+  if model == 'decoding':
+    cfg, params = transformer_lib.decoding(cfg), transformer_lib.decode_params(params)
 
   decode = lambda *a: Transformer(cfg).apply({'params': params}, *a, null_cond=null_cond, method=Transformer.decode)
   step = jax.jit(decode)
@@ -140,7 +146,7 @@ def test_generation_parameter_layout_gives_the_same_model():
   params = _params(cfg, seed=10)
   decoded = transformer_lib.decode_params(params)
   dcfg = transformer_lib.decoding(cfg)
-  assert not dcfg.scan_layers and dcfg.transposed_kernels
+  assert not dcfg.scan_layers and dcfg.feature_major
   fresh = jax.eval_shape(lambda: nn.meta.unbox(Transformer(dcfg).init(
       jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params']))
   assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(decoded)

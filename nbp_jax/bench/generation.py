@@ -10,7 +10,8 @@ Then a roofline line per mode, all measured in this run on this machine (the cli
 the matmuls and the weight read: medians of repeats):
 - step: one decoding step, (clip - prefill) / (steps - 1), the prefill timed alone as a generation of one block;
 - matmuls: the step's weight matmuls alone (per layer query, key, value, proj, fc1, fc2, then the head's video
-  rows, chained on the same weight arrays in generation's [out, in] layout, [B*L, d] rows), nothing else;
+  rows, chained on the same weight arrays in generation's layout: [out, in] kernels times feature-major [d, B*L]
+  activations), nothing else;
 - weights: the time to read those weights once, at the bandwidth of a reduction over them;
 - roofline = step / max(matmuls, weights): 1.0 is a step that costs only its weight reads and matmuls (what is left
   above that: attention over the cache, layer norms, embedding, sampling, loop and copy overhead).
@@ -63,13 +64,14 @@ def step_weights(params, video_slice: tuple[int, int]) -> tuple[list[tuple[jax.A
 
 @jax.jit
 def _chained_matmuls(x, layers, head):
-  """x [rows, d] through every layer's six matmuls (the same wiring as a block, without anything between them),
-  then the head: the matmul work of one step on its weights, chained so that nothing can be skipped."""
-  times = transformer_lib.times_transposed  # the product TransposedDense computes
+  """x [d, rows] (feature-major, as generation runs) through every layer's six matmuls (the same wiring as a block,
+  without anything between them), then the head: the matmul work of one step on its weights, chained so that
+  nothing can be skipped."""
+  times = transformer_lib.kernel_times  # the product FeatureMajorDense computes
   for wq, wk, wv, wo, w1, w2 in layers:
-    x = times(times(x, wq) + times(x, wk) + times(x, wv), wo)
-    x = times(times(x, w1), w2)
-  return times(x, head)
+    x = times(wo, times(wq, x) + times(wk, x) + times(wv, x))
+    x = times(w2, times(w1, x))
+  return times(head, x)
 
 
 @jax.jit
@@ -80,7 +82,7 @@ def _read_all(layers, head):
 
 def matmul_seconds(layers, head, rows: int, repeats: int = 5) -> float:
   """Median seconds of a step's weight matmuls alone with `rows` = B*L new positions."""
-  x = jax.random.normal(jax.random.key(0), (rows, head.shape[1]), head.dtype) * 0.02
+  x = jax.random.normal(jax.random.key(0), (head.shape[1], rows), head.dtype) * 0.02
   return statistics.median(timing.timings(lambda: _chained_matmuls(x, layers, head), repeats))
 
 

@@ -64,10 +64,12 @@ class TransformerConfig:
   # Initial value of pos_emb: 'zeros' (the release) or 'grid' (sinusoids of each position's latent (t, h, w),
   # set by nbp.train.init_params from the block layout). Only the start differs: the parameter is the same.
   pos_emb_init: str = 'zeros'
-  # Kernels stored [out, in] as 'kernel_t' (the head [V, d]): the layout generation runs (`decoding`,
-  # `decode_params`). XLA:CPU's few-row matmuls are faster with it (12 layers + head of the 187M bench model:
-  # 16 rows 64.6 -> 52.9 ms, 1 row 26.2 -> 24.4 ms); training and checkpoints keep nn.Dense's [in, out] 'kernel'.
-  transposed_kernels: bool = False
+  # Generation's layout (`decoding`, `decode_params`): activations [d, B, T] from the embedding to the head, and
+  # kernels stored [out, in] as 'kernel_t' (the head [V, d]), so that every dense layer is kernel_t @ x, XLA:CPU's
+  # fastest form of a few-row matmul (the 187M bench model's 12 layers + head, chained, 2-core CPU: 16 rows
+  # 64.6 ms with [in, out] kernels, 52.9 with [out, in] ones on [T, d] rows; feature-major 44.2 against 53.3 the
+  # same day; 1 row 26.2, 24.4, then unchanged). Training and checkpoints keep [B, T, d] and [in, out] 'kernel's.
+  feature_major: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -118,9 +120,10 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
 
 
 def decoding(cfg: TransformerConfig) -> TransformerConfig:
-  """The same model as generation runs it: one module (and parameter subtree `blocks_{i}`) per layer and kernels
-  stored transposed; its params come from `decode_params`."""
-  return dataclasses.replace(cfg, scan_layers=False, remat=False, transposed_kernels=True)
+  """The same model as generation runs it: one module (and parameter subtree `blocks_{i}`) per layer, activations
+  feature-major and kernels stored transposed (TransformerConfig.feature_major); its params come from
+  `decode_params`."""
+  return dataclasses.replace(cfg, scan_layers=False, remat=False, feature_major=True)
 
 
 def decode_params(params) -> dict:
@@ -185,20 +188,21 @@ def grid_position_table(coords, extents: tuple[int, int, int], emb_dim: int, max
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: TransformerConfig, name: str) -> nn.Module:
-  if cfg.transposed_kernels:
-    return TransposedDense(features, axes, cfg, name=name)
+  if cfg.feature_major:
+    return FeatureMajorDense(features, axes, cfg, name=name)
   return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                   kernel_init=nn.with_logical_partitioning(_INIT, axes),
                   bias_init=nn.with_logical_partitioning(_ZEROS, (axes[1],)))
 
 
-def times_transposed(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
-  """x [..., in] times a kernel stored [out, in] (generation's layout) -> [..., out]."""
-  return lax.dot_general(x, kernel_t, (((x.ndim - 1,), (1,)), ((), ())))
+def kernel_times(kernel_t: jax.Array, x: jax.Array, preferred_element_type=None) -> jax.Array:
+  """A kernel stored [out, in] times feature-major x [in, ...] -> [out, ...] (generation's layout)."""
+  return lax.dot_general(kernel_t, x, (((1,), (0,)), ((), ())), preferred_element_type=preferred_element_type)
 
 
-class TransposedDense(nn.Module):
-  """nn.Dense with its kernel stored [out, in] as 'kernel_t' (TransformerConfig.transposed_kernels says why)."""
+class FeatureMajorDense(nn.Module):
+  """nn.Dense on feature-major x [in, ...] -> [out, ...], its kernel stored [out, in] as 'kernel_t'
+  (TransformerConfig.feature_major says why)."""
   features: int
   axes: tuple[str, str]  # logical names of the [in, out] kernel, as nn.Dense's
   cfg: TransformerConfig
@@ -207,32 +211,39 @@ class TransposedDense(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     kernel = self.param('kernel_t', nn.with_logical_partitioning(_INIT, self.axes[::-1]),
-                        (self.features, x.shape[-1]), cfg.param_dtype)
+                        (self.features, x.shape[0]), cfg.param_dtype)
     bias = self.param('bias', nn.with_logical_partitioning(_ZEROS, (self.axes[1],)), (self.features,),
                       cfg.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
-    return times_transposed(x, kernel) + bias
+    return kernel_times(kernel, x) + bias.reshape(-1, *(1,) * (x.ndim - 1))
 
 
 def _layer_norm(cfg: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
   # PyTorch's default eps, as the released checkpoints were trained with it.
+  feature_axis = 0 if cfg.feature_major else -1
   return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      reduction_axes=feature_axis, feature_axes=feature_axis,
                       scale_init=nn.with_logical_partitioning(_ONES, ('embed',)),
                       bias_init=nn.with_logical_partitioning(_ZEROS, ('embed',)))
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention; with a cache, writes this group's K/V at `offset` and attends to the cache."""
+  """Multi-head self-attention; with a cache, writes this group's K/V at `offset` and attends to the cache.
+  x [B, T, d], or [d, B, T] feature-major."""
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, x, layer, q_block, k_block, offset, cache: KVCache | None):
     cfg = self.cfg
-    b, t, _ = x.shape
-
-    def heads(y):  # [B, T, H*D] -> [B, H, T, D]
-      return y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
-
+    nh, hd = cfg.num_heads, cfg.head_dim
+    if cfg.feature_major:
+      _, b, t = x.shape
+      heads = lambda y: y.reshape(nh, hd, b, t).transpose(2, 0, 3, 1)  # [H*D, B, T] -> [B, H, T, D]
+      merge = lambda y: y.transpose(1, 3, 0, 2).reshape(cfg.emb_dim, b, t)  # [B, H, T, D] -> [H*D, B, T]
+    else:
+      b, t, _ = x.shape
+      heads = lambda y: y.reshape(b, t, nh, hd).transpose(0, 2, 1, 3)  # [B, T, H*D] -> [B, H, T, D]
+      merge = lambda y: y.transpose(0, 2, 1, 3).reshape(b, t, cfg.emb_dim)
     q = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'query')(x))
     k = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'key')(x))
     v = heads(_dense(cfg.emb_dim, ('embed', 'heads'), cfg, 'value')(x))
@@ -240,9 +251,9 @@ class SelfAttention(nn.Module):
       y = attention_lib.attention(q, k, v, q_block, k_block, impl=cfg.attention)
     else:
       # The cache's layouts (KVCache): keys [B*H, D, T], values [B*H, T, D].
-      bh = b * cfg.num_heads
-      k_t = k.transpose(0, 1, 3, 2).reshape(bh, cfg.head_dim, t)
-      v = v.reshape(bh, t, cfg.head_dim)
+      bh = b * nh
+      k_t = k.transpose(0, 1, 3, 2).reshape(bh, hd, t)
+      v = v.reshape(bh, t, hd)
       if isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
         k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, offset))
         v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, offset, 0))
@@ -253,10 +264,9 @@ class SelfAttention(nn.Module):
                         lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, offset, 0)))
         k_t = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
         v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-      y = attention_lib.cache_attention(q.reshape(bh, t, cfg.head_dim), k_t, v, q_block, k_block,
-                                        impl=cfg.attention).reshape(b, cfg.num_heads, t, cfg.head_dim)
-    y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.emb_dim)
-    return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(y), cache
+      y = attention_lib.cache_attention(q.reshape(bh, t, hd), k_t, v, q_block, k_block,
+                                        impl=cfg.attention).reshape(b, nh, t, hd)
+    return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(merge(y)), cache
 
 
 class MLP(nn.Module):
@@ -271,7 +281,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-LN block. carry = (x [B, T, d], cache or None); returns (carry, None) so it can be scanned."""
+  """One pre-LN block. carry = (x [B, T, d] (or [d, B, T] feature-major), cache or None); returns (carry, None) so
+  it can be scanned."""
   cfg: TransformerConfig
 
   @nn.compact
@@ -286,22 +297,23 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-  """Untied, bias-free output projection; `vocab_slice` computes only some columns (e.g. the video ids)."""
+  """Untied, bias-free output projection: x [B, T, d] (or [d, B, T] feature-major) -> logits [B, T, V] float32;
+  `vocab_slice` computes only some columns (e.g. the video ids)."""
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, x, vocab_slice: tuple[int, int] | None = None):
     cfg = self.cfg
     lo, hi = vocab_slice or (0, cfg.vocab_size)
-    if cfg.transposed_kernels:
+    if cfg.feature_major:  # x [d, B, T]
       kernel = self.param('kernel_t', nn.with_logical_partitioning(_INIT, ('vocab', 'embed')),
                           (cfg.vocab_size, cfg.emb_dim), cfg.param_dtype)[lo:hi]
-      equation = 'btd,vd->btv'
-    else:
-      kernel = self.param('kernel', nn.with_logical_partitioning(_INIT, ('embed', 'vocab')),
-                          (cfg.emb_dim, cfg.vocab_size), cfg.param_dtype)[:, lo:hi]
-      equation = 'btd,dv->btv'
-    return jnp.einsum(equation, x.astype(cfg.dtype), kernel.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      logits = kernel_times(kernel.astype(cfg.dtype), x.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      return logits.transpose(1, 2, 0)
+    kernel = self.param('kernel', nn.with_logical_partitioning(_INIT, ('embed', 'vocab')),
+                        (cfg.emb_dim, cfg.vocab_size), cfg.param_dtype)[:, lo:hi]
+    return jnp.einsum('btd,dv->btv', x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -343,7 +355,13 @@ class Transformer(nn.Module):
       use = null_cond[:, None, None] & (pos < cfg.prefix_len)[None, :, None]
       x = jnp.where(use, uncond[None], x)
     x = x + lax.dynamic_slice_in_dim(self.pos_emb, offset, t, axis=0).astype(x.dtype)[None]
+    if cfg.feature_major:
+      x = x.transpose(2, 0, 1)  # [d, B, T]
     return self.drop(x, deterministic=deterministic)
+
+  def _positions(self, x, start: int, stop: int):
+    """Positions [start, stop) of the activations (axis 1, or the last one feature-major)."""
+    return x[..., start:stop] if self.cfg.feature_major else x[:, start:stop]
 
   def _blocks(self, x, q_block, k_block, offset, cache, deterministic):
     cfg = self.cfg
@@ -371,7 +389,7 @@ class Transformer(nn.Module):
     x = self._embed(ids, 0, null_cond, not train)
     x, _ = self._blocks(x, block_ids, block_ids, 0, None, not train)
     if out_slice is not None:
-      x = x[:, out_slice[0]:out_slice[1]]
+      x = self._positions(x, *out_slice)
     return self.head(self.ln_f(x), vocab_slice)
 
   def decode(self, ids, offset, cache: KVCache, q_block, k_block, *, null_cond=None, last: int | None = None,
@@ -392,7 +410,7 @@ class Transformer(nn.Module):
     x = self._embed(ids, offset, null_cond, True)
     x, cache = self._blocks(x, q_block, k_block, offset, cache, True)
     if last is not None:
-      x = x[:, x.shape[1] - last:]
+      x = self._positions(x, ids.shape[1] - last, ids.shape[1])
     return self.head(self.ln_f(x), vocab_slice), cache
 
 
