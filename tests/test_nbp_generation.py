@@ -494,3 +494,8 @@ def test_generation_benchmark_prints_the_machine_readable_line(capsys):
   for mode in ('nbp', 'ntp'):
     assert f' {mode}_step_ms=' in last and f' {mode}_roofline=' in last
     assert result[f'{mode}_roofline'] > 0 and result[f'{mode}_matmul_ms'] > 0
+  # The ceiling: each clip's prefill plus its other steps at the ideal the roofline divides by.
+  ideal_clip = lambda m: result[f'{m}_prefill_s'] + (result[f'{m}_steps'] - 1) * (
+      result[f'{m}_step_ms'] / result[f'{m}_roofline'] / 1e3)
+  assert ' ideal_speedup=' in last
+  assert result['ideal_speedup'] == pytest.approx(ideal_clip('ntp') / ideal_clip('nbp'), rel=1e-6)

@@ -1,4 +1,4 @@
-"""CPU decode benchmark: NBP (block 1x1x16) vs NTP (1x1x1) on the K600 clip, same ~100M transformer.
+"""CPU decode benchmark: NBP (block 1x1x16) vs NTP (1x1x1) on the K600 clip, same 187M transformer.
 
 The transformer is GPT-2-small shaped (12 layers, 12 heads, width 768: 85M parameters in the layers, 187M with the
 64k-code embedding and head), randomly initialised: decoding speed does not depend on the weights.
