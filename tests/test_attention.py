@@ -82,6 +82,24 @@ def test_chunked_xla_attention_matches_a_naive_loop(case, monkeypatch):
     numerics.assert_close(g, r, GRAD_RTOL, err_msg=f'd{name}')
 
 
+def test_chunked_xla_attention_gradients_in_bfloat16(monkeypatch):
+  """The chunked path's written-out backward pass in bfloat16 inputs: its gradients against the float32 reference's
+  (of the same bf16-rounded inputs), as close as autodiff of the unchunked bf16 path gets (~1e-2 of their scale)."""
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 24)
+  block = np.repeat(np.arange(12), 8)  # 96 positions, blocks of 8
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(3, 2, 2, 96, 96))
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))
+  chunked = jax.grad(loss(lambda q, k, v: attention_lib.attention(q, k, v, block, block)), argnums=(0, 1, 2))(q, k, v)
+  unchunked = jax.grad(loss(lambda q, k, v: attention_lib._xla_attention(q, k, v, attention_lib.block_mask(
+      block, block))), argnums=(0, 1, 2))(q, k, v)
+  exact = jax.grad(loss(lambda q, k, v: _dense_reference(q, k, v, block, block)), argnums=(0, 1, 2))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  for c, u, e, name in zip(chunked, unchunked, exact, 'qkv'):
+    assert c.dtype == jnp.bfloat16
+    autodiff_error = float(jnp.abs(u.astype(jnp.float32) - e).max() / jnp.abs(e).max())
+    numerics.assert_close(c.astype(jnp.float32), e, max(2 * autodiff_error, 1e-2), err_msg=f'd{name}')
+
+
 def test_chunked_xla_attention_skips_the_keys_no_query_of_a_chunk_sees(monkeypatch):
   """With block ids growing with the position, chunk i's scores stop at the end of the last block its queries
   are in: the score matrices have the lengths of the block-causal staircase, not the whole sequence."""
@@ -113,9 +131,9 @@ def test_cache_attention_prefill_is_chunked_over_the_keys_it_may_see(monkeypatch
   lengths = []
   real = attention_lib._xla_attention
 
-  def spy(q, k, v, mask, keys_transposed=False):
+  def spy(q, k, v, mask, keys_transposed=False, **kw):
     lengths.append(k.shape[-1] if keys_transposed else k.shape[-2])
-    return real(q, k, v, mask, keys_transposed=keys_transposed)
+    return real(q, k, v, mask, keys_transposed=keys_transposed, **kw)
   monkeypatch.setattr(attention_lib, '_xla_attention', spy)
   out = attention_lib.cache_attention(q[0], k[0].swapaxes(1, 2), v[0], q_block, k_block)
   numerics.assert_close(out[None], _naive_attention(q, k, v, q_block, k_block), OUT_RTOL)

@@ -1,7 +1,10 @@
-r"""A same-machine PyTorch reference for the generation benchmark: nbp-jax and a PyTorch KV-cache loop, one run.
+r"""Same-machine PyTorch references: nbp-jax and a PyTorch KV-cache loop (generation), or a PyTorch training step
+of the same model, one run each.
 
   pip install -r requirements-torch.txt
   python -m nbp_jax.bench generate_torch --config=configs/bench_cpu.py
+  python -m nbp_jax.bench train_torch --config=configs/bench_cpu.py --config.data.batch_size=2 \
+      --config.mesh.shape='(1,1,1)' --config.train.bench_steps=3
 
 The official PyTorch release cannot be installed here, so issue #16's official figures (15.3 s NBP, 77.0 s NTP per
 K600 clip) come from another machine. This module writes the loop the paper describes from `docs/design.md`
@@ -14,9 +17,17 @@ the same codes as nbp-jax (tests/test_bench_torch_reference.py), so both loops d
 It times both loops on the same random weights, NBP (the config's block) and NTP (1x1x1), batch
 sample.batch_size, best of `repeats`, and prints one line per loop and the ratios. Last line:
 `torch_nbp_s=.. torch_ntp_s=.. jax_nbp_s=.. jax_ntp_s=.. nbp_ratio=.. ntp_ratio=..` (ratio = torch / jax s/clip).
+
+`train_torch` (`run_train`) times `bench train` (nbp-jax's trainer step), then the same model's step in PyTorch:
+nbp-jax's objective (the cross-entropy of the video targets over the video codes; its loss and gradients match
+nbp-jax's, tests/test_bench_torch_reference.py), gradient clipping and AdamW with the config's settings, with the
+attention as a masked softmax (the official code's form; issue #16 measured that step at 19.3 s) and as torch's
+fused `scaled_dot_product_attention`. Its metrics (accuracy, top-5) are not computed: the official step does not.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import flax.linen as nn
 import jax
@@ -67,27 +78,82 @@ class TorchReference:
     self.ln_f = (t(p['ln_f']['scale']), t(p['ln_f']['bias']))
     self.head = t(p['head']['kernel'][:, lo:hi])  # only the video columns are sampled
 
-  def _forward(self, x, cache, offset: int, mask):
-    """x [B, T, d] at positions offset..; writes K/V into cache[layer] [B, H, len, D]; mask [T, offset+T] or None."""
+  def _forward(self, x, cache, offset: int, mask, attention: str = 'explicit', dropout: float = 0.0):
+    """x [B, T, d] at positions offset.. -> the final layer norm's output [B, T, d]. With a cache (per layer
+    {'k', 'v'} [B, H, len, D]) writes this group's K/V at `offset` and attends to the cache up to it; with None (the
+    training forward) to x's own. mask bool [T, keys] or None; attention 'explicit' (a masked softmax, as the
+    official code) or 'sdpa' (torch's fused `scaled_dot_product_attention`); dropout on the embeddings and both
+    residual branches, as nbp-jax's."""
     torch, m = self.torch, self.spec.model
     f = torch.nn.functional
     b, n, d = x.shape
     heads, hd = m.num_heads, m.head_dim
-    for layer, w in zip(self.layers, cache):
+    drop = lambda y: f.dropout(y, dropout, training=True) if dropout else y
+    x = drop(x)
+    for i, layer in enumerate(self.layers):
       h = f.layer_norm(x, (d,), *layer['ln1'], eps=1e-5)
       split = lambda y: y.view(b, n, heads, hd).transpose(1, 2)
       q = split(h @ layer['q'][0] + layer['q'][1])
-      w['k'][:, :, offset:offset + n] = split(h @ layer['k'][0] + layer['k'][1])
-      w['v'][:, :, offset:offset + n] = split(h @ layer['v'][0] + layer['v'][1])
-      k, v = w['k'][:, :, :offset + n], w['v'][:, :, :offset + n]
-      att = (q @ k.transpose(-2, -1)) * hd ** -0.5
-      if mask is not None:
-        att = att.masked_fill(~mask, float('-inf'))
-      y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
-      x = x + (y @ layer['proj'][0] + layer['proj'][1])
+      k, v = split(h @ layer['k'][0] + layer['k'][1]), split(h @ layer['v'][0] + layer['v'][1])
+      if cache is not None:
+        w = cache[i]
+        w['k'][:, :, offset:offset + n], w['v'][:, :, offset:offset + n] = k, v
+        k, v = w['k'][:, :, :offset + n], w['v'][:, :, :offset + n]
+      if attention == 'sdpa':
+        y = f.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+      else:
+        att = (q @ k.transpose(-2, -1)) * hd ** -0.5
+        if mask is not None:
+          att = att.masked_fill(~mask, float('-inf'))
+        y = att.softmax(-1) @ v
+      x = x + drop(y.transpose(1, 2).reshape(b, n, d) @ layer['proj'][0] + layer['proj'][1])
       h = f.layer_norm(x, (d,), *layer['ln2'], eps=1e-5)
-      x = x + (f.gelu(h @ layer['fc1'][0] + layer['fc1'][1]) @ layer['fc2'][0] + layer['fc2'][1])
+      x = x + drop(f.gelu(h @ layer['fc1'][0] + layer['fc1'][1]) @ layer['fc2'][0] + layer['fc2'][1])
     return f.layer_norm(x, (d,), *self.ln_f, eps=1e-5)
+
+  def parameters(self) -> list:
+    """Every weight tensor (the head's video columns only: the only ones the objective uses)."""
+    tensors = [self.tok_emb, self.pos_emb, *self.ln_f, self.head]
+    if self.uncond is not None:
+      tensors.append(self.uncond)
+    for layer in self.layers:
+      tensors += [t for pair in layer.values() for t in pair]
+    return tensors
+
+  def loss(self, batch: dict[str, np.ndarray], attention: str = 'explicit'):
+    """nbp-jax's teacher-forced objective (`nbp.train.loss_fn`'s loss; no condition dropout) on batch {'codes'
+    [B, t, h, w], 'label' [B] (class-conditional)}: the mean cross-entropy of the video targets over the video
+    codes. Returns a scalar tensor."""
+    torch, spec = self.torch, self.spec
+    layout, vocab = spec.layout, spec.vocab
+    codes = layout.grid_to_seq(jnp.asarray(batch['codes'], jnp.int32))
+    ids = np.asarray(layout.input_ids(vocab.prefix_ids(batch.get('label'), codes.shape[0]), codes, vocab))
+    targets = torch.from_numpy(np.asarray(layout.targets(codes)[0][:, layout.prefix_len:], np.int64))
+    blocks = layout.block_ids(np.arange(ids.shape[1]))
+    mask = torch.from_numpy(blocks[None, :] <= blocks[:, None])
+    x = self.tok_emb[torch.from_numpy(ids.astype(np.int64))] + self.pos_emb[:ids.shape[1]]
+    h = self._forward(x, None, 0, mask, attention, spec.model.dropout)[:, layout.prefix_len:]
+    logits = h @ self.head
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+  def train_step(self, optim: ml_collections.ConfigDict, attention: str = 'explicit'):
+    """-> step(batch) -> loss: forward, backward, gradient clipping (optim.grad_clip) and AdamW (optim's betas and
+    decay, matrices only, as nbp-jax's; a constant learning rate) on this model's weights, in place."""
+    torch = self.torch
+    params = [t.requires_grad_() for t in self.parameters()]
+    groups = [{'params': [t for t in params if t.ndim >= 2], 'weight_decay': float(optim.weight_decay)},
+              {'params': [t for t in params if t.ndim < 2], 'weight_decay': 0.0}]
+    opt = torch.optim.AdamW(groups, lr=float(optim.lr), betas=(float(optim.b1), float(optim.b2)))
+
+    def step(batch):
+      opt.zero_grad(set_to_none=True)
+      loss = self.loss(batch, attention)
+      loss.backward()
+      if optim.grad_clip and optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, float(optim.grad_clip))
+      opt.step()
+      return loss.item()
+    return step
 
   def _sample(self, logits, generator, greedy: bool, top_k: int, top_p: float):
     """logits [B, L, C] -> codes [B, L]: top-k, then top-p (nucleus) per position, then a draw."""
@@ -177,3 +243,36 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
   print(' '.join(f'{k}={v:.3f}' for k, v in out.items()))
   return out
 
+
+
+def run_train(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The training step of nbp-jax (`bench train`: the trainer's own step) and of the PyTorch reference on the same
+  model, batch and optimizer settings, one run: explicit masked-softmax attention (the official code's form) and
+  torch's fused `scaled_dot_product_attention`. Each: `train.bench_warmup` steps, then the median of
+  `train.bench_steps`. Last line: `jax_step_s=.. torch_explicit_step_s=.. torch_sdpa_step_s=.. explicit_ratio=..
+  sdpa_ratio=..` (ratio = torch / jax s/step)."""
+  from nbp_jax.bench import train as train_bench  # pylint: disable=g-import-not-at-top
+
+  torch = _torch()
+  if jax.process_count() > 1 or config.optim.grad_accum_steps != 1:
+    raise ValueError('the PyTorch training reference runs one process without gradient accumulation '
+                     '(--config.optim.grad_accum_steps=1).')
+  jax_s = train_bench.run(config)['step_s']
+  spec = spec_from_config(config)
+  steps, warmup = int(config.train.get('bench_steps', 10)), int(config.train.get('bench_warmup', 2))
+  batch = train_bench.random_batch(config, int(config.data.batch_size))
+  print(f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads), the same model and batch '
+        f'({int(config.data.batch_size)} x {spec.layout.seq_len} positions, {spec.model.dtype})', flush=True)
+  out = {'jax_step_s': jax_s}
+  for attention in ('explicit', 'sdpa'):
+    # Fresh weights for each: the reference's AdamW state and parameters are its own.
+    params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
+    step = TorchReference(spec, params).train_step(config.optim, attention)
+    times = timing.timings(lambda step=step: step(batch), steps, warmup=warmup)
+    out[f'torch_{attention}_step_s'] = statistics.median(times)
+    print(f'PyTorch, {attention} attention: {out[f"torch_{attention}_step_s"]:.2f} s/step (min {min(times):.2f}); '
+          f'nbp-jax {jax_s:.2f} s/step: {out[f"torch_{attention}_step_s"] / jax_s:.2f}x', flush=True)
+  out['explicit_ratio'] = out['torch_explicit_step_s'] / jax_s
+  out['sdpa_ratio'] = out['torch_sdpa_step_s'] / jax_s
+  print(' '.join(f'{k}={v:.3f}' for k, v in out.items()))
+  return out
