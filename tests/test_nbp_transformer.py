@@ -208,3 +208,16 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   logits = _full_logits(cfg, nn.meta.unbox(boxed), jnp.zeros((1, layout.seq_len), jnp.int32), layout)
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
   assert init_cache(cfg, 1, 8).k.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('dtype, rtol', [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_exact_gelu_gradient_is_autodiff_of_the_erf_gelu(dtype, rtol):
+  """The MLP's GELU keeps only its input for the backward pass: its values and gradients against autodiff of
+  nn.gelu(approximate=False) in float32, over the range where the slope goes from 0 through its 1.13 peak to 1."""
+  x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32).astype(dtype)
+  ours = jax.vmap(jax.grad(lambda v: transformer_lib.exact_gelu(v).astype(jnp.float32)))(x)
+  reference = jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=False)))(x.astype(jnp.float32))
+  assert ours.dtype == dtype
+  numerics.assert_close(ours.astype(jnp.float32), reference, rtol)
+  numerics.assert_close(transformer_lib.exact_gelu(x).astype(jnp.float32),
+                        nn.gelu(x.astype(jnp.float32), approximate=False), rtol)

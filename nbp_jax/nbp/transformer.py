@@ -269,6 +269,29 @@ class SelfAttention(nn.Module):
     return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(merge(y)), cache
 
 
+@jax.custom_vjp
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """The exact (erf) GELU, as torch.nn.GELU() and `nn.gelu(x, approximate=False)`, whose backward pass keeps only x
+  (autodiff of nn.gelu keeps x, its erfc and more: [B, T, 4d] arrays that a scanned model copies into its stacked
+  residuals, layer by layer; the 187M bench model's training step on a 2-core CPU, two alternating rounds: 15.13 /
+  15.30 -> 15.03 / 14.98 s)."""
+  return nn.gelu(x, approximate=False)
+
+
+def _exact_gelu_forward(x):
+  return exact_gelu(x), x
+
+
+def _exact_gelu_backward(x, g):
+  x32 = x.astype(jnp.float32)
+  # d/dx [x Phi(x)] = Phi(x) + x phi(x), Phi the standard normal CDF and phi its density.
+  slope = 0.5 * lax.erfc(-x32 * np.sqrt(0.5)) + x32 * jnp.exp(-0.5 * x32 * x32) / np.sqrt(2 * np.pi)
+  return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+
+
+exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
+
+
 class MLP(nn.Module):
   cfg: TransformerConfig
 
@@ -276,7 +299,7 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     h = _dense(cfg.mlp_ratio * cfg.emb_dim, ('embed', 'mlp'), cfg, 'fc1')(x)
-    h = nn.gelu(h, approximate=False)  # exact erf GELU, as torch.nn.GELU()
+    h = exact_gelu(h)
     return _dense(cfg.emb_dim, ('mlp', 'embed'), cfg, 'fc2')(h)
 
 
