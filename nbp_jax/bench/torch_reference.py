@@ -244,7 +244,6 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
   return out
 
 
-
 def run_train(config: ml_collections.ConfigDict) -> dict[str, float]:
   """The training step of nbp-jax (`bench train`: the trainer's own step) and of the PyTorch reference on the same
   model, batch and optimizer settings, one run: explicit masked-softmax attention (the official code's form) and
