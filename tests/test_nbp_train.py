@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import train
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import Transformer
@@ -107,7 +108,13 @@ def test_make_task_trains():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_remat_gives_the_same_gradients():
+def test_remat_gives_the_same_gradients_and_keeps_attention_chunked(monkeypatch):
+  """Rematerialised layers: the same gradients, and the block ids stay static inside them, so attention still
+  takes its chunked path (traced ids would fall back to the whole [T, T] mask, and on TPU off the splash kernel)."""
+  monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 16)  # the micro clip's 84 positions: chunks of 16
+  chunked_calls = []
+  real = attention_lib.chunked_attention
+  monkeypatch.setattr(attention_lib, 'chunked_attention', lambda *a, **k: chunked_calls.append(1) or real(*a, **k))
   config = _config()
   config.model.dropout = 0.1
   grads = []
@@ -116,8 +123,16 @@ def test_remat_gives_the_same_gradients():
     spec = spec_from_config(config)
     params = jax.jit(lambda r, spec=spec: train.init_params(spec, r))(jax.random.key(0))
     loss = lambda p, spec=spec: train.loss_fn(spec, p, _batch(), jax.random.key(1), True, 0.5)[0]
+    chunked_calls.clear()
     grads.append(jax.jit(jax.grad(loss))(params))
+    assert chunked_calls, f'remat={remat}: attention did not take its chunked path'
   numerics.assert_trees_close(grads[1], grads[0], rtol=1e-4)  # measured ~3e-7 (tests/numerics.py)
+  # Traced block ids cannot stay static inside the rematerialised layers: a clear error, not a silent fallback.
+  seq_len = spec.layout.seq_len
+  forward = lambda p, block_ids: Transformer(spec.model).apply({'params': nn.meta.unbox(p)},
+                                                               jnp.zeros((1, seq_len), jnp.int32), block_ids)
+  with pytest.raises(ValueError, match='model.remat needs block ids known at trace time'):
+    jax.jit(forward)(params, jnp.asarray(spec.layout.block_ids(np.arange(seq_len))))
 
 
 def test_logical_axis_names_shard_on_a_2x2x2_mesh():

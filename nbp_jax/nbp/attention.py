@@ -61,7 +61,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
     [B, H, Tq, D] in the dtype of v.
   """
   if impl == 'xla':
-    if _is_static(q_block) and _is_static(k_block) and q.shape[2] >= 2 * XLA_QUERY_CHUNK:
+    if is_static(q_block) and is_static(k_block) and q.shape[2] >= 2 * XLA_QUERY_CHUNK:
       return chunked_attention(q, k, v, np.asarray(q_block), np.asarray(k_block), XLA_QUERY_CHUNK)
     return _xla_attention(q, k, v, block_mask(q_block, k_block))
   if impl == 'cudnn':
@@ -72,7 +72,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
   if impl == 'splash':
     if jax.default_backend() == 'gpu':
       raise ValueError("model.attention='splash' is a TPU kernel; on GPU use --config.model.attention=cudnn.")
-    if q.shape[2] < SPLASH_MIN_QUERIES or not _is_static(q_block) or not _is_static(k_block):
+    if q.shape[2] < SPLASH_MIN_QUERIES or not is_static(q_block) or not is_static(k_block):
       return _xla_attention(q, k, v, block_mask(q_block, k_block))
     return splash_attention(q, k, v, q_block, k_block, interpret=jax.default_backend() != 'tpu')
   raise ValueError(f'model.attention={impl!r} is unknown; pick one of {IMPLS}.')
@@ -90,7 +90,7 @@ def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Arr
   see, nor over the cache beyond it (the 187M bench model's K600 prefill, 512 queries on a cache of 700: 468 ->
   436 ms on a 2-core CPU).
   """
-  static = _is_static(q_block) and _is_static(k_block)
+  static = is_static(q_block) and is_static(k_block)
   if impl == 'xla' or q.shape[1] < SPLASH_MIN_QUERIES or (impl == 'splash' and not static):
     if static and q.shape[1] >= 2 * XLA_QUERY_CHUNK:  # a prefill: only the keys each chunk of queries may see
       return chunked_attention(q, k_t, v, np.asarray(q_block), np.asarray(k_block), XLA_QUERY_CHUNK,
@@ -174,7 +174,7 @@ def splash_tile(length: int) -> int:
   return min(SPLASH_TILES, key=lambda t: (-length % t, -t))
 
 
-def _is_static(x) -> bool:
+def is_static(x) -> bool:
   """True for block ids known at trace time (numpy, or a concrete array), which a static splash mask needs."""
   return not isinstance(x, jax.core.Tracer)
 

@@ -303,6 +303,21 @@ class MLP(nn.Module):
     return _dense(cfg.emb_dim, ('mlp', 'embed'), cfg, 'fc2')(h)
 
 
+class StaticBlockIds:
+  """Block ids [T] known at trace time, hashable, so that they stay numpy inside a rematerialised layer (an argument
+  of nn.remat's static_argnums): attention's chunked path and the splash kernel need them static
+  (attention.is_static); traced, every layer would attend over the whole [T, T] mask."""
+
+  def __init__(self, ids):
+    self.ids = np.asarray(ids)
+
+  def __hash__(self):
+    return hash((self.ids.shape, self.ids.tobytes()))
+
+  def __eq__(self, other):
+    return isinstance(other, StaticBlockIds) and np.array_equal(self.ids, other.ids)
+
+
 class Block(nn.Module):
   """One pre-LN block. carry = (x [B, T, d] (or [d, B, T] feature-major), cache or None); returns (carry, None) so
   it can be scanned."""
@@ -312,6 +327,7 @@ class Block(nn.Module):
   def __call__(self, carry, layer, q_block, k_block, offset, deterministic: bool):
     cfg = self.cfg
     x, cache = carry
+    q_block, k_block = (b.ids if isinstance(b, StaticBlockIds) else b for b in (q_block, k_block))
     h, cache = SelfAttention(cfg, name='attn')(_layer_norm(cfg, 'ln1')(x), layer, q_block, k_block, offset, cache)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     h = MLP(cfg, name='mlp')(_layer_norm(cfg, 'ln2')(x))
@@ -354,8 +370,9 @@ class Transformer(nn.Module):
                                          (cfg.prefix_len, cfg.emb_dim), cfg.param_dtype)
     block = Block
     if cfg.remat:
-      # deterministic (argument 6, counting self) is a Python bool: static for the rematerialised function.
-      block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=(6,))
+      # Static for the rematerialised function (arguments counting self): the block ids (3, 4; as StaticBlockIds,
+      # which _blocks passes) and deterministic (6), a Python bool.
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers, static_argnums=(3, 4, 6))
     if cfg.scan_layers:
       # One compiled layer body for any depth; params get a leading 'layers' axis.
       self.blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
@@ -388,6 +405,11 @@ class Transformer(nn.Module):
 
   def _blocks(self, x, q_block, k_block, offset, cache, deterministic):
     cfg = self.cfg
+    if cfg.remat:
+      if not (attention_lib.is_static(q_block) and attention_lib.is_static(k_block)):
+        raise ValueError('model.remat needs block ids known at trace time (numpy, as the training forward passes '
+                         'them); pass layout.block_ids(np.arange(T)), or set model.remat=False.')
+      q_block, k_block = StaticBlockIds(q_block), StaticBlockIds(k_block)
     if cfg.scan_layers:
       (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.num_layers), q_block, k_block, offset, deterministic)
     else:
