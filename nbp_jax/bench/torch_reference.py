@@ -37,6 +37,7 @@ import numpy as np
 
 from nbp_jax import config_lib
 from nbp_jax import timing
+from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import train
 from nbp_jax.nbp import transformer as transformer_lib
@@ -130,7 +131,7 @@ class TorchReference:
     ids = np.asarray(layout.input_ids(vocab.prefix_ids(batch.get('label'), codes.shape[0]), codes, vocab))
     targets = torch.from_numpy(np.asarray(layout.targets(codes)[0][:, layout.prefix_len:], np.int64))
     blocks = layout.block_ids(np.arange(ids.shape[1]))
-    mask = torch.from_numpy(blocks[None, :] <= blocks[:, None])
+    mask = torch.from_numpy(np.asarray(attention_lib.block_mask(blocks, blocks)))
     x = self.tok_emb[torch.from_numpy(ids.astype(np.int64))] + self.pos_emb[:ids.shape[1]]
     h = self._forward(x, None, 0, mask, attention, spec.model.dropout)[:, layout.prefix_len:]
     logits = h @ self.head
@@ -263,9 +264,9 @@ def run_train(config: ml_collections.ConfigDict) -> dict[str, float]:
   print(f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads), the same model and batch '
         f'({int(config.data.batch_size)} x {spec.layout.seq_len} positions, {spec.model.dtype})', flush=True)
   out = {'jax_step_s': jax_s}
+  params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
   for attention in ('explicit', 'sdpa'):
-    # Fresh weights for each: the reference's AdamW state and parameters are its own.
-    params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
+    # A reference of its own for each (TorchReference copies the weights): its training updates them in place.
     step = TorchReference(spec, params).train_step(config.optim, attention)
     times = timing.timings(lambda step=step: step(batch), steps, warmup=warmup)
     out[f'torch_{attention}_step_s'] = statistics.median(times)
