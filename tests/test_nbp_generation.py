@@ -301,6 +301,21 @@ def test_greedy_is_argmax():
                                 jnp.argmax(logits, -1))
 
 
+@pytest.mark.parametrize('codes', [64000, 1000, 777])
+def test_two_level_argmax_is_the_first_largest_index(codes):
+  rng = np.random.default_rng(codes)
+  x = rng.standard_normal((6, 2, codes)).astype(np.float32)
+  x[0, 0, [5, 300, codes - 1]] = 9.0  # ties: the first one
+  x[1, 0, codes - 1] = 9.0  # the largest in the last (padded) chunk
+  x[2, 0] = -np.inf  # all -inf: index 0
+  x[3, 0, :300] = -np.inf  # the whole first chunk -inf
+  x[4, 1, 513] = np.inf
+  got = sampling_lib.argmax(jnp.asarray(x))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(x, -1))
+  np.testing.assert_array_equal(sampling_lib.argmax(jnp.asarray(x[:1, :1])), np.argmax(x[:1, :1], -1))
+
+
 def test_no_recompilation_between_calls_with_the_same_shapes():
   spec = _spec((2, 2, 2), (1, 1, 2), 'bov', 3)
   params = _params(spec)

@@ -239,6 +239,12 @@ def _xla_attention(q, k, v, mask, keys_transposed: bool = False, return_probs: b
                  preferred_element_type=jnp.float32) * scale
   lowest = jnp.finfo(jnp.float32).min
   s = jnp.where(mask, s, lowest) if q.shape[-2] == 1 else s + jnp.where(mask, 0.0, lowest)
-  probs = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum('...qk,...kd->...qd', probs.astype(v.dtype), v)
-  return (out, probs) if return_probs else out
+  if return_probs or q.shape[-2] == 1:
+    probs = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum('...qk,...kd->...qd', probs.astype(v.dtype), v)
+    return (out, probs) if return_probs else out
+  # The softmax's division after p.v, on [Tq, D] instead of [Tq, Tk] (12 layers of a 16-query decoding step at 980
+  # keys on a 2-core CPU: 12.7 -> 12.1 ms; a single query's is no faster, and keeps the plain softmax).
+  weights = jnp.exp(s - s.max(axis=-1, keepdims=True))
+  out = jnp.einsum('...qk,...kd->...qd', weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)

@@ -156,6 +156,29 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   return jnp.where((sampling.top_p >= 1.0) | (key >= cut[..., None]), x, -jnp.inf)
 
 
+ARGMAX_CHUNK = 256  # codes per chunk of the two-level argmax
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+  """jnp.argmax(logits, -1) as int32 [...]: the first index of the largest value of logits [..., C] (logits
+  without NaN; with one the index is unspecified, as in the sampled path).
+
+  For several rows of many codes in two levels: each chunk's maximum, the first chunk holding the largest, then
+  the first index of it inside that chunk. XLA:CPU runs argmax as a reduction of (value, index) pairs that costs
+  several times a plain maximum over the same logits (16 x 64k, a decoding step's greedy choice on a 2-core CPU:
+  1.87 -> 0.33 ms); for one row the two are about as fast (0.32 vs 0.39 ms) and it stays one argmax.
+  """
+  c = logits.shape[-1]
+  if logits.size == c or c <= 2 * ARGMAX_CHUNK:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # -inf padding is never the first maximum: a real code at least as large comes before it.
+  chunks = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, -c % ARGMAX_CHUNK)],
+                   constant_values=-jnp.inf).reshape(*logits.shape[:-1], -1, ARGMAX_CHUNK)
+  j = jnp.argmax(chunks.max(-1), axis=-1)
+  chunk = jnp.take_along_axis(chunks, j[..., None, None], -2)[..., 0, :]
+  return (j * ARGMAX_CHUNK + jnp.argmax(chunk, axis=-1)).astype(jnp.int32)
+
+
 CDF_CHUNK = 256  # codes per chunk of the two-level inverse CDF
 _FLAT_CDF_MAX = 4096  # up to this many codes one flat cumulative sum is cheaper than two levels
 
