@@ -6,8 +6,10 @@ prediction on the same model, in one run, each after a warm-up compile.
 Times `Generator.generation_speed` (transformer decoding with the KV cache, best of `repeats`; the tokenizer is not
 included) and `Generator.first_frame_seconds` (time until the stream has the first generated latent frame).
 
-Then a roofline line per mode, all measured in this run on this machine (the clip and the prefill: best of repeats;
-the matmuls and the weight read: medians of repeats):
+Then a roofline line per mode, all measured in this run on this machine, each the best of its repeats (the clip
+and the prefill of `repeats`, the matmuls and the weight read of IDEAL_REPEATS): the least disturbed run on both
+sides of the ratio, so that a busy minute of the machine moves neither the step nor its ideal alone (with medians
+of 5 for the ideal, two runs of one commit gave 1.38x and 1.59x, the median matmuls 50.7 and 42.0 ms):
 - step: one decoding step, (clip - prefill) / (steps - 1), the prefill timed alone as a generation of one block;
 - matmuls: the step's weight matmuls alone (per layer query, key, value, proj, fc1, fc2, then the head's video
   rows, chained on the same weight arrays in generation's layout: [out, in] kernels times feature-major [d, B*L]
@@ -25,7 +27,6 @@ ntp_first_frame_s=... nbp_step_ms=... ntp_step_ms=... nbp_roofline=... ntp_roofl
 from __future__ import annotations
 
 import resource
-import statistics
 import time
 
 import flax.linen as nn
@@ -82,15 +83,18 @@ def _read_all(layers, head):
   return sum(jnp.sum(w) for w in jax.tree_util.tree_leaves((layers, head)))
 
 
-def matmul_seconds(layers, head, rows: int, repeats: int = 5) -> float:
-  """Median seconds of a step's weight matmuls alone with `rows` = B*L new positions."""
+IDEAL_REPEATS = 15  # timed calls of the matmuls and of the weight read (tens of ms each)
+
+
+def matmul_seconds(layers, head, rows: int, repeats: int = IDEAL_REPEATS) -> float:
+  """Best-of seconds of a step's weight matmuls alone with `rows` = B*L new positions."""
   x = jax.random.normal(jax.random.key(0), (head.shape[1], rows), head.dtype) * 0.02
-  return statistics.median(timing.timings(lambda: _chained_matmuls(x, layers, head), repeats))
+  return timing.best_of(lambda: _chained_matmuls(x, layers, head), repeats)
 
 
-def read_seconds(layers, head, repeats: int = 5) -> float:
-  """Median seconds of reading every weight once."""
-  return statistics.median(timing.timings(lambda: _read_all(layers, head), repeats))
+def read_seconds(layers, head, repeats: int = IDEAL_REPEATS) -> float:
+  """Best-of seconds of reading every weight once."""
+  return timing.best_of(lambda: _read_all(layers, head), repeats)
 
 
 def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]:
