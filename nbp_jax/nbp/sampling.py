@@ -156,6 +156,12 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   return jnp.where((sampling.top_p >= 1.0) | (key >= cut[..., None]), x, -jnp.inf)
 
 
+def _chunks(x: jax.Array, size: int, fill: float) -> jax.Array:
+  """x [..., C] -> [..., ceil(C / size), size], the last chunk padded with `fill` (the two-level searches')."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % size)], constant_values=fill).reshape(
+      *x.shape[:-1], -1, size)
+
+
 ARGMAX_CHUNK = 256  # codes per chunk of the two-level argmax
 
 
@@ -171,9 +177,7 @@ def argmax(logits: jax.Array) -> jax.Array:
   c = logits.shape[-1]
   if logits.size == c or c <= 2 * ARGMAX_CHUNK:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  # -inf padding is never the first maximum: a real code at least as large comes before it.
-  chunks = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, -c % ARGMAX_CHUNK)],
-                   constant_values=-jnp.inf).reshape(*logits.shape[:-1], -1, ARGMAX_CHUNK)
+  chunks = _chunks(logits, ARGMAX_CHUNK, -jnp.inf)  # -inf padding: a real code at least as large comes first
   j = jnp.argmax(chunks.max(-1), axis=-1)
   chunk = jnp.take_along_axis(chunks, j[..., None, None], -2)[..., 0, :]
   return (j * ARGMAX_CHUNK + jnp.argmax(chunk, axis=-1)).astype(jnp.int32)
@@ -195,8 +199,7 @@ def inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
     i = (jnp.cumsum(probs, axis=-1) < u[..., None]).sum(-1)
     last = c - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)
     return jnp.minimum(i, last).astype(jnp.int32)
-  chunks = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, -c % CDF_CHUNK)]).reshape(
-      *probs.shape[:-1], -1, CDF_CHUNK)
+  chunks = _chunks(probs, CDF_CHUNK, 0.0)
   ends = jnp.cumsum(chunks.sum(-1), axis=-1)  # [..., n_chunks] mass up to the end of each chunk
   j = jnp.minimum((ends < u[..., None]).sum(-1), ends.shape[-1] - 1)  # the chunk where the cdf reaches u
   start = jnp.where(j > 0, jnp.take_along_axis(ends, jnp.maximum(j - 1, 0)[..., None], -1)[..., 0], 0.0)
