@@ -254,6 +254,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def cli() -> None:
   """The `nbp-jax` command (pyproject.toml): the same as `python -m nbp_jax.main`."""
+  if sys.modules['__main__'] is not sys.modules[__name__]:
+    # The installed script: absl's --help prints __main__'s docstring and the flags defined in sys.argv[0], which
+    # are this module's only under `python -m`; without this `nbp-jax --help` printed neither.
+    sys.modules['__main__'].__doc__ = __doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main, flags_parser=parse_flags)
 
 

@@ -108,6 +108,17 @@ def test_cli_helpfull_shows_flags():
   assert '--mode' in out.stdout and '--workdir' in out.stdout and '--config' in out.stdout
 
 
+def test_help_of_both_entry_points_shows_the_usage_and_the_flags(tmp_path):
+  command = os.path.join(os.path.dirname(sys.executable), 'nbp-jax')
+  for argv in ([sys.executable, '-m', 'nbp_jax.main', '--help'], [command, '--help']):
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+    assert 'Traceback' not in out.stderr, out.stderr
+    assert 'one config, one workdir, one mode' in out.stdout, (argv, out.stdout)
+    for flag in ('--config:', '--mode:', '--workdir:', '--[no]verbose:'):
+      assert out.stdout.count(flag) == 1, (argv, flag, out.stdout)
+
+
 def test_cli_config_error_is_one_line(tmp_path):
   out = run_main('--config=configs/k600_3b.py', f'--workdir={tmp_path}', '--config.nbp.block_shape=(1,3,3)')
   assert out.returncode == 2
