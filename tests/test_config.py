@@ -130,6 +130,13 @@ def test_cli_unknown_mode_is_rejected(tmp_path):
   assert out.returncode != 0 and '--mode' in out.stderr
 
 
+def test_every_mode_runs_a_stage():
+  from nbp_jax import main  # pylint: disable=g-import-not-at-top  (defines the CLI's absl flags)
+  assert sorted(main.STAGES) == sorted(config_lib.MODES)
+  for mode in config_lib.MODES:
+    assert callable(main.resolve_stage(mode)), mode
+
+
 def test_prepare_data_is_not_refused_for_a_transformer_field():
   c = _demo()
   c.tokenizer = config_lib.tokenizer_config('micro')  # GroupNorm: tokenizer.num_groups is checked
