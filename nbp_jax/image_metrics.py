@@ -37,6 +37,7 @@ _MSE_FLOOR = 1.0 / (12.0 * 255.0 ** 2)
 PSNR_MAX_DB = float(-10.0 * np.log10(_MSE_FLOOR))  # 58.9 dB
 
 
+@jax.jit  # one program instead of op-by-op dispatch (and compiles) wherever it is called outside a jitted step
 def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
   """PSNR in dB per video: frames [..., T, H, W, 3] -> [...]; per-frame PSNR (data range 1) averaged over T.
 
@@ -56,6 +57,7 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnames=('window', 'sigma'))
 def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
   """SSIM per video: [..., T, H, W, 3] -> [...]; Gaussian window 11/1.5, K1 0.01, K2 0.03, data range 1, 'valid'
   filtering (as tf.image.ssim), averaged over pixels and channels of each frame, then over T."""

@@ -115,9 +115,10 @@ def cached_classifier(cache_dir: str, key: dict, videos_fn: Callable[[], tuple[n
   key = {**key, 'num_classes': int(num_classes), 'num_frames': int(num_frames), 'steps': int(steps)}
   digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, 'eval_classifier', f'{digest}.msgpack')
-  dummy = jnp.zeros((1, num_frames, _INPUT_SIZE, _INPUT_SIZE, 3))
-  template = VideoClassifier(num_classes).init(jax.random.key(0), dummy)
   if os.path.exists(path):
+    # Only the tree's structure is needed to restore: shapes, without running the initialisers op by op.
+    dummy = jax.ShapeDtypeStruct((1, num_frames, _INPUT_SIZE, _INPUT_SIZE, 3), jnp.float32)
+    template = jax.eval_shape(VideoClassifier(num_classes).init, jax.random.key(0), dummy)
     with open(path, 'rb') as f:
       params = flax.serialization.from_bytes(template['params'], f.read())
   else:
