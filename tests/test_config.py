@@ -108,9 +108,15 @@ def test_cli_helpfull_shows_flags():
   assert '--mode' in out.stdout and '--workdir' in out.stdout and '--config' in out.stdout
 
 
-def test_help_of_both_entry_points_shows_the_usage_and_the_flags(tmp_path):
+def _installed_command() -> str:
+  """The `nbp-jax` console script of this environment."""
   command = os.path.join(os.path.dirname(sys.executable), 'nbp-jax')
-  for argv in ([sys.executable, '-m', 'nbp_jax.main', '--help'], [command, '--help']):
+  assert os.path.exists(command), 'nbp-jax is missing: `make venv` installs this package (pip install -e .)'
+  return command
+
+
+def test_help_of_both_entry_points_shows_the_usage_and_the_flags(tmp_path):
+  for argv in ([sys.executable, '-m', 'nbp_jax.main', '--help'], [_installed_command(), '--help']):
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
     assert 'Traceback' not in out.stderr, out.stderr
@@ -254,8 +260,7 @@ def test_apply_overrides_resizes_in_python():
 
 def test_unknown_size_is_a_one_line_error_naming_the_sizes(tmp_path):
   """Through the installed `nbp-jax` command, from outside the checkout."""
-  command = os.path.join(os.path.dirname(sys.executable), 'nbp-jax')
-  assert os.path.exists(command), 'nbp-jax is missing: `make venv` installs this package (pip install -e .)'
+  command = _installed_command()
   for args in (('--config=k600_3b', '--config.model.size=5b'), ('--config=configs/k600.py:5b',),
                ('--config=configs/demo.py', '--config.tokenizer.size=huge')):
     out = subprocess.run([command, *args, f'--workdir={tmp_path}/w'], cwd=tmp_path, capture_output=True, text=True,
