@@ -295,10 +295,12 @@ def test_inverse_cdf_is_the_first_index_reaching_u(codes):
   assert (~near).mean() > 0.9
 
 
-def test_greedy_is_argmax():
-  logits = jax.random.normal(jax.random.key(4), (3, 5, C))
-  np.testing.assert_array_equal(sampling_lib.sample(jax.random.key(0), logits, Sampling(greedy=True)),
-                                jnp.argmax(logits, -1))
+@pytest.mark.parametrize('codes', [C, 64000])
+def test_greedy_is_the_first_largest_index(codes):
+  logits = np.array(jax.random.normal(jax.random.key(4), (3, 5, codes)))
+  logits[0, 0, [3, codes - 1]] = 9.0  # a tie: the first one
+  np.testing.assert_array_equal(sampling_lib.sample(jax.random.key(0), jnp.asarray(logits), Sampling(greedy=True)),
+                                np.argmax(logits, -1))
 
 
 @pytest.mark.parametrize('codes', [64000, 1000, 777])

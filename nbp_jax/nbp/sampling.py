@@ -237,7 +237,7 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   what it does.
   """
   if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   c = logits.shape[-1]
   if c <= _FLAT_CDF_MAX:  # a few thousand codes: the exact set costs less than the candidates
     return _draw(rng, filter_logits(logits, sampling))
