@@ -236,19 +236,19 @@ def test_filter_keeps_the_defined_set_with_ties_and_extreme_values(top_k, top_p)
 
 
 @pytest.mark.parametrize('codes', [5000, 64])
-@pytest.mark.parametrize('top_p', [0.9, 0.3, 1e-6])
-def test_sample_draws_the_kept_set_with_its_probabilities(top_p, codes):
+@pytest.mark.parametrize('top_p,temperature', [(0.9, 1.0), (0.3, 1.0), (1e-6, 1.0), (0.3, 0.5)])
+def test_sample_draws_the_kept_set_with_its_probabilities(top_p, temperature, codes):
   # One row repeated in a batch of 4000. 5000 codes (64 likely ones): top-p by rejection; at top_p 0.3 about a
-  # quarter of the positions miss with all their candidates and take the exact path, so the batch mixes both.
-  # 64 codes: filtered first.
+  # quarter of the positions miss with all their candidates and take the exact path, so the batch mixes both
+  # (at temperature 0.5 too: both paths must draw from the scaled logits). 64 codes: filtered first.
   row = np.full(codes, -40.0, np.float32)
   row[:64] = np.asarray(jax.random.normal(jax.random.key(6), (64,))) * 2
-  s = Sampling(top_k=20, top_p=top_p)
+  s = Sampling(top_k=20, top_p=top_p, temperature=temperature)
   draws = np.asarray(jax.jit(lambda k, x: sampling_lib.sample(k, x, s))(
       jax.random.key(7), jnp.asarray(np.tile(row, (4000, 1)))))
-  kept, _ = _np_kept_set(row[None], 20, top_p)
+  kept, _ = _np_kept_set(row[None] / temperature, 20, top_p)
   assert kept[0, draws].all()
-  p = np.where(kept[0], np.exp(row - row.max()), 0.0)
+  p = np.where(kept[0], np.exp((row - row.max()) / temperature), 0.0)
   np.testing.assert_allclose(np.bincount(draws, minlength=codes) / 4000, p / p.sum(), atol=0.03)
 
 

@@ -137,7 +137,11 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   without computing the nucleus threshold; this is the exact set it draws from.
   """
   x = logits.astype(jnp.float32) / sampling.temperature
-  key = _sortable_key(x)
+  return _filter_scaled(x, _sortable_key(x), sampling)
+
+
+def _filter_scaled(x: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """filter_logits of logits already divided by the temperature: x [..., C] float32, key = _sortable_key(x)."""
   x = _top_k(x, key, sampling)
   kept = jnp.isfinite(x)
   probs = jax.nn.softmax(x, axis=-1)
@@ -241,8 +245,8 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   c = logits.shape[-1]
   if c <= _FLAT_CDF_MAX:  # a few thousand codes: the exact set costs less than the candidates
     return _draw(rng, filter_logits(logits, sampling))
-  x = logits.astype(jnp.float32) / sampling.temperature
-  key = _sortable_key(x)
+  key = _sortable_key(logits.astype(jnp.float32) / sampling.temperature)
+  x = _key_value(key)  # the scaled logits again, exactly: every pass below reads the keys alone
   x_top = x.max(-1)  # a float reduction: XLA:CPU reduces the int32 keys as a tree of windows, several passes
   top = _sortable_key(x_top)
   k = sampling.top_k
@@ -286,7 +290,7 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
     first = jnp.take_along_axis(candidates, jnp.argmax(inside, axis=-1)[..., None], axis=-1)[..., 0]
     first = jnp.where(undecided, first, fast)
     missed = undecided & ~inside.any(-1)
-    return jax.lax.cond(missed.any(), lambda: jnp.where(missed, _draw(exact_rng, filter_logits(logits, sampling)),
+    return jax.lax.cond(missed.any(), lambda: jnp.where(missed, _draw(exact_rng, _filter_scaled(x, key, sampling)),
                                                         first), lambda: first)
 
   return jax.lax.cond(undecided.any(), exact_draw, lambda: fast)
