@@ -245,8 +245,10 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
   c = logits.shape[-1]
   if c <= _FLAT_CDF_MAX:  # a few thousand codes: the exact set costs less than the candidates
     return _draw(rng, filter_logits(logits, sampling))
+  # The scaled logits again from their keys, exactly: XLA:CPU then computes the keys straight from the head's
+  # transposed output, and the exact branch below filters these (with the raw logits it kept a copy of its own).
   key = _sortable_key(logits.astype(jnp.float32) / sampling.temperature)
-  x = _key_value(key)  # the scaled logits again, exactly: every pass below reads the keys alone
+  x = _key_value(key)
   x_top = x.max(-1)  # a float reduction: XLA:CPU reduces the int32 keys as a tree of windows, several passes
   top = _sortable_key(x_top)
   k = sampling.top_k
