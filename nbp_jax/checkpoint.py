@@ -130,10 +130,12 @@ def _apply_snapshot(it: Any, snap: _IteratorState) -> None:
 
 
 def is_checkpointable(it: Any) -> bool:
+  """True for a data iterator whose position can be saved and restored (grain's get_state / set_state)."""
   return hasattr(it, 'get_state') and hasattr(it, 'set_state')
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON types (as checkpoints, exports and TensorBoard store it)."""
   return json.loads(config.to_json_best_effort())
 
 

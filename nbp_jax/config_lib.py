@@ -458,10 +458,12 @@ def config_file(spec: str) -> str:
 
 
 def temporal_factor(tok: ml_collections.ConfigDict) -> int:
+  """Frames per latent frame after the first (2 per temporal downsampling: 4 for 17 -> 5)."""
   return 2 ** sum(bool(x) for x in tok.temporal_downsample)
 
 
 def spatial_factor(tok: ml_collections.ConfigDict) -> int:
+  """Pixels per latent cell along H and W (2 per encoder stage: 8 for 128 -> 16)."""
   return 2 ** len(tok.temporal_downsample)
 
 
@@ -473,6 +475,7 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def codebook_size(tok: ml_collections.ConfigDict) -> int:
+  """Codes of the tokenizer config's FSQ (the product of fsq_levels: 64,000 for 8,8,8,5,5,5)."""
   return math.prod(tok.fsq_levels)
 
 

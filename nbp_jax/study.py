@@ -49,10 +49,12 @@ _COLUMNS = (
 
 
 def shape_name(block_shape) -> str:
+  """(1, 1, 16) -> '1x1x16'."""
   return 'x'.join(str(int(b)) for b in block_shape)
 
 
 def run_name(block_shape, seed: int) -> str:
+  """The study's name for one run: '1x1x16_s0' (its folder and row)."""
   return f'{shape_name(block_shape)}_s{seed}'
 
 

@@ -121,6 +121,8 @@ class Setup:
 
 def make_setup(config: ml_collections.ConfigDict, task: Task,
                mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """The run's Setup: mesh (default from config.mesh), logical-axis rules, optimizer, schedule, and the shardings of
+  the train state and the batch."""
   mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
   rules = sharding_lib.normalize_rules(config.mesh.axis_rules)
   if task.make_optimizer is not None:

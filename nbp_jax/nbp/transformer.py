@@ -293,6 +293,7 @@ exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
 
 
 class MLP(nn.Module):
+  """fc1 (d -> mlp_ratio * d), exact GELU, fc2 (back to d), on [B, T, d] or feature-major [d, B, T]."""
   cfg: TransformerConfig
 
   @nn.compact

@@ -48,4 +48,5 @@ def create_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = c
 
 
 def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The config's mesh (mesh.shape over config_lib.MESH_AXES) on `devices` (default: all devices of all processes)."""
   return create_mesh(tuple(config.mesh.shape), config_lib.MESH_AXES, devices)

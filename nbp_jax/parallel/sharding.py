@@ -35,6 +35,7 @@ def normalize_rules(rules: Sequence[Sequence[Any]]) -> Rules:
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """A whole copy on every device of the mesh."""
   return NamedSharding(mesh, P())
 
 
@@ -121,6 +122,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]) -> N
 
 
 def num_batch_shards(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]) -> int:
+  """How many ways the rules split the batch over the mesh (the global batch must be a multiple)."""
   return _axis_size(mesh, batch_axes(rules))
 
 

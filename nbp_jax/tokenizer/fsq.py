@@ -25,6 +25,7 @@ def basis(levels: Sequence[int]) -> np.ndarray:
 
 
 def codebook_size(levels: Sequence[int]) -> int:
+  """Codes of an FSQ with these levels: their product."""
   return math.prod(levels)
 
 

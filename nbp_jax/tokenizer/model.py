@@ -350,6 +350,7 @@ def depth_to_space(x: jax.Array, factors: Sequence[int]) -> jax.Array:
 
 
 class DepthToSpace(nn.Module):
+  """depth_to_space as a layer of the decoder's plan: channels to (t, h, w) factors."""
   factors: tuple[int, int, int]
 
   def __call__(self, x):

@@ -41,6 +41,7 @@ _GAN_METRICS = ('g_loss', 'd_weight', 'd_loss', 'lecam_loss', 'logits_real', 'lo
 
 
 def make_discriminator(config: ml_collections.ConfigDict) -> losses.PatchDiscriminator:
+  """The tokenizer's GAN discriminator from config.tokenizer (its channels, layers, dtype, convolution form)."""
   tok = config.tokenizer
   dtype = config_lib.resolve_dtype(tok.get('dtype', 'float32'))
   return losses.PatchDiscriminator(tok.discriminator_channels, tok.discriminator_layers, jnp.dtype(dtype),

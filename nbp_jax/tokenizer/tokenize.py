@@ -49,6 +49,7 @@ def tokens_location(config: ml_collections.ConfigDict, workdir: str) -> builder.
 
 
 def codes_dtype(levels) -> np.dtype:
+  """The dtype tokenized codes are stored in: uint16 up to 65,536 codes (64,000 fits), else int32."""
   return np.dtype(np.uint16) if fsq.codebook_size(levels) <= 2 ** 16 else np.dtype(np.int32)
 
 
