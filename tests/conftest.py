@@ -40,15 +40,29 @@ def run_main(*args, timeout=900):
                         timeout=timeout, env=env)
 
 
+def _run_folder(tmp_path_factory):
+  """The test run's temporary folder, shared by its pytest-xdist workers (each worker's basetemp is a folder in it)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
+
+
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """The processes a test run starts (`run_main`, the notebooks' kernels, the export's fresh process) share JAX's
+  persistent compilation cache in the run's folder: a micro program that several of them run (the tiny pipeline's
+  tokenizer, I3D, LPIPS, decode loops) compiles once per test run instead of once per process. Each run starts
+  empty. Tests in this process are unaffected (jax read its environment when it was imported)."""
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(_run_folder(tmp_path_factory) / 'jax_compilation_cache')
+  # Any size limit makes the cache lock its files (filelock), so the two workers' processes can write it at once.
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(16 << 30)
+
+
 @pytest.fixture(scope='session')
 def tiny_pipeline(tmp_path_factory):
   """A workdir where `--mode=pipeline` finished at micro size, built once per test run: under pytest-xdist the
   first worker to ask builds it under a file lock in the run's shared temporary folder and the others wait for it.
   Tests must not change it (copy what they change)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent  # the run's folder, shared by its workers (each worker's basetemp is a folder in it)
-  folder = root / 'tiny_pipeline'
+  folder = _run_folder(tmp_path_factory) / 'tiny_pipeline'
   folder.mkdir(exist_ok=True)
   workdir, built = folder / 'demo', folder / 'built'
   with open(folder / 'lock', 'w') as lock:

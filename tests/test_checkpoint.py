@@ -187,7 +187,7 @@ def test_refused_resume_leaves_the_workdir_unchanged_and_names_the_field(tmp_pat
   cfg = _nbp_run_config()
   _train_nbp(cfg, workdir)
   tok_model = tokenizer_model.make_model(cfg)
-  tok_params = jax.jit(lambda r: nn.unbox(tokenizer_model.init_params(tok_model, r)))(jax.random.key(0))
+  tok_params = trainer.jit_init(lambda r: nn.unbox(tokenizer_model.init_params(tok_model, r)), jax.random.key(0))
   official.save_workdir(os.path.join(workdir, 'tokenizer'), tok_params, cfg)
   before = _snapshot(workdir)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from flax import linen as nn
 import jax
 import numpy as np
 from PIL import Image
@@ -50,7 +51,6 @@ def test_warmup_cosine_schedule_matches_the_formula():
 
 def test_weight_decay_only_on_matrices():
   params = jax.eval_shape(toy.make_task().init_params, jax.random.PRNGKey(0))
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   mask = trainer.weight_decay_mask(nn.unbox(params))['params']
   assert mask['mlp_in']['kernel'] and mask['head']['kernel'] and mask['embed_in']['kernel']
   assert not mask['mlp_in']['bias'] and not mask['norm']['scale'] and not mask['norm']['bias']
@@ -157,6 +157,19 @@ def test_trains_the_real_micro_nbp_model_sharded(tmp_path):
   params, step = checkpoint.restore_params(str(tmp_path))
   assert step == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
+
+
+def test_init_state_has_the_bits_of_the_init_compiled_with_xla_defaults():
+  """init_state compiles with trainer.init_compiler_options (LLVM -O2 on CPU, for compile time): its parameters must
+  be, bit for bit, those of the task's init compiled with XLA's defaults (an -O0 compile differs in the last bits)."""
+  assert trainer.init_compiler_options('cpu')  # else this test compares the defaults with themselves
+  cfg = config_lib.task_config('demo', 'micro')
+  task = nbp_train.make_task(cfg)
+  setup = trainer.make_setup(cfg, task, parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  state = trainer.init_state(cfg, task, setup)
+  init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
+  want = jax.jit(lambda key: nn.unbox(task.init_params(key)))(init_key)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(want))
 
 
 def test_progress_tensorboard_and_reruns(tmp_path, capsys):

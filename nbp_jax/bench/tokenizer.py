@@ -22,6 +22,7 @@ import numpy as np
 
 from nbp_jax import config_lib
 from nbp_jax import timing
+from nbp_jax import trainer
 from nbp_jax.tokenizer import model as tokenizer_model
 
 REPEATS = 5
@@ -40,7 +41,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
   batch = int(config.tokenizer.batch_size)
   t, h, w = config_lib.latent_shape(config)
   shape = (batch, config.data.num_frames, config.data.resolution, config.data.resolution, 3)
-  params = jax.jit(lambda r: tokenizer_model.init_params(model, r))(jax.random.key(0))
+  params = trainer.jit_init(lambda r: tokenizer_model.init_params(model, r), jax.random.key(0))
   video = jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
   encode = jax.jit(lambda p, v: tokenizer_model.encode(p, v, model))
   decode = jax.jit(lambda p, c: tokenizer_model.decode(p, c, model))
