@@ -288,7 +288,7 @@ def test_frame_prediction_with_splash_prefill_samples_what_xla_samples(monkeypat
     cfg.model.attention = impl
     cfg.sample.greedy = True
     spec = spec_from_config(cfg)
-    params = nbp_train.init_params(spec, jax.random.key(0))
+    params = trainer.jit_init(lambda r, spec=spec: nbp_train.init_params(spec, r), jax.random.key(0))
     codes[impl] = np.asarray(generator_lib.Generator(cfg, spec, params).codes(
         jax.random.key(1), labels=np.array([0, 1], np.int32), context_codes=context))
   np.testing.assert_array_equal(codes['splash'][:, :2], context)

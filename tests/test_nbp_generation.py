@@ -17,6 +17,7 @@ from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import timing
+from nbp_jax import trainer
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
@@ -46,14 +47,13 @@ def _spec(grid, block, first_block='bov', num_classes=0):
 
 @functools.cache
 def _params(spec, seed=0):
-  @jax.jit
   def init(rng):
     params = nn.meta.unbox(train.init_params(spec, rng))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
     # Large random weights so that every position's logits are distinct and far from ties.
     return jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  return init(jax.random.key(seed))
+  return trainer.jit_init(init, jax.random.key(seed))
 
 
 # Two fp32 paths (cached block steps vs a full forward) agree to ~1e-6 of the logits' scale; a token whose logit is
@@ -359,7 +359,7 @@ def _inputs(config, spec, b):
 def test_demo_preset_samples_on_cpu():
   config = config_lib.task_config('demo', 'micro')
   spec = spec_from_config(config)
-  params = train.init_params(spec, jax.random.key(0))
+  params = trainer.jit_init(lambda r: train.init_params(spec, r), jax.random.key(0))
   labels, context = _inputs(config, spec, 2)
   context = context + 7
   codes = generator_lib.Generator(config, spec, params).codes(jax.random.key(1), labels=labels, context_codes=context)

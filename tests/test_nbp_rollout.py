@@ -14,6 +14,7 @@ import pytest
 
 from conftest import run_main
 from nbp_jax import config_lib
+from nbp_jax import trainer
 from nbp_jax.data import video_io
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
@@ -33,8 +34,9 @@ def _generator(first_block='bov', context_frames=5):
   config.nbp.context_frames = context_frames
   spec = spec_from_config(config)
   tokenizer = tokenizer_model.make_model(config)
-  return generator_lib.Generator(config, spec, train.init_params(spec, jax.random.key(0)), tokenizer=tokenizer,
-                                 tokenizer_params=tokenizer_model.init_params(tokenizer, jax.random.key(1)))
+  params = trainer.jit_init(lambda r: train.init_params(spec, r), jax.random.key(0))
+  tokenizer_params = trainer.jit_init(lambda r: tokenizer_model.init_params(tokenizer, r), jax.random.key(1))
+  return generator_lib.Generator(config, spec, params, tokenizer=tokenizer, tokenizer_params=tokenizer_params)
 
 
 @pytest.fixture(scope='module')

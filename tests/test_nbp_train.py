@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax import trainer
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import train
 from nbp_jax.nbp.spec import spec_from_config
@@ -173,10 +174,12 @@ def test_grid_pos_emb_init_encodes_each_position_s_grid_place():
   c.model.pos_emb_init = 'grid'
   spec = spec_from_config(c)
   layout = spec.layout
-  pos = np.asarray(nn.meta.unbox(train.init_params(spec, jax.random.key(0)))['pos_emb'])
+  pos = np.asarray(nn.meta.unbox(trainer.jit_init(lambda r: train.init_params(spec, r), jax.random.key(0)))['pos_emb'])
   release = _config()
   release.model.pos_emb_init = 'zeros'
-  zeros = np.asarray(nn.meta.unbox(train.init_params(spec_from_config(release), jax.random.key(0)))['pos_emb'])
+  release_spec = spec_from_config(release)
+  zeros = np.asarray(nn.meta.unbox(trainer.jit_init(lambda r: train.init_params(release_spec, r),
+                                                    jax.random.key(0)))['pos_emb'])
   assert pos.shape == zeros.shape and not zeros.any()  # the same parameter; the release's init is zeros
   used = pos[:layout.seq_len]
   np.testing.assert_array_equal(used[:layout.prefix_len], 0.0)  # the class prefix has no grid place
