@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax import trainer
 from nbp_jax.tokenizer import model as M
 import numerics
 
@@ -203,11 +204,11 @@ def test_demo_recipe_layers_and_norm_free_params():
       'conv', 'res', 'res', 'conv', 'd2s', 'res', 'conv', 'd2s', 'norm', 'swish', 'conv']
   model = M.Tokenizer(spec, conv_impl='2d')
   video = jnp.zeros((1, 17, 32, 32, 3))
-  variables = model.init(jax.random.key(0), video)
+  variables = trainer.jit_init(lambda r: model.init(r, video), jax.random.key(0))
   names = {'/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(
       variables)}
   assert not any(n.endswith('scale') for n in names)  # no GroupNorm parameters anywhere
-  recon, codes = model.apply(variables, video)
+  recon, codes = jax.jit(model.apply)(variables, video)
   assert recon.shape == video.shape and codes.shape == (1, 5, 8, 8) and int(codes.max()) < 1000
   with pytest.raises(ValueError, match='one count per stage'):
     M.encoder_layers(M.TokenizerSpec(num_res_blocks=(1, 1)))
