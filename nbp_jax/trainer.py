@@ -150,8 +150,8 @@ def init_compiler_options(platform: str) -> dict[str, Any] | None:
   """XLA options for compiling parameter initialisation on `platform` ('cpu', 'gpu', 'tpu'); None = XLA's defaults.
 
   XLA:CPU compiles at LLVM -O3 by default; flax init's threefry generators (one unrolled generator per parameter)
-  compile 4-6x faster at -O2 (the demo-size tokenizer's: ~16 s -> ~3 s) to the same bits (tests/test_trainer.py).
-  Init runs once, so the kernels' speed does not matter.
+  compile 4-6x faster at -O2 (the tests' micro demo-recipe tokenizer: ~16 s -> ~4 s) to the same bits
+  (tests/test_trainer.py). Init runs once, so the kernels' speed does not matter.
   """
   return {'xla_backend_optimization_level': 2} if platform == 'cpu' else None
 
