@@ -161,7 +161,7 @@ def jit_init(init_fn: Callable[[jax.Array], PyTree], key: jax.Array, *, platform
   """init_fn(key) jitted (jit_kwargs, e.g. out_shardings) and compiled with init_compiler_options(platform), where
   platform defaults to JAX's default backend."""
   options = init_compiler_options(platform or jax.default_backend())
-  return jax.jit(init_fn, **jit_kwargs).lower(key).compile(compiler_options=options)(key)
+  return jax.jit(init_fn, compiler_options=options, **jit_kwargs)(key)
 
 
 def init_state(config: ml_collections.ConfigDict, task: Task, setup: Setup) -> TrainState:

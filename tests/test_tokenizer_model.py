@@ -17,8 +17,7 @@ import numerics
 @pytest.fixture(scope='module')
 def micro():
   model = M.make_model(config_lib.tokenizer_config('micro'))
-  # RBG keys: flax init with threefry compiles ~6x slower on CPU (one unrolled generator per parameter shape).
-  return model, jax.jit(lambda r: M.init_params(model, r))(jax.random.key(0, impl='rbg'))
+  return model, trainer.jit_init(lambda r: M.init_params(model, r), jax.random.key(0))
 
 
 def _random_video(shape, seed=0):
