@@ -45,7 +45,8 @@ def generator():
 
 
 def _one_pass(generator, codes):
-  return np.asarray(tokenizer_model.decode(generator.tokenizer_params, jnp.asarray(codes), generator.tokenizer))
+  decode = jax.jit(tokenizer_model.decode, static_argnames='model')
+  return np.asarray(decode(generator.tokenizer_params, jnp.asarray(codes), model=generator.tokenizer))
 
 
 def test_long_codes_decode_in_windows_as_in_one_pass(generator, monkeypatch):

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from nbp_jax import trainer
+
 _INPUT_SIZE = 32
 
 
@@ -68,8 +70,8 @@ def train(videos: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: in
   if len(videos) != len(labels) or not len(labels):
     raise ValueError(f'classifier.train needs as many labels as clips; got {len(videos)} clips, {len(labels)} labels.')
   model = VideoClassifier(num_classes)
-  rng = jax.random.key(seed)
-  params = model.init(rng, jnp.zeros((1,) + videos.shape[1:], jnp.float32))['params']
+  dummy = jnp.zeros((1,) + videos.shape[1:], jnp.float32)
+  params = trainer.jit_init(lambda r: model.init(r, dummy)['params'], jax.random.key(seed))
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2)),
                     weight_decay=1e-4)
   opt_state = opt.init(params)
