@@ -12,6 +12,7 @@ from nbclient import NotebookClient
 import nbformat
 
 from conftest import REPO
+from conftest import TEST_XLA_FLAGS
 from conftest import TINY_PIPELINE_FLAGS
 
 NOTEBOOKS = ('quickstart', 'tpu_generate')
@@ -53,7 +54,8 @@ def _execute(name: str, workdir, probe: str, *, devices: int = 1, **env) -> tupl
   nb = nbformat.read(os.path.join(REPO, 'notebooks', f'{name}.ipynb'), as_version=4)
   nb.cells.append(nbformat.v4.new_code_cell('import json\n' + probe))
   kernel_env = dict(os.environ, JAX_PLATFORMS='cpu', NBP_WORKDIR=str(workdir), **env)
-  kernel_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
+  devices_flag = f' --xla_force_host_platform_device_count={devices}' if devices > 1 else ''
+  kernel_env['XLA_FLAGS'] = TEST_XLA_FLAGS + devices_flag
   client = NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}})
   client.execute(env=kernel_env)
   printed = [out.text for out in nb.cells[-1].outputs if out.output_type == 'stream']
