@@ -450,13 +450,20 @@ def test_timings_wait_for_every_call_after_the_warmup():
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))), ids=os.path.basename)
 def test_every_preset_generates_abstractly(path):
   config = _load(path)
+  # Generation traced at 2 layers: the preset's width, heads, layout and conditioning, without tracing up to 32
+  # decode layers (4-7 s each); the parameters and the cache are checked at the preset's depth below.
+  shallow = config.copy_and_resolve_references()
+  shallow.model.num_layers = 2
+  shallow_spec = spec_from_config(shallow)
+  labels, context = _inputs(shallow, shallow_spec, 2)
+  ctx_seq = None if context is None else generation.context_to_seq(shallow_spec, context)
+  out = jax.eval_shape(lambda p: generation.generate(shallow_spec, p, jax.random.key(0),
+                                                     Sampling(top_k=16000, top_p=0.9), labels=labels,
+                                                     context=ctx_seq, batch_size=2),
+                       jax.eval_shape(lambda: train.init_params(shallow_spec, jax.random.key(0))))
+  assert out.shape == (2, shallow_spec.layout.num_tokens) and out.dtype == jnp.int32
   spec = spec_from_config(config)
   params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
-  labels, context = _inputs(config, spec, 2)
-  ctx_seq = None if context is None else generation.context_to_seq(spec, context)
-  out = jax.eval_shape(lambda p: generation.generate(spec, p, jax.random.key(0), Sampling(top_k=16000, top_p=0.9),
-                                                     labels=labels, context=ctx_seq, batch_size=2), params)
-  assert out.shape == (2, spec.layout.num_tokens) and out.dtype == jnp.int32
   m = config.model
   # Scanned layers (the presets) stack every layer's params and cache; unrolled ones (the demo) keep one per layer.
   stacked = lambda xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype) if isinstance(xs, tuple) else xs
