@@ -28,7 +28,7 @@ def _config(**tok):
   c.tokenizer = config_lib.tokenizer_config('micro')
   c.data.num_frames, c.data.resolution = 5, 16
   # Fewer layers than 'micro' (no middle blocks, no width changes): what is tested does not depend on the depth,
-  # and the gradient functions compile in half the time.
+  # and the shallower one compiles faster (this file alone: 71 -> 55 s).
   c.tokenizer.update(dict(num_mid_blocks=0, channel_multipliers=(1, 1, 1, 1)))
   c.tokenizer.update(dict(discriminator_channels=8, discriminator_layers=2, discriminator_start_step=START,
                           perceptual_weight=0.0, adversarial_weight=0.5, lecam_weight=0.3, lecam_decay=0.9,

@@ -36,6 +36,7 @@ import ml_collections
 
 from nbp_jax import config_lib
 from nbp_jax import timing
+from nbp_jax import trainer
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train
@@ -113,7 +114,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 3) -> dict[str, float]
         f'{nbp_spec.model.emb_dim}), dtype {nbp_spec.model.dtype}, batch {b}, grid {layout.latent_shape}, '
         f'{n_ctx} context tokens, {layout.num_tokens - n_ctx} generated tokens = {frames} frames')
 
-  params = nn.meta.unbox(jax.jit(lambda r: train.init_params(nbp_spec, r))(jax.random.key(config.seed)))
+  params = nn.meta.unbox(trainer.jit_init(lambda r: train.init_params(nbp_spec, r), jax.random.key(config.seed)))
   params = transformer_lib.decode_params(params)  # as Generator.load does: generation's parameter layout
   generator = generator_lib.Generator(config, nbp_spec, params)
   inputs = {}

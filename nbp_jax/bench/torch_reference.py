@@ -37,6 +37,7 @@ import numpy as np
 
 from nbp_jax import config_lib
 from nbp_jax import timing
+from nbp_jax import trainer
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import train
@@ -219,7 +220,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
   b = config.sample.batch_size
   t, h, w = layout.latent_shape
   n_ctx = config_lib.context_latent_frames(config) * h * w
-  params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
+  params = trainer.jit_init(lambda r: train.init_params(spec, r), jax.random.key(config.seed))
   reference = TorchReference(spec, params)  # unboxes and unstacks its own copy
   generator = generator_lib.Generator(config, spec, transformer_lib.decode_params(params))  # as Generator.load
   sampling = generator.sampling()
@@ -264,7 +265,7 @@ def run_train(config: ml_collections.ConfigDict) -> dict[str, float]:
   print(f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads), the same model and batch '
         f'({int(config.data.batch_size)} x {spec.layout.seq_len} positions, {spec.model.dtype})', flush=True)
   out = {'jax_step_s': jax_s}
-  params = jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(config.seed))
+  params = trainer.jit_init(lambda r: train.init_params(spec, r), jax.random.key(config.seed))
   for attention in ('explicit', 'sdpa'):
     # A reference of its own for each (TorchReference copies the weights): its training updates them in place.
     step = TorchReference(spec, params).train_step(config.optim, attention)
