@@ -105,13 +105,11 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
   model, tparams, _ = tokenizer_load.load_tokenizer(config, workdir)
   spec = spec_from_config(config)
   # Jitted: op by op, the micro tokenizer's encode and decode took ~25 s of this test.
-  encode = jax.jit(tokenizer_model.encode, static_argnames='model')
-  decode = jax.jit(tokenizer_model.decode, static_argnames='model')
-  ctx_codes = encode(tparams, jnp.asarray(context), model=model)
+  ctx_codes = tokenizer_model.jit_encode(tparams, jnp.asarray(context), model=model)
   z = generation.generate(spec, params, jax.random.PRNGKey(seed), Sampling.from_config(config.sample),
                           labels=jnp.asarray(labels), context=generation.context_to_seq(spec, ctx_codes))
   codes = spec.layout.seq_to_grid(z)
-  video = decode(tparams, codes, model=model)
+  video = tokenizer_model.jit_decode(tparams, codes, model=model)
   np.testing.assert_array_equal(fresh['codes'], np.asarray(codes))
   np.testing.assert_array_equal(fresh['video'], np.asarray(video))
   assert fresh['video'].dtype == np.uint8 and fresh['codes'].dtype == np.int32

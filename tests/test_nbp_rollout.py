@@ -45,8 +45,8 @@ def generator():
 
 
 def _one_pass(generator, codes):
-  decode = jax.jit(tokenizer_model.decode, static_argnames='model')
-  return np.asarray(decode(generator.tokenizer_params, jnp.asarray(codes), model=generator.tokenizer))
+  return np.asarray(tokenizer_model.jit_decode(generator.tokenizer_params, jnp.asarray(codes),
+                                               model=generator.tokenizer))
 
 
 def test_long_codes_decode_in_windows_as_in_one_pass(generator, monkeypatch):

@@ -1,6 +1,5 @@
 """The bundled demo tokenizer: installed by --mode=train_tokenizer, refused for other settings, and it reconstructs."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -21,12 +20,10 @@ def test_bundled_tokenizer_installs_and_reconstructs_fresh_clips(tmp_path):
   assert step == config.tokenizer.num_steps
   # Clips it never saw (other seeds than the demo's), one per class.
   clips = np.stack([synthetic.generate_video(10**6 + i, i % 4, 17, 32) for i in range(8)])
-  # Jitted as the generator does (op by op, the two calls took ~15 s).
-  encode = jax.jit(tokenizer_model.encode, static_argnames='model')
-  decode = jax.jit(tokenizer_model.decode, static_argnames='model')
-  codes = encode(params, clips, model=model)
+  # Jitted (op by op, the two calls took ~15 s).
+  codes = tokenizer_model.jit_encode(params, clips, model=model)
   assert codes.shape == (8, 5, 8, 8) and int(codes.max()) < 1000
-  recon = np.asarray(decode(params, codes, model=model)).astype(np.float64)
+  recon = np.asarray(tokenizer_model.jit_decode(params, codes, model=model)).astype(np.float64)
   x = clips.astype(np.float64)
   psnr = lambda a: np.mean(10 * np.log10(255.0 ** 2 / np.mean((a - x) ** 2, axis=(1, 2, 3, 4))))
   mean_colour = np.broadcast_to(x.mean(axis=(1, 2, 3), keepdims=True), x.shape)

@@ -43,13 +43,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
   shape = (batch, config.data.num_frames, config.data.resolution, config.data.resolution, 3)
   params = trainer.jit_init(lambda r: tokenizer_model.init_params(model, r), jax.random.key(0))
   video = jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
-  encode = jax.jit(lambda p, v: tokenizer_model.encode(p, v, model))
-  decode = jax.jit(lambda p, c: tokenizer_model.decode(p, c, model))
-  codes = encode(params, video)
+  codes = tokenizer_model.jit_encode(params, video, model=model)
   if codes.shape != (batch, t, h, w):
     raise AssertionError(f'encode gave codes {codes.shape}, expected {(batch, t, h, w)}.')
-  enc_s = timing.best_of(lambda: encode(params, video), REPEATS)
-  dec_s = timing.best_of(lambda: decode(params, codes), REPEATS)
+  enc_s = timing.best_of(lambda: tokenizer_model.jit_encode(params, video, model=model), REPEATS)
+  dec_s = timing.best_of(lambda: tokenizer_model.jit_decode(params, codes, model=model), REPEATS)
   result = {'encode_clips_per_s': batch / enc_s, 'decode_clips_per_s': batch / dec_s, 'peak_mb': _peak_mb()}
   counts = tokenizer_model.param_counts(params)
   print(f'device={jax.devices()[0].device_kind} tokenizer={config.tokenizer.size} dtype={model.dtype} '

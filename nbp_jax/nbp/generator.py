@@ -46,10 +46,6 @@ _RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokeni
 
 _SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
 
-# Jitted once per tokenizer architecture (the model is hashable), shared by every Generator.
-_encode = jax.jit(tokenizer_model.encode, static_argnames='model')
-_decode = jax.jit(tokenizer_model.decode, static_argnames='model')
-
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved in a training workdir, with paths into a moved/copied pipeline workdir relocated."""
@@ -134,7 +130,7 @@ class Generator:
 
   def encode(self, videos) -> jax.Array:
     """uint8 [B, T, H, W, 3] -> int32 codes [B, t, h, w]."""
-    return _encode(self.tokenizer_params, self._split(videos), model=self.tokenizer)
+    return tokenizer_model.jit_encode(self.tokenizer_params, self._split(videos), model=self.tokenizer)
 
   def context_codes(self, videos) -> jax.Array:
     """The codes of the given context frames: [B, t_ctx, h, w] from the first nbp.context_frames frames."""
@@ -200,7 +196,7 @@ class Generator:
 
   def _decode_frames(self, codes, skip: int) -> np.ndarray:
     """The video frames of codes[:, skip:], decoded with codes[:, :skip] as the causal decoder's history."""
-    video = np.asarray(_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
+    video = np.asarray(tokenizer_model.jit_decode(self.tokenizer_params, self._split(codes), model=self.tokenizer))
     ft = config_lib.temporal_factor(self.config.tokenizer)
     # Decoded alone, codes[:, 0] gives one frame (the last of its ft) and each later latent frame ft frames.
     return video[:, 0 if skip == 0 else 1 + ft * (skip - 1):]

@@ -483,6 +483,12 @@ def decode(params, codes: jax.Array, model) -> jax.Array:
   return to_uint8(video)
 
 
+# encode / decode jitted once per tokenizer architecture (`model` is hashable and static): the one compiled pair
+# that the generator and the tests call, sharing one compilation cache.
+jit_encode = jax.jit(encode, static_argnames='model')
+jit_decode = jax.jit(decode, static_argnames='model')
+
+
 def to_uint8(video: jax.Array) -> jax.Array:
   """Float video in [0, 1] (values outside are clipped) -> uint8 [0, 255]."""
   return jnp.round(jnp.clip(video, 0.0, 1.0) * 255.0).astype(jnp.uint8)
