@@ -221,13 +221,17 @@ def test_short_query_groups_and_the_fused_wrapper_follow_the_mask():
   numerics.assert_close(attention_lib.fused_attention(q, k, v, mask, implementation='xla'), expected, OUT_RTOL)
 
 
-def test_cudnn_and_splash_refuse_the_wrong_backend():
+def test_cudnn_and_splash_refuse_the_wrong_backend(monkeypatch):
   q, k, v = _qkv(3, 1, 1, 4, 4)
   ids = jnp.arange(4)
   with pytest.raises(ValueError, match='needs a GPU'):
     attention_lib.attention(q, k, v, ids, ids, impl='cudnn')
   with pytest.raises(ValueError, match='unknown'):
     attention_lib.attention(q, k, v, ids, ids, impl='flash')
+  # Splash runs on TPU, and off it in Pallas's interpret mode (the tests above), except on a GPU, which has cudnn.
+  monkeypatch.setattr(attention_lib.jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match='TPU kernel.*attention=cudnn'):
+    attention_lib.attention(q, k, v, ids, ids, impl='splash')
 
 
 def test_splash_in_a_sharded_train_step_matches_xla():

@@ -146,6 +146,12 @@ def test_bfloat16_export_builds(tmp_path):
   written = bundle.run(config, workdir)
   reader = safetensors_io.Reader(written['params'])
   assert reader['head/kernel'].dtype.name == 'bfloat16'
+  # Every parameter in 2 bytes: the file is the safetensors header (its u64 length first) and 2 bytes a weight.
+  with open(written['params'], 'rb') as f:
+    header_len = int.from_bytes(f.read(8), 'little')
+  params, _ = checkpoint_lib.restore_params(workdir)
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert os.path.getsize(written['params']) == 8 + header_len + 2 * num_params
   gen = stablehlo.build(config, reader, batch_size=2, context_frames=1)
   assert gen.inputs[2]['name'] == 'context_codes' and gen.inputs[3]['dtype'] == 'bfloat16'
 

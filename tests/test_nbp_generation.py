@@ -5,6 +5,7 @@ import functools
 import glob
 import importlib.util
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -440,11 +441,30 @@ def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):
   assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
 
 
-def test_timings_wait_for_every_call_after_the_warmup():
-  calls = []
-  seconds = timing.timings(lambda: calls.append(1) or jnp.ones(3), 3, warmup=2)
-  assert len(calls) == 5 and len(seconds) == 3 and min(seconds) >= 0
-  assert timing.best_of(lambda: jnp.ones(3), 4) <= 1.0
+def test_timings_wait_for_every_call_after_the_warmup(monkeypatch):
+  events = []
+
+  def wait(x):  # stands in for a computation still running when the call returns: the wait must be timed
+    events.append(('wait', x))
+    time.sleep(0.02)
+    return x
+
+  monkeypatch.setattr(timing.jax, 'block_until_ready', wait)
+  calls = iter(range(5))
+
+  def call():
+    c = next(calls)
+    events.append(('call', c))
+    return c
+
+  seconds = timing.timings(call, 3, warmup=2)
+  # Each of the 2 warm-up and 3 timed calls is waited for on what it returned, before the next call.
+  assert events == [e for c in range(5) for e in (('call', c), ('wait', c))]
+  assert len(seconds) == 3 and min(seconds) >= 0.02
+  # best_of: the fastest timed call, the warm-up excluded.
+  durations = iter([0.2, 0.05, 0.1, 0.15])
+  monkeypatch.setattr(timing.jax, 'block_until_ready', lambda x: time.sleep(next(durations)))
+  assert 0.05 <= timing.best_of(lambda: None, 3) < 0.1
 
 
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))), ids=os.path.basename)

@@ -1,7 +1,10 @@
 """Teacher-forced objective: scored positions and targets vs a hand-written reference; the trainer Task."""
 
+import math
+
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -73,22 +76,28 @@ def test_loss_scores_video_targets_only():
 def test_condition_dropout_uses_the_null_embedding():
   spec = spec_from_config(_config())
   params = nn.meta.unbox(jax.jit(lambda r: train.init_params(spec, r))(jax.random.key(0)))
-  params['uncond_embedding'] = params['uncond_embedding'] + 1.0
+  null_rows = lambda seed: jax.random.normal(jax.random.key(seed), params['uncond_embedding'].shape)
+  params['uncond_embedding'] = null_rows(0)
   batch = _batch()
   other = dict(batch, label=(batch['label'] + 1) % 4)
-  loss = jax.jit(lambda b, drop: train.loss_fn(spec, params, b, jax.random.key(2), True, drop)[0],
-                 static_argnums=1)
+  loss = jax.jit(lambda p, b, drop: train.loss_fn(spec, p, b, jax.random.key(2), True, drop)[0],
+                 static_argnums=2)
   # Dropout off (micro demo has model.dropout 0); cond_drop_prob ~1 drops every prefix: labels stop mattering.
-  a, b, c = loss(batch, 0.999999), loss(other, 0.999999), loss(other, 0.0)
+  a, b, c = loss(params, batch, 0.999999), loss(params, other, 0.999999), loss(params, other, 0.0)
   np.testing.assert_allclose(a, b, rtol=1e-6)
   assert abs(float(a) - float(c)) > 1e-4
+  # The dropped prefix is the null embedding itself (not zeros, nor the prefix left out): the loss follows its values
+  # (other values: a constant added to every feature would not do, the first LayerNorm removes it).
+  other_null = dict(params, uncond_embedding=null_rows(1))
+  # (An init-scale model: the prefix moves the loss by ~1e-4; rounding moves it by < 1e-6, as a == b shows.)
+  assert abs(float(loss(other_null, batch, 0.999999)) - float(a)) > 1e-5
 
 
 def test_make_task_trains():
   config = _config()
   task = train.make_task(config)
   assert isinstance(task, Task) and task.name == 'nbp'
-  assert task.tokens_per_example == 80 and task.flops_per_example > 6 * 80 * 2 * 12 * 32 * 32
+  assert task.tokens_per_example == 80
   params = task.init_params(jax.random.key(0))
   assert isinstance(params['head']['kernel'], nn.LogicallyPartitioned)
   params = nn.meta.unbox(params)
@@ -107,6 +116,39 @@ def test_make_task_trains():
     params, state, loss = step(params, state, jax.random.key(i))
     losses.append(float(loss))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _dot_flops(jaxpr) -> int:
+  """FLOPs (2 per multiply-add) of the dot_generals a jaxpr runs, into every sub-jaxpr, scans times their length."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
+    inner = [_dot_flops(j) for j in jax_core.jaxprs_in_params(eqn.params)]
+    if inner:
+      total += (max(inner) if eqn.primitive.name == 'cond' else sum(inner)) * eqn.params.get('length', 1)
+  return total
+
+
+@pytest.mark.parametrize('levels,scan_layers', [((4, 4), True), ((8, 8, 8), False)])
+def test_flops_per_example_is_three_forwards_of_the_matmuls_with_half_the_attention(levels, scan_layers):
+  """The MFU's numerator: forward + backward = 3 forwards of the matmuls the model runs (counted from its jaxpr;
+  16 and 512 codes, so the head is ~1% and ~30% of them), with attention's two products counted over the half of
+  the (query, key) pairs that the block-causal mask leaves visible (the forward computes them over all pairs)."""
+  config = _config()
+  config.tokenizer.fsq_levels = levels
+  config.model.scan_layers = scan_layers
+  spec = spec_from_config(config)
+  params = nn.meta.unbox(jax.eval_shape(lambda r: train.init_params(spec, r), jax.random.key(0)))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), _batch())
+  forward = jax.make_jaxpr(lambda p, b: train.loss_fn(spec, p, b, None, train=False)[0])(params, batch)
+  m, s = spec.model, spec.layout.seq_len
+  all_pairs_attention = m.num_layers * 2 * (2 * s * s * m.emb_dim)  # q.k and p.v over s x s pairs
+  np.testing.assert_allclose(train.flops_per_example(spec),
+                             3 * (_dot_flops(forward.jaxpr) - all_pairs_attention / 2), rtol=1e-9)
+  assert train.make_task(config).flops_per_example == train.flops_per_example(spec)
 
 
 def test_remat_gives_the_same_gradients_and_keeps_attention_chunked(monkeypatch):

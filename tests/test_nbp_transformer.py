@@ -172,6 +172,13 @@ def test_null_condition_replaces_the_prefix():
   null = _full_logits(cfg, params, both, layout, jnp.array([True, True]))
   assert not np.allclose(cond[0], cond[1])  # the prefix matters ...
   numerics.assert_close(null[0], null[1], 1e-6)  # ... unless it is replaced by the null embedding
+  # ... whose rows are what the prefix positions then see: the same logits as a prefix of two ids found nowhere
+  # else in the sequence whose token embeddings are set to those rows.
+  ids = jnp.concatenate([jnp.array([[V - 2, V - 1]]), ids[:, 2:] % (V - 2)], axis=1)
+  table = params['tok_emb']['embedding'].at[V - 2:].set(params['uncond_embedding'])
+  as_tokens = dict(params, tok_emb={'embedding': table})
+  numerics.assert_close(_full_logits(cfg, params, ids, layout, jnp.array([True])),
+                        _full_logits(cfg, as_tokens, ids, layout), 1e-6)
 
 
 def test_params_have_official_names_and_logical_axes():
@@ -204,10 +211,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   boxed = jax.jit(lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params'])(
       jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.meta.unbox(boxed)))
-  layout = BlockLayout((1, 1, 6), (1, 1, 3), prefix_len=2)
-  logits = _full_logits(cfg, nn.meta.unbox(boxed), jnp.zeros((1, layout.seq_len), jnp.int32), layout)
-  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
   assert init_cache(cfg, 1, 8).k.dtype == jnp.bfloat16
+  # The same params and ids in float32 and in bfloat16 compute: the same logits to bfloat16's precision (8 bits of
+  # mantissa over a 2-layer forward: ~1e-2 of their scale; a wrong cast or a dropped term moves them by far more).
+  params = _params(_cfg(), seed=3)
+  layout = BlockLayout((1, 1, 6), (1, 1, 3), prefix_len=2)
+  ids = jax.random.randint(jax.random.key(4), (2, layout.seq_len), 0, V)
+  logits = _full_logits(cfg, params, ids, layout)
+  assert logits.dtype == jnp.float32
+  numerics.assert_close(logits, _full_logits(_cfg(), params, ids, layout), 3e-2)
 
 
 @pytest.mark.parametrize('dtype, rtol', [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])

@@ -105,6 +105,9 @@ def test_dropout_does_not_depend_on_the_mesh():
   one, _, _, _ = _two_steps(parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]), batches, dropout=0.5)
   many, _, _, _ = _two_steps(parallel.create_mesh((2, 2, 2)), batches, dropout=0.5)
   np.testing.assert_allclose(many, one, rtol=1e-5)
+  # ... and dropout is on in these steps (the same step without it has another loss).
+  off, _, _, _ = _two_steps(parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]), batches, dropout=0.0)
+  assert abs(off[0] - one[0]) > 1e-3 * abs(off[0])
 
 
 def test_distributed_detection_from_environment():

@@ -1,5 +1,5 @@
-"""`--mode=study` end to end at micro size: two block shapes, two seeds, a table, a plot, one timing pass,
-and a resumed rerun."""
+"""`--mode=study` end to end at micro size: two block shapes, one seed, a table, a plot, one timing pass,
+and a resumed rerun (the aggregation over several seeds is checked by hand below, without training)."""
 
 import json
 import shutil
@@ -29,12 +29,12 @@ def test_study_end_to_end_then_rerun_skips_finished_runs(tiny_pipeline, tmp_path
   entries = {e['block_shape']: e for e in report['aggregate']}
   assert set(entries) == {'1x1x1', '1x1x4'}
   # 3x4x4 codes, 2 latent frames given: 16 tokens to generate = 16 token steps or 4 row steps (from the layout).
-  assert entries['1x1x1']['decode_steps'] > entries['1x1x4']['decode_steps']
+  assert entries['1x1x1']['decode_steps'] == 16 and entries['1x1x4']['decode_steps'] == 4
   for e in entries.values():
     for key in ('class/fvd', 'class/class_acc', 'frame_prediction/psnr', 'frame_prediction/copy_last_psnr',
                 'frames_per_s', 'val_loss'):
       assert np.isfinite(e[key]), (key, e)
-    # The mean and spread (half the range) over the two seeds' runs.
+    # The mean and spread (half the range) over the seeds' runs (one seed here: spread 0).
     fvds = [r['class/fvd'] for r in report['runs'] if 'x'.join(map(str, r['block_shape'])) == e['block_shape']]
     assert np.isclose(e['class/fvd'], np.mean(fvds)) and np.isclose(e['class/fvd:spread'], np.ptp(fvds) / 2)
   table = (workdir / 'study.md').read_text().splitlines()
