@@ -45,6 +45,10 @@ class CheckpointReadError(errors.UserError, OSError):
   """A checkpoint could not be read for a reason outside its content (storage I/O); it was left in place."""
 
 
+class CheckpointCorruptError(errors.UserError, ValueError):
+  """A checkpoint's content does not read back (damaged, or not written by nbp-jax): sample/eval/export stop."""
+
+
 # Config fields that decide the shapes and the set of the saved arrays; named when a checkpoint is refused.
 STRUCTURE_FIELDS = (
     'model.num_layers', 'model.emb_dim', 'model.num_heads', 'model.mlp_ratio', 'model.max_positions',
@@ -159,7 +163,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise errors.MissingError(f'{path} does not exist: {workdir!r} is not a training workdir '
                               '(train first with --mode=train, or pass --config).')
   with open(path) as f:
-    return config_from_dict(json.load(f))
+    try:
+      return config_from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise CheckpointCorruptError(f'{path} is not valid JSON ({e}): restore it from a copy, or pass the run\'s '
+                                   '--config instead.') from e
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -400,6 +408,9 @@ def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree |
     shardings: a tree of shardings matching the params (e.g. from `parallel.logical_shardings`) to restore
       straight onto a mesh; default: replicated over `mesh`, or on the first local device when no mesh is given.
   """
+  if not os.path.isdir(workdir):
+    raise errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '
+                              f'(--mode=train --workdir={workdir}).')
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: train first '
                               f'(--mode=train --workdir={workdir}).')
@@ -412,17 +423,36 @@ def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree |
       raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
     if step not in ckpt.all_steps():
       raise errors.MissingError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
-    tree = ckpt.params_metadata(step)
-    if shardings is not None:
-      abstract = jax.tree_util.tree_map(
-          lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=s), tree, shardings,
-          is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
-    else:
-      if mesh is not None:
-        default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      else:
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = _abstract_from_metadata(tree, lambda m: default)
-    return ckpt.restore_params(step, abstract), step
+    try:
+      return _restore_params_of(ckpt, step, shardings, mesh), step
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for bad content)
+      reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else e!r}'
+      if is_transient_io_error(e):
+        raise CheckpointReadError(f'checkpoint {ckpt.step_dir(step)} could not be read ({reason}); the storage '
+                                  'failed, not the checkpoint: rerun when it answers.') from e
+      others = [s for s in ckpt.all_steps() if s != step]
+      raise CheckpointCorruptError(
+          f'checkpoint {ckpt.step_dir(step)} is unreadable ({reason}): damaged, or not a transformer checkpoint of '
+          f'nbp-jax. {f"Other steps there: {others}; " if others else ""}training again (the same command with '
+          '--mode=train) resumes from the last good one, which moves this one aside.') from e
   finally:
     ckpt.close()
+
+
+def _restore_params_of(ckpt: Checkpointer, step: int, shardings: PyTree | None,
+                       mesh: jax.sharding.Mesh | None) -> PyTree:
+  """Step `step`'s params, onto `shardings`, else replicated over `mesh`, else on the first local device."""
+  tree = ckpt.params_metadata(step)
+  if shardings is not None:
+    abstract = jax.tree_util.tree_map(
+        lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=s), tree, shardings,
+        is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+  else:
+    if mesh is not None:
+      default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+      default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = _abstract_from_metadata(tree, lambda m: default)
+  return ckpt.restore_params(step, abstract)

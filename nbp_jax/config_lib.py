@@ -254,7 +254,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.platforms = ()  # e.g. ('cpu', 'cuda', 'tpu'); () = the current backend
   # --mode=import: the official PyTorch release -> an orbax workdir (nbp_jax/interop/official.py).
   c.import_ = ml_collections.ConfigDict()
-  c.import_.checkpoint = ''  # official transformer: Lightning .ckpt, or its .safetensors from export.convert_torch
+  c.import_.checkpoint = ''  # official transformer: Lightning .ckpt, or its .safetensors from interop.convert_torch
   c.import_.tokenizer_checkpoint = ''  # magvit2_*.pt or its .safetensors; written to WORKDIR/tokenizer
   c.import_.llama_tokenizer = ''  # LLaMA-2 tokenizer.model, for the UCF-101 class prompts (needs sentencepiece)
   c.import_.class_ids = ''  # JSON of precomputed class prompt ids (instead of llama_tokenizer)
@@ -350,8 +350,8 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     if task == 'demo':
       # Measured on this CPU (README, the demo's settings): at a fixed ~7 minutes per model, 2000 steps of 4 clips
       # at lr 3e-3 on 4096 clips beat 500 of 16 at 1e-3 on 1024 (NBP val loss 3.48 vs 4.21, frame-prediction PSNR
-      # 17.8 vs 17.2): the model is far from its critical batch, and 1024 clips overfit. 2000 steps keep the demo
-      # within 20 minutes.
+      # 17.8 vs 17.2): the model is far from its critical batch, and 1024 clips overfit. 2000 steps (2500 since
+      # session 14, below) keep the demo within 20 minutes.
       c.data.synthetic.num_train = 4096
       # Frame blocks (one latent frame, 64 tokens): 3 decode steps per predicted clip instead of 24 for rows. In
       # session 13's demo run they beat the row 1x1x8 on class accuracy (0.58 vs 0.44), frame prediction (18.2 vs
@@ -537,9 +537,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   needs_raw = mode == 'prepare_data' and d.source != 'synthetic'
   if needs_raw:
     _require(bool(d.raw_dir), f'data.raw_dir is empty; pass --config.data.raw_dir=/path/to/your/{d.source} folder.')
-    _require(os.path.isdir(d.raw_dir),
+    _require(os.path.exists(d.raw_dir),
              f'data.raw_dir={d.raw_dir!r} does not exist; point --config.data.raw_dir at your local '
              f'{d.source} folder (this project never downloads datasets).')
+    _require(os.path.isdir(d.raw_dir), f'data.raw_dir={d.raw_dir!r} is a file, not a folder; point it at the '
+             f'folder that holds your {d.source} videos.')
+  _require(mode != 'prepare_data' or d.source != 'synthetic' or not d.get('raw_dir', ''),
+           f"data.raw_dir={d.raw_dir!r} is set but data.source='synthetic' generates its clips and reads no "
+           "folder; add --config.data.source=ucf101 or k600 (or drop data.raw_dir).")
   if mode == 'prepare_data':
     return
 
@@ -595,6 +600,17 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(nbp.first_block in ('bov', 'hybrid', 'none'),
            f"nbp.first_block={nbp.first_block!r} must be 'bov', 'hybrid' or 'none'.")
   _require(0.0 <= nbp.cond_drop_prob < 1.0, f'nbp.cond_drop_prob={nbp.cond_drop_prob} must be in [0, 1).')
+  sample = config.sample
+  _require(sample.temperature > 0, f'sample.temperature={sample.temperature} must be > 0 (1 = the model\'s '
+           'distribution; for the likeliest code use --config.sample.greedy=True).')
+  _require(0 < sample.top_p <= 1, f'sample.top_p={sample.top_p} must be in (0, 1] (1 = off).')
+  _require(sample.top_k >= 0, f'sample.top_k={sample.top_k} must be >= 0 (0 = off).')
+  _require(sample.cfg_scale >= 0, f'sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance).')
+  _require(sample.num_samples >= 1 and sample.batch_size >= 1,
+           f'sample.num_samples={sample.num_samples} and sample.batch_size={sample.batch_size} must be >= 1.')
+  if mode in ('train', 'pipeline', 'study'):
+    _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
+    _require(config.train.num_steps >= 1, f'train.num_steps={config.train.num_steps} must be >= 1.')
   ctx = context_latent_frames(config)
   _require(ctx < grid[0], f'nbp.context_frames={nbp.context_frames} leaves no latent frame to generate '
            f'(grid has {grid[0]}); use fewer context frames.')

@@ -16,6 +16,7 @@ Third-party INFO logs (orbax, TFDS, XLA) stay quiet unless `--verbosity` is give
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import importlib.util
 import logging as py_logging
@@ -32,10 +33,23 @@ from nbp_jax import config_lib
 from nbp_jax import errors
 
 _DEFAULT_CONFIG = config_lib.config_file('demo')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG,
-    'Config file (ml_collections; FILE.py:ARG passes ARG to its get_config) or a bundled config by name (demo, '
-    'k600:3b, k600_3b); override fields with --config.section.field=value.', lock_config=True)
+
+
+def _define_config_flag(sys_argv: list[str] | None = None):
+  return config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG,
+      'Config file (ml_collections; FILE.py:ARG passes ARG to its get_config) or a bundled config by name (demo, '
+      'k600:3b, k600_3b); override fields with --config.section.field=value.', lock_config=True, sys_argv=sys_argv)
+
+
+try:
+  _CONFIG = _define_config_flag()
+  _DEFAULT_CONFIG_ERROR = None
+except (AttributeError, KeyError) as e:
+  # Without --config, config_flags parses the default config here, at import, with the command line's overrides:
+  # an unknown --config.x key fails now. cli() reports it in one line; the flag is defined without the overrides.
+  _DEFAULT_CONFIG_ERROR = e
+  _CONFIG = _define_config_flag(sys_argv=sys.argv[:1])
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where data, checkpoints, metrics and samples go. '
                                'Default: workdirs/<config.name>.')
 _MODE = flags.DEFINE_enum('mode', 'train', config_lib.MODES, 'What to run.')
@@ -108,6 +122,9 @@ def _fail(error: BaseException) -> None:
     raise error
   prefix = 'Config error' if isinstance(error, config_lib.ConfigError) else 'Error'
   print(f'{prefix}: {" ".join(str(error).splitlines())}', file=sys.stderr, flush=True)
+  # The one line is the report: no shutdown noise after it (a failed orbax read leaves tensorstore callbacks that
+  # reach its closed event loop and print "Event loop is closed" tracebacks as the process exits).
+  sys.unraisablehook = lambda unraisable: None
   sys.exit(2)
 
 
@@ -122,7 +139,8 @@ def _remove_empty_dirs(root: str) -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _fail(errors.UserError(f'unexpected argument(s) {" ".join(argv[1:])!r}: flags are written --mode=train, '
+                           '--workdir=W, --config=FILE, --config.section.field=value (see --help).'))
   quiet_logs()
   from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
@@ -130,21 +148,56 @@ def main(argv: list[str]) -> None:
   try:
     config = config_from_flags(mode, _WORKDIR.value)
     config_lib.validate(config, mode)
+    if mode == 'export':  # it rebuilds the run from its own config.json: any other override would be ignored
+      ignored = [k for k in config_flags.get_override_values(flags.FLAGS['config']) if not k.startswith('export.')]
+      if ignored:
+        raise config_lib.ConfigError(
+            f'--mode=export takes only --config.export.* fields; {", ".join("--config." + k for k in ignored)} '
+            "would be ignored (the model, sampling and sizes are the run's, from its config.json): drop them.")
   except errors.UserError as e:
     _fail(e)
-  workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
+  workdir = os.path.join('workdirs', config.name) if _WORKDIR.value is None else _WORKDIR.value
+  if mode in _USES_SAVED_CONFIG and workdir and not os.path.isdir(workdir):
+    _fail(errors.MissingError(f'--workdir={workdir} does not exist: --mode={mode} reads a finished run there; check '
+                              'the path (a typo?) or train first (--mode=train, or --mode=pipeline).'))
+  first_new = _prepare_workdir(workdir)
   stage = resolve_stage(mode)
-  created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
   logging.info('mode=%s workdir=%s config=%s', mode, workdir, config.name)
   try:
     stage(config, workdir)
   except BaseException as e:
-    if created:
-      _remove_empty_dirs(workdir)  # a failed command leaves no empty new workdir behind
+    if first_new:
+      _remove_empty_dirs(first_new)  # a failed command leaves no empty new folders behind
     if isinstance(e, errors.UserError):
       _fail(e)
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      _fail(errors.UserError(f'{e.strerror}: {e.filename or workdir} (--workdir={workdir}); free space or give a '
+                             'folder this user can write.'))
     raise
+
+
+# What the storage refused (no write permission, a read-only or full disk): the user's to fix, not a bug.
+_STORAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _prepare_workdir(workdir: str) -> str | None:
+  """Creates `workdir` if needed; returns the topmost folder this created (None if it existed), or fails in one
+  line when it cannot be a workdir (empty, a file, not creatable, not writable)."""
+  if not workdir:
+    _fail(errors.UserError('--workdir is empty: give the folder the run reads and writes (e.g. --workdir=workdirs/x).'))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(errors.UserError(f'--workdir={workdir} is a file, not a folder: give a folder (a new one is created).'))
+  first_new, parent = None, os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    first_new, parent = parent, os.path.dirname(parent)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    _fail(errors.UserError(f'--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); give a folder '
+                           'under one this user can write.'))
+  if not os.access(workdir, os.W_OK):
+    _fail(errors.UserError(f'--workdir={workdir} is not writable by this user: give a folder it can write.'))
+  return first_new
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,16 +289,41 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = _with_config_file(argv)
   except config_lib.ConfigError as e:
     _config_error(str(e))
+  if _DEFAULT_CONFIG_ERROR is not None:
+    _config_error(unknown_config_key(argv) or f'a --config override failed: {_DEFAULT_CONFIG_ERROR}')
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     _config_error(unknown_config_key(argv) or f'a --config override failed: {e}')
-  except flags.IllegalFlagValueError:
+  except flags.Error as e:
+    message = str(e).splitlines()[0]
+    if not message.startswith('flag --config='):  # a flag's value (--mode, --config.x=y) or an unknown flag
+      _flag_error(e, message)
     try:  # the config file's own expected error (config_flags wraps it in a traceback)
       _load_config_file(_config_path(argv))
-    except errors.UserError as e:
-      _config_error(' '.join(str(e).splitlines()))
+    except errors.UserError as user_error:
+      _config_error(' '.join(str(user_error).splitlines()))
+    except TypeError as type_error:
+      path = _config_path(argv)
+      if ':' in path and 'positional argument' in str(type_error):
+        _config_error(f'--config={path}: {path.split(":")[0]} takes no argument (its get_config() has none); '
+                      f'drop ":{path.split(":", 1)[1]}".')
     raise
+
+
+def _flag_error(error: flags.Error, message: str) -> None:
+  """One line (exit 2) for a wrong flag: an unknown one, a --mode that is not a mode, a --config.x=y value of the
+  wrong type."""
+  if isinstance(error, flags.UnrecognizedFlagError):
+    message += ('; the flags are --config, --workdir, --mode and --verbose, and config fields are set as '
+                '--config.section.field=value (--helpfull lists every flag)')
+  elif message.startswith('flag --mode='):
+    given = message.split('=', 1)[1].split(':', 1)[0]
+    near = difflib.get_close_matches(given, config_lib.MODES, n=1)
+    message = (f'--mode={given} is not a mode{f"; did you mean --mode={near[0]}?" if near else "."} The modes: '
+               f'{", ".join(config_lib.MODES)}.')
+  print(f'Error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def cli() -> None:

@@ -169,8 +169,11 @@ def _one_line_error(out, prefix='Error: '):
 def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
   workdir = tmp_path / 'new'
   line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample'))
+  assert 'does not exist: --mode=sample reads a finished run there' in line
+  workdir.mkdir()
+  line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample'))
   assert 'No checkpoint in' in line and 'train first (--mode=train' in line
-  assert not workdir.exists()  # the failed command created it, then removed it again
+  workdir.rmdir()
   line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=train'))
   assert '--mode=prepare_data, then --mode=train_tokenizer, then --mode=tokenize' in line, line
   assert not workdir.exists()
@@ -184,6 +187,35 @@ def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
   out = run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=sample', '--verbose')
   assert out.returncode != 0 and 'Traceback' in out.stderr and 'MissingError' in out.stderr
   assert not workdir.exists()
+
+
+def test_cli_wrong_flags_and_workdirs_are_one_line(tmp_path):
+  """Mistakes in the command line itself: one line each (exit 2), nothing left on disk."""
+  demo = '--config=configs/demo.py'
+  cases = [
+      ((demo, '--mode=trian'), 'Error: ', 'did you mean --mode=train?'),
+      ((demo, '--config.model.num_layers=abc'), 'Error: ', "--config.model.num_layers=abc: invalid literal"),
+      ((demo, '--num_layers=4'), 'Error: ', 'set as --config.section.field=value'),
+      ((demo, 'train'), 'Error: ', "unexpected argument(s) 'train'"),
+      (('--config=configs/demo.py:tiny',), 'Config error: ', 'takes no argument'),
+      (('--config.model.num_layer=2',), 'Config error: ', "no field 'model.num_layer'"),  # the default config
+      ((demo, '--mode=sample', '--config.sample.top_p=1.5'), 'Config error: ', 'sample.top_p=1.5 must be in (0, 1]'),
+      ((demo, '--mode=prepare_data', f'--config.data.raw_dir={tmp_path}'), 'Config error: ',
+       "data.source='synthetic' generates its clips and reads no folder"),
+      (('--mode=export', '--config.model.emb_dim=64'), 'Config error: ', '--config.model.emb_dim would be ignored'),
+  ]
+  for args, prefix, expected in cases:
+    line = _one_line_error(run_main(*args, f'--workdir={tmp_path / "w"}'), prefix)
+    assert expected in line, (args, line)
+  (tmp_path / 'a_file').write_text('')
+  line = _one_line_error(run_main(demo, f'--workdir={tmp_path / "a_file"}'))
+  assert 'is a file, not a folder' in line
+  line = _one_line_error(run_main(demo, '--workdir='))
+  assert '--workdir is empty' in line
+  # A failed command removes every folder it created, not only the workdir itself.
+  line = _one_line_error(run_main(demo, f'--workdir={tmp_path / "new" / "a" / "b"}', '--mode=train_tokenizer'))
+  assert 'run `python -m nbp_jax.main --mode=prepare_data`' in line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
 
 
 # The config main.py builds from its flags (its own parsing and overrides), printed without running a stage.

@@ -87,6 +87,8 @@ def test_export_runs_in_a_fresh_process_bit_exact(tmp_path):
   assert [i['name'] for i in sig['inputs'][:3]] == ['key', 'labels', 'context_video']
   assert [o['name'] for o in sig['outputs']] == ['codes', 'video']
   assert sig['outputs'][1]['shape'] == [2, 5, 16, 16, 3] and sig['num_steps'] == 2
+  # For this machine's backend (CPU): the run's 'auto' settings as CPU runs them.
+  assert sig['compute_dtype'] == 'float32' and sig['tokenizer_compute'] == {'dtype': 'float32', 'conv_impl': '2d'}
 
   seed, labels = 3, np.array([1, 2], np.int32)
   context = np.random.default_rng(5).integers(0, 256, (2, 1, 16, 16, 3)).astype(np.uint8)
@@ -154,6 +156,22 @@ def test_bfloat16_export_builds(tmp_path):
   assert os.path.getsize(written['params']) == 8 + header_len + 2 * num_params
   gen = stablehlo.build(config, reader, batch_size=2, context_frames=1)
   assert gen.inputs[2]['name'] == 'context_codes' and gen.inputs[3]['dtype'] == 'bfloat16'
+
+
+def test_export_for_accelerators_from_a_cpu_machine_resolves_auto_for_them(tmp_path):
+  """export.platforms naming an accelerator: the run's 'auto' compute settings become bfloat16 and 3D
+  convolutions (not this CPU's float32 and 2D ones), recorded in the signature; one program for every platform."""
+  config = _config()
+  assert config.model.dtype == config.tokenizer.dtype == config.tokenizer.conv_impl == 'auto'
+  config.export.platforms = ('cpu', 'tpu')
+  written = bundle.run(config, _workdir(tmp_path, config))
+  signature = json.load(open(written['signature']))
+  assert signature['compute_dtype'] == 'bfloat16'
+  assert signature['tokenizer_compute'] == {'dtype': 'bfloat16', 'conv_impl': '3d'}
+  exported = jax.export.deserialize(bytearray(open(written['program'], 'rb').read()))
+  assert exported.platforms == ('cpu', 'tpu')
+  assert bundle.compute_platform(()) is None and bundle.compute_platform(('cpu',)) == 'cpu'
+  assert bundle.compute_platform(('cpu', 'cuda', 'tpu')) == 'cuda'
 
 
 def test_printed_command_runs_outside_the_repo(tmp_path, capsys):

@@ -19,6 +19,7 @@ from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import timing
 from nbp_jax import trainer
+from nbp_jax.interop import official
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
@@ -427,6 +428,31 @@ def test_generator_load_says_what_to_run_first(tmp_path):
     generator_lib.Generator.load(str(tmp_path / 'missing'))  # no config.json
   with pytest.raises(errors.MissingError, match='train first'):
     generator_lib.Generator.load(str(tmp_path), config_lib.task_config('demo', 'tiny'))  # no checkpoints/
+
+
+def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot_read(tmp_path):
+  micro = _micro_generator()
+  workdir = str(tmp_path / 'run')
+  official.save_workdir(workdir, micro.params, micro.config)
+  # An architecture override of the run's config (or another run's config) builds other params: named, not sampled.
+  deeper = micro.config.copy_and_resolve_references()
+  deeper.model.num_layers = micro.config.model.num_layers + 1
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r'trained with model.num_layers=2, this config has model.num_layers=3 \(parameter '):
+    generator_lib.Generator.load(workdir, deeper)
+  # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
+  params_dir = os.path.join(workdir, 'checkpoints', '0', 'params')
+  for root, _, files in os.walk(params_dir):
+    for name in files:
+      if root != params_dir:
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'checkpoints/0 is unreadable'):
+    generator_lib.Generator.load(workdir, micro.config)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write('{"model": ')
+  with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'config.json is not valid JSON'):
+    generator_lib.Generator.load(workdir)
 
 
 def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):

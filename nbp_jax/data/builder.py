@@ -157,18 +157,19 @@ def _tfds_progress_bars(enabled: bool):
 
 def load_info(location: Location) -> tfds.core.DatasetInfo:
   """The stored DatasetInfo (splits and their sizes, features, metadata) of an existing dataset."""
-  _require_exists(location)
+  require_prepared(location)
   return tfds.builder_from_directory(location.path).info
 
 
 def data_source(location: Location, split: str):
   """Random-access source over one split (`tfds.data_source`): len() and [i] -> dict of numpy features."""
-  _require_exists(location)
+  require_prepared(location)
   return tfds.data_source(location.tfds_name, split=split, data_dir=location.data_dir, download=False,
                           try_gcs=False)
 
 
-def _require_exists(location: Location) -> None:
+def require_prepared(location: Location) -> None:
+  """Raises MissingError (naming --mode=prepare_data) unless the dataset at `location` is written."""
   if not location.exists():
     raise errors.MissingError(
         f'No prepared dataset at {location.path}; run `python -m nbp_jax.main --mode=prepare_data` with the same '

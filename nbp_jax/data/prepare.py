@@ -29,7 +29,6 @@ import dataclasses
 import itertools
 import os
 import re
-import sys
 from typing import Any
 
 import numpy as np
@@ -83,11 +82,7 @@ def run(config, workdir: str) -> None:
   elif config.data.source == 'synthetic':
     prepare_synthetic(config, location)
   else:
-    try:
-      prepare_videos(config, location)
-    except PrepareError as e:
-      print(f'prepare_data failed: {e}', file=sys.stderr)
-      sys.exit(1)
+    prepare_videos(config, location)  # a PrepareError says what the folder lacks (nbp_jax.main: one line, exit 2)
   print(summary(location, config))
 
 

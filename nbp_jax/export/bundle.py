@@ -17,13 +17,17 @@ WORKDIR/<model>/export/.
                                         synthetic ones), so that the printed command runs as it is
 
 The model, sampling settings and sizes come from WORKDIR/config.json (the run's own config); only the `export`
-section is taken from the command line. The tokenizer is found as everywhere else: `tokenizer.checkpoint` of the
+section is taken from the command line. The run's 'auto' compute settings (model.dtype, tokenizer.dtype,
+tokenizer.conv_impl) resolve for the platforms exported for: bfloat16 and 3D convolutions when `export.platforms`
+names an accelerator (also when exporting from a CPU machine), float32 and the CPU's 2D convolutions when it names
+only 'cpu' (or is empty on a CPU machine). The tokenizer is found as everywhere else: `tokenizer.checkpoint` of the
 run's config if set (a tokenizer workdir), else WORKDIR/tokenizer (where --mode=train_tokenizer and --mode=import
 write it); without one, the export holds the transformer only and the function returns codes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
 import shlex
@@ -34,10 +38,12 @@ import ml_collections
 import numpy as np
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.data import pipeline
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import load as tokenizer_load
 
 EXPORT_SUBDIR = 'export'
@@ -74,10 +80,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return {name: export_workdir(config, r) for name, r in zip(names, runs)}
 
 
+def compute_platform(platforms: Sequence[str]) -> str | None:
+  """The platform whose 'auto' compute settings an export for `platforms` gets: an accelerator's when one is named
+  (one program serves them all; bfloat16 and 3D convolutions also run on CPU), 'cpu' when only it is, None (this
+  backend) for ()."""
+  accelerators = [p for p in platforms if p != 'cpu']
+  return accelerators[0] if accelerators else ('cpu' if platforms else None)
+
+
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Exports the one training run in `workdir`; returns {what: path} of the files written."""
   ex = config.export
   run_config = checkpoint_lib.load_config(workdir)
+  platform = compute_platform(tuple(ex.platforms))
   params, step = checkpoint_lib.restore_params(workdir)
   out = os.path.join(workdir, EXPORT_SUBDIR)
   written = {}
@@ -89,7 +104,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   del params
 
   try:
-    tok = tokenizer_load.load_tokenizer(run_config, workdir)
+    tok = tokenizer_load.load_tokenizer(run_config, workdir, platform=platform)
   except errors.MissingError:
     if run_config.tokenizer.get('checkpoint', ''):
       raise  # a tokenizer was named and is not there
@@ -109,8 +124,9 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     # The function takes exactly the tensors of the files just written (memory-mapped, in their dtype).
     weights = safetensors_io.Reader(written['params'])
     tok_weights = None if tok is None else (tok[0], safetensors_io.Reader(written['tokenizer']))
+    spec = spec_from_config(run_config, dtype=config_lib.resolve_dtype(run_config.model.dtype, platform))
     gen = stablehlo.build(run_config, weights, tokenizer=tok_weights, batch_size=batch, context_frames=context,
-                          embed_params=bool(ex.embed_params))
+                          embed_params=bool(ex.embed_params), spec=spec)
     written['program'], written['signature'] = stablehlo.export(gen, out, tuple(ex.platforms))
     written['runner'] = os.path.join(out, 'run_generate.py')
     shutil.copyfile(os.path.join(os.path.dirname(__file__), 'run_generate.py'), written['runner'])

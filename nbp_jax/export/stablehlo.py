@@ -162,7 +162,9 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
       num_classes=vocab.num_classes, id_layout=config.nbp.get('id_layout', 'native'), fps=float(config.data.fps),
       sampling=dict(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p),
                     cfg_scale=float(sampling.cfg_scale), greedy=bool(sampling.greedy)),
-      embedded_params=bool(embed_params))
+      embedded_params=bool(embed_params), compute_dtype=jnp.dtype(spec.model.dtype).name,
+      tokenizer_compute=None if tokenizer is None else dict(dtype=jnp.dtype(tokenizer[0].dtype).name,
+                                                            conv_impl=tokenizer[0].conv_impl))
   return Generation(fn=fn, inputs=inputs, outputs=outputs, weights=[] if embed_params else t_arrays + k_arrays,
                     info=info)
 

@@ -31,17 +31,18 @@ def tokenizer_config(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
     return config.tokenizer
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
-                   ) -> tuple[tokenizer_model.Tokenizer, Any, int]:
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
+                   platform: str | None = None) -> tuple[tokenizer_model.Tokenizer, Any, int]:
   """(model, generator params, step) of the trained tokenizer, params on the first local device.
 
   The architecture comes from the checkpoint's own config, so codes always match the weights; compute dtype from
-  the current config.tokenizer.dtype.
+  the current config.tokenizer.dtype. 'auto' settings resolve for `platform` (None = this backend; the export
+  names the one it compiles for).
   """
   tdir = tokenizer_workdir(config, workdir)
   tok = tokenizer_config(config, workdir).copy_and_resolve_references()
   tok.dtype = config.tokenizer.get('dtype', tok.get('dtype', 'float32'))
-  model = tokenizer_model.make_model(tok)
+  model = tokenizer_model.make_model(tok, platform)
   try:
     params, step = checkpoint_lib.restore_params(tdir, step)
   except FileNotFoundError as e:

@@ -444,12 +444,13 @@ def resolve_conv_impl(name: str, platform: str | None = None) -> str:
   return '2d' if (platform or jax.default_backend()) == 'cpu' else '3d'
 
 
-def make_model(config: ml_collections.ConfigDict) -> Tokenizer:
-  """The tokenizer of `config` (a full config or its `tokenizer` section); compute dtype from tokenizer.dtype."""
+def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -> Tokenizer:
+  """The tokenizer of `config` (a full config or its `tokenizer` section); compute dtype from tokenizer.dtype.
+  Its 'auto' settings (dtype, conv_impl) resolve for `platform` ('cpu', 'cuda', 'tpu'; None = this backend)."""
   tok = config.tokenizer if 'tokenizer' in config else config
-  dtype = config_lib.resolve_dtype(tok.get('dtype', 'float32'))
-  return Tokenizer(TokenizerSpec.from_config(tok), jnp.dtype(dtype), resolve_conv_impl(tok.get('conv_impl', 'auto')),
-                   bool(tok.get('remat', False)))
+  dtype = config_lib.resolve_dtype(tok.get('dtype', 'float32'), platform)
+  return Tokenizer(TokenizerSpec.from_config(tok), jnp.dtype(dtype),
+                   resolve_conv_impl(tok.get('conv_impl', 'auto'), platform), bool(tok.get('remat', False)))
 
 
 def _as_model(model_or_config) -> Tokenizer:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import grain
 import jax
@@ -33,6 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from nbp_jax import errors
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.tokenizer import fsq
@@ -156,10 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
     old = dict(builder.load_info(location).metadata)
     if {k: old.get(k) for k in ('tokenizer', 'tokenizer_step')} != {k: metadata[k] for k in ('tokenizer',
                                                                                             'tokenizer_step')}:
-      print(f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
-            f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.',
-            file=sys.stderr)
-      sys.exit(1)
+      raise errors.UserError(
+          f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
+          f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.')
     print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
     return location
 

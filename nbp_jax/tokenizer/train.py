@@ -31,6 +31,7 @@ import ml_collections
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import trainer
+from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.tokenizer import load
 from nbp_jax.tokenizer import task as tokenizer_task
@@ -111,6 +112,8 @@ def previous_evaluation(path: str, step: int, eval_clips: int) -> dict[str, floa
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  # The data first: without it nothing is written (not even the pretrained tokenizer's copy).
+  builder.require_prepared(builder.video_location(config, workdir))
   tdir = load.tokenizer_workdir(config, workdir)
   if jax.process_index() == 0:
     install_pretrained(config, tdir)
