@@ -560,10 +560,12 @@ def test_generation_benchmark_prints_the_machine_readable_line(capsys):
   assert ' nbp_first_frame_s=' in last and ' ntp_first_frame_s=' in last
   # Only presence and sign: at this size an ordering of two timings is noise (a benchmark's job, not a test's).
   assert result['nbp_first_frame_s'] > 0 and result['ntp_first_frame_s'] > 0
-  # The roofline fields: a step's time over the larger of its matmul time and its weight-read time.
+  # The roofline fields: a step's time over the larger of its matmul time and its weight-read time. A step's time
+  # is a clip's less its prefill, two timings: at this size, beside the other test worker, their difference can even
+  # be negative (it was, once: -12 ms), so only the ideal's sign is asserted.
   for mode in ('nbp', 'ntp'):
     assert f' {mode}_step_ms=' in last and f' {mode}_roofline=' in last
-    assert result[f'{mode}_roofline'] > 0 and result[f'{mode}_matmul_ms'] > 0
+    assert np.isfinite(result[f'{mode}_roofline']) and result[f'{mode}_matmul_ms'] > 0
   # The ceiling: each clip's prefill plus its other steps at the ideal the roofline divides by.
   ideal_clip = lambda m: result[f'{m}_prefill_s'] + (result[f'{m}_steps'] - 1) * (
       result[f'{m}_step_ms'] / result[f'{m}_roofline'] / 1e3)
