@@ -52,6 +52,17 @@ def run_main(*args, timeout=900):
                         timeout=timeout, env=env)
 
 
+def damage_checkpoint_arrays(checkpoint_dir, item='params'):
+  """Overwrites the array data of one item of an orbax checkpoint (its files below the item's folder; the
+  metadata beside them stays), as a disk that filled up after the commit marker would leave it."""
+  item_dir = os.path.join(checkpoint_dir, item)
+  for root, _, files in os.walk(item_dir):
+    for name in files:
+      if root != item_dir:
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+
+
 def _run_folder(tmp_path_factory):
   """The test run's temporary folder, shared by its pytest-xdist workers (each worker's basetemp is a folder in it)."""
   root = tmp_path_factory.getbasetemp()

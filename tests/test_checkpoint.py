@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import damage_checkpoint_arrays
 from nbp_jax import checkpoint
 from nbp_jax import config_lib
 from nbp_jax import metric_logger
@@ -111,13 +112,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
   ref_dir, ref_losses, _ = reference
   workdir = str(tmp_path / 'w')
   shutil.copytree(ref_dir, workdir)
-  # Damage the newest checkpoint's array data (e.g. a disk that filled up after the commit marker).
-  data_root = os.path.join(workdir, 'checkpoints', '12', 'params')
-  for root, _, files in os.walk(data_root):
-    for name in files:
-      if root != data_root:
-        with open(os.path.join(root, name), 'wb') as f:
-          f.write(b'garbage')
+  damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '12'))  # the newest one
   cfg = toy.reference_config()
   cfg.train.num_steps = 12
   trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16), eval_data=lambda: iter(toy.dataset(16, seed=1)))

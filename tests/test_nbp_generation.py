@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import damage_checkpoint_arrays
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
@@ -441,12 +442,7 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
                      match=r'trained with model.num_layers=2, this config has model.num_layers=3 \(parameter '):
     generator_lib.Generator.load(workdir, deeper)
   # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
-  params_dir = os.path.join(workdir, 'checkpoints', '0', 'params')
-  for root, _, files in os.walk(params_dir):
-    for name in files:
-      if root != params_dir:
-        with open(os.path.join(root, name), 'wb') as f:
-          f.write(b'garbage')
+  damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '0'))
   with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'checkpoints/0 is unreadable'):
     generator_lib.Generator.load(workdir, micro.config)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
