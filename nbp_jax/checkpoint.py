@@ -53,10 +53,11 @@ class CheckpointCorruptError(errors.UserError, ValueError):
 STRUCTURE_FIELDS = (
     'model.num_layers', 'model.emb_dim', 'model.num_heads', 'model.mlp_ratio', 'model.max_positions',
     'model.scan_layers', 'model.param_dtype', 'nbp.block_shape', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout',
-    'data.num_frames', 'data.resolution', 'data.num_classes', 'tokenizer.channels', 'tokenizer.channel_multipliers',
-    'tokenizer.num_res_blocks', 'tokenizer.num_mid_blocks', 'tokenizer.num_groups', 'tokenizer.kernel_size',
-    'tokenizer.temporal_downsample', 'tokenizer.fsq_levels', 'tokenizer.discriminator_channels',
-    'tokenizer.discriminator_layers', 'optim.grad_clip', 'optim.weight_decay', 'optim.grad_accum_steps')
+    'data.num_frames', 'data.resolution', 'data.num_classes', 'tokenizer.norm', 'tokenizer.channels',
+    'tokenizer.channel_multipliers', 'tokenizer.num_res_blocks', 'tokenizer.num_mid_blocks', 'tokenizer.num_groups',
+    'tokenizer.kernel_size', 'tokenizer.temporal_downsample', 'tokenizer.fsq_levels',
+    'tokenizer.discriminator_channels', 'tokenizer.discriminator_layers', 'optim.grad_clip', 'optim.weight_decay',
+    'optim.grad_accum_steps')
 
 # errno values of a storage that failed to answer, as opposed to a file whose content is wrong.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,

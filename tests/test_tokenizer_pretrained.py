@@ -1,5 +1,7 @@
 """The bundled demo tokenizer: installed by --mode=train_tokenizer, refused for other settings, and it reconstructs."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,19 @@ def test_bundled_tokenizer_is_refused_for_other_settings(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.channels.*pretrained=''"):
     tokenizer_train.install_pretrained(config, str(tmp_path / 'tokenizer'))
   assert not (tmp_path / 'tokenizer').exists()
+
+
+
+def test_loading_a_tokenizer_says_which_architecture_fields_of_the_config_it_does_not_use(caplog):
+  """The checkpoint's own config decides the architecture (its codes must match its weights); a config that asks
+  for another one is told so by name, not silently overruled. The demo's own config loads it without a word."""
+  config = config_lib.task_config('demo', 'tiny')
+  config.tokenizer.checkpoint = tokenizer_train.BUNDLED['demo']
+  with caplog.at_level(logging.WARNING):
+    model, _, _ = load.load_tokenizer(config, 'unused')
+  assert 'another architecture' not in caplog.text
+  config.tokenizer.fsq_levels = (4, 4)
+  with caplog.at_level(logging.WARNING):
+    again, _, _ = load.load_tokenizer(config, 'unused')
+  assert "this config's tokenizer.fsq_levels=(4, 4) are not used" in caplog.text
+  assert again.spec == model.spec  # the checkpoint's architecture all the same

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
@@ -14,6 +15,10 @@ from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import errors
 from nbp_jax.tokenizer import model as tokenizer_model
 
+# The fields that decide the tokenizer's weights (checkpoint.STRUCTURE_FIELDS' tokenizer part, its discriminator's
+# aside: loading never builds it).
+ARCHITECTURE_FIELDS = tuple(f.split('.', 1)[1] for f in checkpoint_lib.STRUCTURE_FIELDS
+                             if f.startswith('tokenizer.') and 'discriminator' not in f)
 TOKENIZER_SUBDIR = 'tokenizer'  # WORKDIR/tokenizer: where train_tokenizer and import write, sample/eval/export look
 
 
@@ -41,6 +46,12 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | 
   """
   tdir = tokenizer_workdir(config, workdir)
   tok = tokenizer_config(config, workdir).copy_and_resolve_references()
+  differ = [f'{k}={config.tokenizer.get(k)!r}' for k in ARCHITECTURE_FIELDS
+            if k in config.tokenizer and k in tok and config.tokenizer[k] != tok[k]]
+  if differ:  # said, not silently dropped: e.g. a --config.tokenizer.size override next to a trained tokenizer
+    logging.warning('The tokenizer in %s was trained with another architecture; this config\'s %s are not used '
+                    '(the checkpoint\'s own config decides it, so that codes match the weights).', tdir,
+                    ', '.join(f'tokenizer.{d}' for d in differ))
   tok.dtype = config.tokenizer.get('dtype', tok.get('dtype', 'float32'))
   model = tokenizer_model.make_model(tok, platform)
   try:

@@ -144,6 +144,8 @@ def tokenizer_reference(tokenizer_dir: str, workdir: str) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   location = tokens_location(config, workdir)
+  if not location.exists():  # the clips first: with neither them nor a tokenizer, prepare_data is the step to name
+    builder.require_prepared(builder.video_location(config, workdir))
   model, params, step = load.load_tokenizer(config, workdir)
   spec = model.spec
   tdir = tokenizer_reference(load.tokenizer_workdir(config, workdir), workdir)

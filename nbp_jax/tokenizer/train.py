@@ -52,9 +52,8 @@ EVAL_VERSION = 2
 
 BUNDLED = {'demo': os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
                                  'demo_tokenizer')}
-# What a pretrained tokenizer must share with the config that uses it (besides compute-only fields).
-_SAME_TOKENIZER = ('channels', 'channel_multipliers', 'num_res_blocks', 'num_mid_blocks', 'temporal_downsample',
-                   'num_groups', 'kernel_size', 'fsq_levels', 'norm', 'num_steps')
+# What a pretrained tokenizer must share with the config that uses it: its architecture and training length.
+_SAME_TOKENIZER = (*load.ARCHITECTURE_FIELDS, 'num_steps')
 _SAME_DATA = ('source', 'num_frames', 'resolution')
 
 
