@@ -309,6 +309,28 @@ class Checkpointer:
     self._manager.close()
 
   # ------------------------------------------------------------------------------------------------------------
+  def naming_config_fields(self, error: CheckpointMismatchError, step: int, config: ml_collections.ConfigDict | None,
+                           verb: str, alternative: str = '') -> CheckpointMismatchError:
+    """`error` naming the STRUCTURE_FIELDS where `config` differs from the config saved with checkpoint `step`, and
+    ending '<verb> the config it was trained with (... or the --config overrides)<alternative>.'; `error` itself when
+    none differ or there is no config to compare."""
+    fields = config_differences(self.saved_config(step) or {}, config) if config is not None else []
+    if not fields:
+      return error
+    config_json = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
+    return CheckpointMismatchError(
+        f'checkpoint {self.step_dir(step)} was written by another config: this config has '
+        f'{", ".join(f"{k}={a!r}" for k, a, _ in fields)}, the checkpoint '
+        f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(error, "detail", error)}) {verb} the config '
+        f'it was trained with ({config_json}, or {" ".join(f"--config.{k}={b!r}" for k, _, b in fields)})'
+        f'{alternative}.')
+
+  def storage_error(self, step: int, error: Exception) -> CheckpointReadError:
+    """The refusal for a checkpoint the storage failed to read (is_transient_io_error): left where it is."""
+    return CheckpointReadError(
+        f'checkpoint {self.step_dir(step)} could not be read ({_first_line(error)}); the storage failed, not the '
+        'checkpoint, so it was left in place: rerun when the storage answers.')
+
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint aside (so a later save of that step does not collide) and says so."""
     src = self.step_dir(step)
@@ -368,22 +390,10 @@ class Checkpointer:
                             'beginning.', self.step_dir(step))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except CheckpointMismatchError as e:
-        fields = config_differences(self.saved_config(step) or {}, config) if config is not None else []
-        if not fields:
-          raise
-        config_json = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
-        raise CheckpointMismatchError(
-            f'checkpoint {self.step_dir(step)} was written by another config: this config has '
-            f'{", ".join(f"{k}={a!r}" for k, a, _ in fields)}, the checkpoint '
-            f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(e, "detail", e)}) Resume with the config '
-            f'it was trained with ({config_json}, or {" ".join(f"--config.{k}={b!r}" for k, _, b in fields)}) '
-            'or start a fresh --workdir.') from e
+        raise self.naming_config_fields(e, step, config, 'Resume with', ' or start a fresh --workdir') from e
       except Exception as e:  # pylint: disable=broad-except
         if is_transient_io_error(e):
-          raise CheckpointReadError(
-              f'checkpoint {self.step_dir(step)} could not be read ({type(e).__name__}: '
-              f'{str(e).splitlines()[0][:300] if str(e) else e!r}); the storage failed, not the checkpoint, so it '
-              'was left in place: rerun when the storage answers.') from e
+          raise self.storage_error(step, e) from e
         self._quarantine(step, e)
         continue
       if 'data' in items:
@@ -400,7 +410,8 @@ def _abstract_from_metadata(tree: PyTree, sharding_for: Any) -> PyTree:
 
 
 def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree | None = None,
-                   mesh: jax.sharding.Mesh | None = None, best: bool = False) -> tuple[PyTree, int]:
+                   mesh: jax.sharding.Mesh | None = None, best: bool = False, expected: PyTree | None = None,
+                   config: ml_collections.ConfigDict | None = None) -> tuple[PyTree, int]:
   """Parameters of a training run, for the sample/eval/export modes. Returns (params, step).
 
   Args:
@@ -408,6 +419,8 @@ def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree |
     step: which checkpoint; default the latest (or the best by validation loss when `best`).
     shardings: a tree of shardings matching the params (e.g. from `parallel.logical_shardings`) to restore
       straight onto a mesh; default: replicated over `mesh`, or on the first local device when no mesh is given.
+    expected: the params' abstract tree as a config builds them; checked against the checkpoint's metadata before
+      anything is read (CheckpointMismatchError naming the fields where `config` and the checkpoint's differ).
   """
   if not os.path.isdir(workdir):
     raise errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '
@@ -425,27 +438,36 @@ def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree |
     if step not in ckpt.all_steps():
       raise errors.MissingError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
     try:
-      return _restore_params_of(ckpt, step, shardings, mesh), step
+      tree = ckpt.params_metadata(step)
+      if expected is not None:
+        try:
+          check_shapes(tree, expected, 'parameter', f'checkpoint {ckpt.step_dir(step)}')
+        except CheckpointMismatchError as e:
+          raise ckpt.naming_config_fields(e, step, config, 'Use') from e
+      return _restore_params_of(ckpt, step, tree, shardings, mesh), step
     except errors.UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for bad content)
-      reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else e!r}'
       if is_transient_io_error(e):
-        raise CheckpointReadError(f'checkpoint {ckpt.step_dir(step)} could not be read ({reason}); the storage '
-                                  'failed, not the checkpoint: rerun when it answers.') from e
+        raise ckpt.storage_error(step, e) from e
       others = [s for s in ckpt.all_steps() if s != step]
       raise CheckpointCorruptError(
-          f'checkpoint {ckpt.step_dir(step)} is unreadable ({reason}): damaged, or not a transformer checkpoint of '
-          f'nbp-jax. {f"Other steps there: {others}; " if others else ""}training again (the same command with '
-          '--mode=train) resumes from the last good one, which moves this one aside.') from e
+          f'checkpoint {ckpt.step_dir(step)} is unreadable ({_first_line(e)}): damaged, or not a transformer '
+          f'checkpoint of nbp-jax. {f"Other steps there: {others}; " if others else ""}training again (the same '
+          'command with --mode=train) resumes from the last good one, which moves this one aside.') from e
   finally:
     ckpt.close()
 
 
-def _restore_params_of(ckpt: Checkpointer, step: int, shardings: PyTree | None,
+def _first_line(error: BaseException) -> str:
+  """'Type: the first line of the message' of an error from the storage libraries (theirs run to pages)."""
+  return f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else repr(error)}'
+
+
+def _restore_params_of(ckpt: Checkpointer, step: int, tree: PyTree, shardings: PyTree | None,
                        mesh: jax.sharding.Mesh | None) -> PyTree:
-  """Step `step`'s params, onto `shardings`, else replicated over `mesh`, else on the first local device."""
-  tree = ckpt.params_metadata(step)
+  """Step `step`'s params (metadata `tree`), onto `shardings`, else replicated over `mesh`, else on the first local
+  device."""
   if shardings is not None:
     abstract = jax.tree_util.tree_map(
         lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=s), tree, shardings,

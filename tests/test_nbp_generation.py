@@ -439,7 +439,7 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   deeper = micro.config.copy_and_resolve_references()
   deeper.model.num_layers = micro.config.model.num_layers + 1
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match=r'trained with model.num_layers=2, this config has model.num_layers=3 \(parameter '):
+                     match=r'this config has model\.num_layers=3, the checkpoint model\.num_layers=2 \(parameter '):
     generator_lib.Generator.load(workdir, deeper)
   # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
   damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '0'))

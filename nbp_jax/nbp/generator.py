@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-import flax.linen
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,7 +26,6 @@ import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
-from nbp_jax import errors
 from nbp_jax import image_metrics
 from nbp_jax import parallel
 from nbp_jax import timing
@@ -49,25 +48,10 @@ _RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokeni
 _SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
 
 
-def _check_checkpoint_matches(spec: Spec, params, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises CheckpointMismatchError when the restored params are not the ones `config` builds (an override of an
-  architecture field, another run's checkpoint), naming the fields where `config` and the run's saved one differ."""
+def _abstract_params(spec: Spec):
+  """The params' abstract tree (shapes and dtypes) that `spec` builds."""
   from nbp_jax.nbp import train  # pylint: disable=g-import-not-at-top  (nbp.train imports this module)
-  abstract = flax.linen.unbox(jax.eval_shape(lambda r: train.init_params(spec, r), jax.random.key(0)))
-  where = f'the checkpoint of {workdir}'
-  try:
-    checkpoint_lib.check_shapes(params, abstract, 'parameter', where)
-  except checkpoint_lib.CheckpointMismatchError as e:
-    try:
-      fields = checkpoint_lib.config_differences(checkpoint_lib.load_config(workdir), config)
-    except (errors.UserError, OSError):
-      fields = []
-    if not fields:
-      raise
-    raise checkpoint_lib.CheckpointMismatchError(
-        f'{where} was trained with {", ".join(f"{k}={b!r}" for k, _, b in fields)}, this config has '
-        f'{", ".join(f"{k}={a!r}" for k, a, _ in fields)} ({e.detail}) Leave those fields as the run had them '
-        f'(its {checkpoint_lib.CONFIG_FILE} is used when no --config is given).') from e
+  return nn.unbox(jax.eval_shape(lambda r: train.init_params(spec, r), jax.random.key(0)))
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -129,9 +113,10 @@ class Generator:
     if config is None:
       config = saved_config(workdir)
       config_lib.validate(config, 'sample')
-    params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh)  # first: "train first" is the apt error
     spec = spec_from_config(config)
-    _check_checkpoint_matches(spec, params, config, workdir)
+    # An architecture override of the run's config (or another run's checkpoint) is refused before the read.
+    params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh, expected=_abstract_params(spec),
+                                                 config=config)
     # Once here rather than in every generate call: generation runs its own layout (transformer.decode_params).
     params = transformer_lib.decode_params(params)
     tokenizer, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
