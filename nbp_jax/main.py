@@ -57,6 +57,8 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of expected e
 
 # Modes that use a finished run: without --config they take the config saved in the workdir.
 _USES_SAVED_CONFIG = ('sample', 'eval', 'export')
+# Modes that run as one process only (file conversions; every other mode runs on several, docs/design.md).
+_SINGLE_PROCESS_MODES = ('import', 'export')
 
 # mode -> 'module:function' taking (config, workdir): one per config_lib.MODES.
 STAGES = {
@@ -143,8 +145,12 @@ def main(argv: list[str]) -> None:
                            '--workdir=W, --config=FILE, --config.section.field=value (see --help).'))
   quiet_logs()
   from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
+  multi_process = distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
   mode = _MODE.value
+  if multi_process and mode in _SINGLE_PROCESS_MODES:
+    _fail(errors.UserError(f'--mode={mode} converts files on one process, and this is one of several '
+                           '(JAX_COORDINATOR_ADDRESS, SLURM or NBP_DISTRIBUTED says so): run it once, on one host, '
+                           'with NBP_DISTRIBUTED=0.'))
   try:
     config = config_from_flags(mode, _WORKDIR.value)
     config_lib.validate(config, mode)

@@ -22,6 +22,7 @@ import time
 import ml_collections
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import parallel
 from nbp_jax.data import prepare
 from nbp_jax.data import synthetic
 from nbp_jax.evaluation import protocols
@@ -118,7 +119,8 @@ class StageClock:
 
   def start(self, name: str, title: str) -> None:
     self.stop()
-    print(f'== {title}', flush=True)
+    if parallel.is_primary():
+      print(f'== {title}', flush=True)
     self._name, self._start = name, time.perf_counter()
 
   def stop(self) -> None:
@@ -168,6 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f'batch_frames_per_s: {config.sample.batch_size}).')
     summary['speedup'] = speedup
   summary['result_line'] = result_line(rows, summary.get('speedup'))
+  if not parallel.is_primary():
+    return summary
   with open(summary_path, 'w') as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:

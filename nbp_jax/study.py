@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nbp_jax import config_lib
 from nbp_jax import metric_logger
+from nbp_jax import parallel
 from nbp_jax import pipeline
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
@@ -80,10 +81,17 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: 
   row.update(block_shape=list(map(int, block_shape)), block_size=int(math.prod(block_shape)), seed=int(seed),
              val_loss=_val_loss(vdir), train_seconds=round(train_seconds, 1),
              eval_seconds=round(time.perf_counter() - start - train_seconds, 1))
-  with open(path + '.tmp', 'w') as f:
-    json.dump(row, f, indent=2)
-  os.replace(path + '.tmp', path)
+  _save_json(path, row)
   return row
+
+
+def _save_json(path: str, value) -> None:
+  """Writes `value` as JSON to `path` in one step (a file that exists is whole); process 0 only."""
+  if not parallel.is_primary():
+    return
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
 
 
 def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict[str, dict]:
@@ -106,9 +114,7 @@ def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict
     generator = generator_lib.Generator.load(vdir, c)
     timings[name] = pipeline.time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator,
                                                                                   c.sample.batch_size))
-  with open(path + '.tmp', 'w') as f:
-    json.dump(timings, f, indent=2)
-  os.replace(path + '.tmp', path)
+  _save_json(path, timings)
   return timings
 
 
@@ -205,6 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table = format_table(entries)
   report = {'config': config.name, 'runs': runs, 'aggregate': entries, 'stage_seconds': clock.seconds,
             'train_steps': int(config.train.num_steps), 'num_train_clips': int(config.data.synthetic.num_train)}
+  if not parallel.is_primary():
+    return report
   with open(os.path.join(workdir, 'study.json'), 'w') as f:
     json.dump(report, f, indent=2)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:

@@ -28,7 +28,8 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The whole pipeline at micro size: the demo's recipe, narrower; 9 frames at 16x16 -> 3x4x4 codes; blocks of half a
-# latent row (1x1x2) vs NTP; a tokenizer trained from scratch (the bundled one is for 17x32x32 clips).
+# latent row (1x1x2) vs NTP; a tokenizer trained from scratch (the bundled one is for 17x32x32 clips). Evaluation in
+# two batches of two: tests/test_multihost.py has two processes take one each and expects the same scores.
 TINY_PIPELINE_FLAGS = (
     '--config=configs/demo.py',
     '--config.data.num_frames=9', '--config.data.resolution=16',
@@ -40,7 +41,7 @@ TINY_PIPELINE_FLAGS = (
     '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=2',
     '--config.train.checkpoint_every=2', '--config.train.num_eval_batches=1',
     '--config.sample.num_samples=4', '--config.sample.batch_size=4',
-    '--config.eval.num_samples=4', '--config.eval.batch_size=4', '--config.eval.fvd_num_frames=9',
+    '--config.eval.num_samples=4', '--config.eval.batch_size=2', '--config.eval.fvd_num_frames=9',
     '--config.eval.num_video_files=2', '--config.eval.classifier_steps=5',
 )
 
@@ -50,6 +51,41 @@ def run_main(*args, timeout=900):
   env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', 'nbp_jax.main', *args], cwd=REPO, capture_output=True, text=True,
                         timeout=timeout, env=env)
+
+
+def run_processes(command: list[str], num_processes: int = 2, timeout: float = 600) -> list[tuple[int, str, str]]:
+  """`command` (e.g. [python, -m, nbp_jax.main, ...]) as the `num_processes` processes of one multi-host JAX run on
+  this machine (jax.distributed through localhost, one CPU device each, gloo collectives); returns (returncode,
+  stdout, stderr) per process. Once one fails the others are stopped (they would wait for it at a collective)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+             JAX_NUM_PROCESSES=str(num_processes))
+  with tempfile.TemporaryDirectory() as logs:
+    outputs = [(open(os.path.join(logs, f'{i}.out'), 'w+'), open(os.path.join(logs, f'{i}.err'), 'w+'))
+               for i in range(num_processes)]
+    procs = [subprocess.Popen(command, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=out, stderr=err,
+                              text=True) for i, (out, err) in enumerate(outputs)]
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+      if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+        for p in procs:
+          p.kill()
+        break
+      time.sleep(0.2)
+    results = []
+    for p, (out, err) in zip(procs, outputs):
+      p.wait()
+      out.seek(0)
+      err.seek(0)
+      results.append((p.returncode, out.read(), err.read()))
+      out.close()
+      err.close()
+  return results
 
 
 def damage_checkpoint_arrays(checkpoint_dir, item='params'):

@@ -12,7 +12,9 @@ from conftest import run_main
 from nbp_jax import study
 
 # The tests' micro pipeline (3x4x4 codes), as the study: NTP and blocks of one latent row, one seed each.
-STUDY_FLAGS = ('--config=configs/study.py', *TINY_PIPELINE_FLAGS[1:],
+# Its evaluations in one batch of 4 (the pipeline's two batches of 2 are for tests/test_multihost.py).
+STUDY_FLAGS = ('--config=configs/study.py',
+               *(f.replace('eval.batch_size=2', 'eval.batch_size=4') for f in TINY_PIPELINE_FLAGS[1:]),
                '--config.study.block_shapes=((1,1,1),(1,1,4))', '--config.study.seeds=(0,)')
 
 

@@ -14,7 +14,7 @@ pre-tokenized dataset ('codes' uint16 [t, h, w], 'label') goes through the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 import sys
 from typing import Any
 
@@ -137,11 +137,13 @@ def make_iterator(dataset: grain.MapDataset, *, worker_count: int = 0) -> grain.
 
 
 def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_size: int | None = None,
-                shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                shuffle: bool = False, seed: int = 0, batches: Iterable[int] | None = None
+                ) -> Iterator[dict[str, np.ndarray]]:
   """The first `count` clips of `split` (with their labels), in a fixed order, the same on every host.
 
   Order: the split's record order; with `shuffle`, a permutation seeded by `seed` that repeats (a new permutation
   every epoch) so `count` may exceed the split. Unshuffled, one epoch at most: fewer clips when the split is smaller.
+  `batches`: only these batches (ascending indices; e.g. a process's `parallel.share`), the others not read.
 
   Yields:
     batches of `batch_size` clips (default: all `count` in one), the last one smaller:
@@ -149,15 +151,17 @@ def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_
   """
   if count < 1:
     raise ValueError(f'first_clips needs count >= 1, got {count}.')
-  ds = make_dataset(config, workdir, split, seed=seed, shard_index=0, shard_count=1, batch_size=batch_size or count,
+  batch_size = batch_size or count
+  ds = make_dataset(config, workdir, split, seed=seed, shard_index=0, shard_count=1, batch_size=batch_size,
                     shuffle=shuffle, drop_remainder=False, num_epochs=None if shuffle else 1)
-  seen = 0
-  for batch in ds:
-    take = min(count - seen, len(batch['video']))
-    yield {k: np.asarray(v)[:take] for k, v in batch.items()}
-    seen += take
-    if seen >= count:
+  num_batches = min(-(-count // batch_size), len(ds))
+  # All batches: one pass (grain reads ahead); some: each read where it stands.
+  chosen = enumerate(ds) if batches is None else ((i, ds[i]) for i in batches if i < num_batches)
+  for i, batch in chosen:
+    if i >= num_batches:
       return
+    take = min(count - i * batch_size, len(batch['video']))
+    yield {k: np.asarray(v)[:take] for k, v in batch.items()}
 
 
 def synthetic_clips(count: int, num_classes: int, num_frames: int, resolution) -> dict[str, np.ndarray]:

@@ -31,10 +31,12 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import errors
+from nbp_jax import parallel
 from nbp_jax.data import builder
 from nbp_jax.data import synthetic
 from nbp_jax.data import video_io
@@ -78,12 +80,18 @@ def run(config, workdir: str) -> None:
   """Prepares (or reuses) the dataset `config.data` describes and prints a summary."""
   location = builder.video_location(config, workdir)
   if location.exists():
-    print(f'Reusing the prepared dataset at {location.path} (delete that folder to rebuild it).')
-  elif config.data.source == 'synthetic':
-    prepare_synthetic(config, location)
+    if parallel.is_primary():
+      print(f'Reusing the prepared dataset at {location.path} (delete that folder to rebuild it).')
   else:
-    prepare_videos(config, location)  # a PrepareError says what the folder lacks (nbp_jax.main: one line, exit 2)
-  print(summary(location, config))
+    # One writer in a multi-host run; a PrepareError says what the folder lacks (nbp_jax.main: one line, exit 2).
+    prepare = prepare_synthetic if config.data.source == 'synthetic' else prepare_videos
+    parallel.on_primary(lambda: prepare(config, location), 'prepare_data')
+    if not location.exists():
+      raise PrepareError(f'process {jax.process_index()} does not see the dataset process 0 wrote at '
+                         f'{location.path}: every process of a run needs the same workdir (and data.dir), on '
+                         'storage they all share.')
+  if parallel.is_primary():
+    print(summary(location, config))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
                     devices: list[jax.Device] | None = None) -> Callable[[jax.Array], jax.Array]:
   """A jitted uint8 [B, T, H, W, 3] -> float32 [B, 400] I3D logits function.
 
-  With several devices (default: all), the batch is split over them (padded to a multiple of their count).
+  With several devices (default: this process's), the batch is split over them (padded to a multiple of their count).
   """
   module, variables = load_i3d()
   variables = jax.device_put(variables)
@@ -72,7 +72,7 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
       logits, _ = module.apply(variables, x, is_training=False)
     return logits.astype(jnp.float32)
 
-  devices = jax.devices() if devices is None else list(devices)
+  devices = jax.local_devices() if devices is None else list(devices)
   if len(devices) == 1:
     single = jax.sharding.SingleDeviceSharding(devices[0])
     return jax.jit(features, in_shardings=single, out_shardings=single)
@@ -164,7 +164,8 @@ def stats_cache_path(workdir: str, **key) -> str:
 
 
 def cached_real_stats(path: str, compute: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
-  """Loads statistics from `path`, or computes features with `compute()` and stores their statistics there."""
+  """Loads statistics from `path`, or computes features with `compute()` and stores their statistics there (process
+  0 writes: in a multi-host run `compute` gathers from every process, so all of them have looked for the file first)."""
   if os.path.exists(path):
     try:
       with np.load(path) as data:
@@ -172,6 +173,8 @@ def cached_real_stats(path: str, compute: Callable[[], np.ndarray]) -> dict[str,
     except (OSError, ValueError, KeyError) as e:
       raise RuntimeError(f'FVD statistics cache {path} is unreadable ({e}); delete it to recompute.') from e
   stats = feature_stats(compute())
+  if jax.process_index() != 0:
+    return stats
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
   np.savez(tmp, **stats)

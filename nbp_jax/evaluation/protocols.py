@@ -15,11 +15,14 @@ Protocols (config.eval.protocols; 'auto' picks what the model can do):
   - 'reconstruction': the tokenizer alone: rFVD, PSNR, SSIM, LPIPS of decode(encode(x)) on held-out clips.
 Writes WORKDIR/eval/results_step<step>.json (config, checkpoint step, sample counts, every metric), a PNG grid and
 mp4s of the first samples beside it, and prints a table.
+
+Multi-host: the sampling batches are shared among the processes (each samples its share on its own devices, batch
+i with the key fold_in(rng, i)) and their results gathered, so the scores are the single-process ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 import json
 import os
 import time
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from nbp_jax import config_lib
 from nbp_jax import image_metrics
+from nbp_jax import parallel
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.evaluation import classifier as classifier_lib
@@ -51,9 +55,19 @@ def auto_protocols(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _real_batches(config, workdir: str, split: str, num: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """The real clips the protocols score against: the first `num` of `split` in config.seed's shuffled order."""
-  return pipeline.first_clips(config, workdir, num, split=split, batch_size=batch_size, shuffle=True, seed=config.seed)
+def _real_batches(config, workdir: str, split: str, num: int, batch_size: int, batches: Iterable[int] | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """The real clips the protocols score against: the first `num` of `split` in config.seed's shuffled order (only
+  the batches with the indices `batches`, when given)."""
+  return pipeline.first_clips(config, workdir, num, split=split, batch_size=batch_size, shuffle=True, seed=config.seed,
+                              batches=batches)
+
+
+def _shared_real_batches(config, workdir: str, split: str, num: int, batch_size: int, desc: str
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """(batch index, batch) of the real batches this process samples for (parallel.share), with a progress bar."""
+  mine = parallel.share(_num_batches(num, batch_size))
+  return zip(mine, tqdm(_real_batches(config, workdir, split, num, batch_size, mine), desc=desc, total=len(mine)))
 
 
 def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | None = None
@@ -68,37 +82,57 @@ def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | No
                               num=ev.num_samples, seed=config.seed)
 
   def compute():
-    batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
-    return fvd.extract_features((b['video'] for b in batches), feature_fn, total=ev.num_samples,
-                                desc=f'I3D real ({split})')
+    real = _Collector(feature_fn, ev.batch_size)
+    for i, batch in _shared_real_batches(config, workdir, split, ev.num_samples, ev.batch_size,
+                                         f'I3D real ({split})'):
+      real.add(i, batch['video'])
+    return real.gathered()[0]
 
   return fvd.cached_real_stats(path, compute)
 
 
 class _Collector:
-  """Accumulates I3D features (none if `feature_fn` is None) and per-video metrics over batches; keeps the first
-  videos for the sample files."""
+  """The results of a protocol's batches: I3D features (none if `feature_fn` is None), per-video metrics and the
+  videos at the global sample indices `show` (for the sample files). Each process adds the batches of its share;
+  `result` gathers them all, in batch order."""
 
-  def __init__(self, feature_fn, keep: int):
-    self.feature_fn, self.keep = feature_fn, keep
-    self.features, self.kept, self.values = [], [], {}
+  def __init__(self, feature_fn, batch_size: int, show: Sequence[int] = ()):
+    self.feature_fn, self.batch_size, self.show = feature_fn, batch_size, list(show)
+    self.batches: dict[int, dict] = {}
+    self.count = 0  # videos in all batches, once gathered
 
-  def add(self, videos: np.ndarray, shown: np.ndarray | None = None, **per_video: np.ndarray) -> None:
-    """Features of `videos`; `shown` (default `videos`) is what the sample files show."""
+  def add(self, index: int, videos: np.ndarray, shown: np.ndarray | None = None, **per_video: np.ndarray) -> None:
+    """Batch `index` (its samples index * batch_size, ...): features of `videos`; `shown` (default `videos`) is what
+    the sample files show."""
+    out = {'values': {name: np.asarray(value, np.float64) for name, value in per_video.items()}, 'features': None,
+           'count': len(videos)}
     if self.feature_fn is not None:
-      self.features.append(fvd.extract_features([videos], self.feature_fn, total=len(videos), desc='I3D'))
-    if sum(len(v) for v in self.kept) < self.keep:
-      self.kept.append((videos if shown is None else shown)[:self.keep])
-    for name, value in per_video.items():
-      self.values.setdefault(name, []).append(np.asarray(value, np.float64))
+      # A smaller last batch padded to the others' size: the feature function compiles once.
+      pad = np.repeat(videos[-1:], self.batch_size - len(videos), axis=0)
+      out['features'] = fvd.extract_features([np.concatenate([videos, pad])], self.feature_fn,
+                                             desc='I3D')[:len(videos)]
+    start, shown = index * self.batch_size, videos if shown is None else shown
+    out['shown'] = {i: shown[i - start] for i in self.show if start <= i < start + len(videos)}
+    self.batches[index] = out
+
+  def gathered(self) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
+    """(features [N, 400] or None, {metric: per-video values [N]}, the videos at `show` or None) of all batches."""
+    batches = parallel.gather(self.batches)
+    self.count = sum(b['count'] for b in batches)
+    features = np.concatenate([b['features'] for b in batches]) if self.feature_fn is not None else None
+    values = {name: np.concatenate([b['values'][name] for b in batches]) for name in batches[0]['values']}
+    shown = {i: video for b in batches for i, video in b['shown'].items()}
+    shown = [shown[i] for i in self.show if i in shown]  # (fewer samples than `show` asks for)
+    return features, values, np.stack(shown) if shown else None
 
   def result(self, stats: dict[str, np.ndarray] | None, fvd_name: str = 'fvd'
-             ) -> tuple[dict[str, float], np.ndarray]:
-    """({fvd_name: FVD against the real `stats` (if features were taken), per-video metric: mean}, kept videos)."""
-    means = {k: float(np.concatenate(v).mean()) for k, v in self.values.items()}
-    if self.feature_fn is not None:
-      means = {fvd_name: fvd.fvd_from_stats(fvd.feature_stats(np.concatenate(self.features)), stats), **means}
-    return means, np.concatenate(self.kept)[:self.keep]
+             ) -> tuple[dict[str, float], np.ndarray | None]:
+    """({fvd_name: FVD against the real `stats` (if features were taken), per-video metric: mean}, shown videos)."""
+    features, values, shown = self.gathered()
+    means = {name: float(v.mean()) for name, v in values.items()}
+    if features is not None:
+      means = {fvd_name: fvd.fvd_from_stats(fvd.feature_stats(features), stats), **means}
+    return means, shown
 
 
 def _num_batches(num: int, batch_size: int) -> int:
@@ -140,21 +174,22 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
                                                              ev.batch_size)]).astype(np.int32)
   stats = real_stats(config, workdir, real_split, feature_fn, stats_dir)
   predict = eval_classifier(config, workdir, stats_dir) if ev.classifier_steps > 0 else None
-  fake = _Collector(feature_fn, keep)
-  shown: dict[int, np.ndarray] = {}  # the sample files show the first sample of each of the first `keep` classes
-  for i, start in enumerate(tqdm(range(0, len(labels), ev.batch_size), desc='sampling (class)')):
-    chunk = labels[start:start + ev.batch_size]
-    codes = generator.codes(jax.random.fold_in(rng, i), labels=chunk)
-    videos = generator.decode(codes)
-    for label, video in zip(chunk.tolist(), videos):
-      if label not in shown and len(shown) < keep:
-        shown[label] = video
-    fake.add(videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
-  means, _ = fake.result(stats)
+  # The sample files show the first sample of each of the first `keep` classes to appear, in class order.
+  first = {}
+  for i, label in enumerate(labels.tolist()):
+    if label not in first and len(first) < keep:
+      first[label] = i
+  shown_labels = sorted(first)
+  fake = _Collector(feature_fn, ev.batch_size, show=[first[label] for label in shown_labels])
+  mine = parallel.share(_num_batches(len(labels), ev.batch_size))
+  for i in tqdm(mine, desc='sampling (class)'):
+    chunk = labels[i * ev.batch_size:(i + 1) * ev.batch_size]
+    videos = generator.decode(generator.codes(jax.random.fold_in(rng, i), labels=chunk))
+    fake.add(i, videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
+  means, shown = fake.result(stats)
   extra = classifier_references(config, workdir, predict) if predict else {}
-  shown_labels = sorted(shown)
   return {'metrics': {**means, **extra}, 'num_samples': int(len(labels)), 'real_split': real_split,
-          'shown_labels': shown_labels, 'videos': np.stack([shown[label] for label in shown_labels])}
+          'shown_labels': shown_labels, 'videos': shown}
 
 
 def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Generator, feature_fn, lpips_fn, rng, *,
@@ -166,11 +201,9 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
   given = config.nbp.context_frames
   decoding = frame_prediction_decoding(config)
   stats = real_stats(config, workdir, split, feature_fn, stats_dir)
-  fake = _Collector(feature_fn, keep)
-  count = 0
-  batches = _real_batches(config, workdir, split, ev.num_samples, ev.batch_size)
-  for i, batch in enumerate(tqdm(batches, desc='sampling (frame prediction)',
-                                 total=_num_batches(ev.num_samples, ev.batch_size))):
+  fake = _Collector(feature_fn, ev.batch_size, show=range(keep))
+  batches = _shared_real_batches(config, workdir, split, ev.num_samples, ev.batch_size, 'sampling (frame prediction)')
+  for i, batch in batches:
     truth = batch['video']
     labels = batch['label'].astype(np.int32) if config.nbp.condition == 'class' else None
     codes = generator.codes(jax.random.fold_in(rng, i), labels=labels, context_codes=generator.context_codes(truth),
@@ -181,14 +214,13 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
     # LPIPS of the first predicted frame, as in the release's protocol; PSNR and SSIM of all of them.
     lpips = np.asarray(lpips_fn(pf[:, 0], tf[:, 0]))
     # Sample files show truth | prediction side by side.
-    fake.add(pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
+    fake.add(i, pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
              ssim=np.asarray(image_metrics.ssim(pf, tf)), lpips=lpips,
              copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
              copy_last_ssim=np.asarray(image_metrics.ssim(copy_last, tf)))
-    count += len(truth)
   means, kept = fake.result(stats)
   return {'metrics': means,
-          'num_samples': count, 'decoding': decoding,
+          'num_samples': fake.count, 'decoding': decoding,
           'real_split': split, 'videos': kept}
 
 
@@ -212,20 +244,17 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
   ev = config.eval
   split = pipeline.eval_split(config, workdir)
   stats = real_stats(config, workdir, split, feature_fn, stats_dir)
-  fake = _Collector(feature_fn, keep)
-  count = 0
-  for batch in tqdm(_real_batches(config, workdir, split, ev.num_samples, ev.batch_size), desc='reconstruction',
-                    total=_num_batches(ev.num_samples, ev.batch_size)):
+  fake = _Collector(feature_fn, ev.batch_size, show=range(keep))
+  for i, batch in _shared_real_batches(config, workdir, split, ev.num_samples, ev.batch_size, 'reconstruction'):
     truth = batch['video']
     recon = generator.decode(generator.encode(truth))
     lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
-    fake.add(recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
+    fake.add(i, recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
              ssim=np.asarray(image_metrics.ssim(recon, truth)),
              lpips=lpips)
-    count += len(truth)
   means, kept = fake.result(stats, fvd_name='rfvd')
   return {'metrics': means,
-          'num_samples': count,
+          'num_samples': fake.count,
           'real_split': split, 'videos': kept}
 
 
@@ -283,11 +312,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
       'protocols': results, 'grids': files,
   }
   path = os.path.join(out_dir, f'results_{tag}.json')
-  if jax.process_index() == 0:
+  if parallel.is_primary():
     with open(path, 'w') as f:
       json.dump(report, f, indent=2)
-  print(format_table(results))
-  print(f'Results: {path}')
+    print(format_table(results))
+    print(f'Results: {path}')
   return report
 
 

@@ -333,12 +333,15 @@ def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Ge
 
 
 def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: int = 8, name: str = 'sample') -> str:
-  """mp4 + gif for the first `num_files` videos and one PNG grid (rows = videos, columns = frames)."""
+  """mp4 + gif for the first `num_files` videos and one PNG grid (rows = videos, columns = frames); returns the
+  grid's path. Only process 0 writes (the others return the path)."""
+  grid = os.path.join(out_dir, f'{name}_grid.png')
+  if not parallel.is_primary():
+    return grid
   os.makedirs(out_dir, exist_ok=True)
   for i, video in enumerate(videos[:num_files]):
     video_io.write_mp4(os.path.join(out_dir, f'{name}_{i}.mp4'), video, fps)
     video_io.write_gif(os.path.join(out_dir, f'{name}_{i}.gif'), video, fps)
-  grid = os.path.join(out_dir, f'{name}_grid.png')
   video_io.write_png_grid(grid, videos[:num_files])
   return grid
 
@@ -390,14 +393,16 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
     inputs = sample_inputs(config, workdir, generator, count)
     truth = None if 'context_codes' not in inputs else truth
   rng = jax.random.key(config.seed)
-  videos, seconds = [], 0.0
-  for start in tqdm.tqdm(range(0, count, batch), desc=f'rollouts of {num_frames} frames', unit='batch'):
+  results = {}  # batch index -> (videos, seconds); the batches are shared among the processes of a multi-host run
+  for i in tqdm.tqdm(parallel.share(-(-count // batch)), desc=f'rollouts of {num_frames} frames', unit='batch'):
+    start = i * batch
     chunk = {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
     t0 = time.perf_counter()
     codes = jax.block_until_ready(generator.rollout(jax.random.fold_in(rng, start), num_frames, **chunk))
-    seconds += time.perf_counter() - t0
-    videos.append(generator.decode(codes))
-  videos = np.concatenate(videos)
+    results[i] = (generator.decode(codes), time.perf_counter() - t0)
+  results = parallel.gather(results)
+  videos = np.concatenate([v for v, _ in results])
+  seconds = sum(t for _, t in results)
   reference = truth['video'] if truth is not None else next(pipeline.first_clips(config, workdir, count))['video']
   rows = window_report(config, videos, truth['video'] if truth is not None else None,
                        reference.reshape(-1, 3).mean(0))
@@ -406,6 +411,8 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
   report = {'num_frames': num_frames, 'window_context_frames': config_lib.window_context_frames(config),
             'checkpoint_step': generator.step, 'num_samples': int(len(videos)),
             'seconds_per_sample': seconds / len(videos), 'windows': rows}
+  if not parallel.is_primary():
+    return report
   with open(os.path.join(out_dir, 'rollout.json'), 'w') as f:
     json.dump(report, f, indent=2)
   print('window | frames | PSNR vs truth | mean-colour drift')
@@ -428,16 +435,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   rng = jax.random.key(config.seed)
   out_dir = os.path.join(workdir, 'samples', f'step_{generator.step}')
   batch = config.sample.batch_size
-  videos = []
-  for start in range(0, count, batch):
+  videos = {}  # batch index -> videos; the batches are shared among the processes of a multi-host run
+  for i in parallel.share(-(-count // batch)):
+    start = i * batch
     chunk = {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
     t0 = time.perf_counter()
     codes = jax.block_until_ready(generator.codes(jax.random.fold_in(rng, start), **chunk))
     seconds = time.perf_counter() - t0
-    videos.append(generator.decode(codes))
+    videos[i] = generator.decode(codes)
     print(f'samples {start}..{start + codes.shape[0] - 1}: {seconds:.2f} s for the codes '
           f'({generator.spec.layout.num_tokens * codes.shape[0] / seconds:.0f} tokens/s, compile included on the '
           'first batch)')
-  videos = np.concatenate(videos)
+  videos = np.concatenate(parallel.gather(videos))
   grid = write_samples(videos, out_dir, config.data.fps)
-  print(f'Wrote {len(videos)} samples (step {generator.step}) to {out_dir}; grid: {grid}')
+  if parallel.is_primary():
+    print(f'Wrote {len(videos)} samples (step {generator.step}) to {out_dir}; grid: {grid}')

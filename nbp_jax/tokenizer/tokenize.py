@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import errors
+from nbp_jax import parallel
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.tokenizer import fsq
@@ -51,12 +52,6 @@ def tokens_location(config: ml_collections.ConfigDict, workdir: str) -> builder.
 def codes_dtype(levels) -> np.dtype:
   """The dtype tokenized codes are stored in: uint16 up to 65,536 codes (64,000 fits), else int32."""
   return np.dtype(np.uint16) if fsq.codebook_size(levels) <= 2 ** 16 else np.dtype(np.int32)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _make_encoder(model: tokenizer_model.Tokenizer, params, batch_size: int):
@@ -169,7 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   batch_size = int(config.tokenizer.tokenize_batch_size)
   work = os.path.join(location.data_dir, WORK_SUBDIR, location.name)
   stamp = os.path.join(work, 'tokenizer.json')
-  if jax.process_index() == 0:
+
+  def start():
     os.makedirs(work, exist_ok=True)
     if os.path.exists(stamp):
       with open(stamp) as f:
@@ -178,12 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
           os.makedirs(work)
     with open(stamp, 'w') as f:
       json.dump(metadata, f)
-  _sync('tokenize_start')
-  encoder = _make_encoder(model, params, batch_size)
-  for split in splits:
-    encode_split(config, workdir, split, encoder, batch_size, work, dtype)
-  _sync('tokenize_encoded')
-  if jax.process_index() == 0:
+
+  def write():
     features = {'codes': (grid, dtype), 'label': ((), np.int32)}
     builder.build(location, features, {split: (lambda s=split: _read_split(work, s)) for split in splits},
                   description=f'FSQ codes of {metadata["source"]} by the tokenizer {tdir} (step {step}).',
@@ -192,5 +184,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
     info = builder.load_info(location)
     counts = ', '.join(f'{s}: {info.splits[s].num_examples}' for s in splits)
     print(f'Wrote codes {grid} ({dtype.name}) of {counts} clips to {location.path}', flush=True)
-  _sync('tokenize_written')
+
+  parallel.on_primary(start, 'tokenize (starting its work folder)')
+  encoder = _make_encoder(model, params, batch_size)
+  for split in splits:
+    encode_split(config, workdir, split, encoder, batch_size, work, dtype)
+  parallel.sync('tokenize_encoded')
+  parallel.on_primary(write, 'tokenize (writing the codes)')
   return location

@@ -30,6 +30,7 @@ import ml_collections
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
@@ -114,11 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # The data first: without it nothing is written (not even the pretrained tokenizer's copy).
   builder.require_prepared(builder.video_location(config, workdir))
   tdir = load.tokenizer_workdir(config, workdir)
-  if jax.process_index() == 0:
-    install_pretrained(config, tdir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('install_pretrained_tokenizer')
+  parallel.on_primary(lambda: install_pretrained(config, tdir), 'installing the pretrained tokenizer')
   tconfig = training_config(config)
   num_samples = tconfig.tokenizer.num_samples
   samples = next(pipeline.first_clips(tconfig, workdir, num_samples))['video'] if num_samples else None
