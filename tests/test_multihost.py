@@ -10,6 +10,7 @@ import numpy as np
 
 from conftest import TINY_PIPELINE_FLAGS
 from conftest import run_processes
+from nbp_jax.data import builder
 
 
 def _main_command(*args):
@@ -56,13 +57,27 @@ def test_file_conversions_refuse_to_run_on_several_processes(tmp_path):
   assert any(code == 2 and err.strip().splitlines()[-1] == message for code, _, err in results), results
 
 
-def test_training_on_two_processes_matches_the_one_process_run(tiny_pipeline, tmp_path):
-  # The tiny pipeline's NBP model trained again, its 2 steps on two processes (one device each) instead of one:
-  # the same config, clips, tokenizer and codes.
-  paths = {'--config.data.dir': tiny_pipeline / 'data', '--config.data.tokenized_dir': tiny_pipeline / 'tokens',
-           '--config.tokenizer.checkpoint': tiny_pipeline / 'tokenizer', '--workdir': tmp_path / 'nbp'}
-  _check(run_processes(_main_command(*TINY_PIPELINE_FLAGS, *(f'{k}={v}' for k, v in paths.items()), '--mode=train')))
+def _records(location, split):
+  source = builder.data_source(location, split)
+  return [source[i] for i in range(len(source))]
 
+
+def test_tokenize_and_train_on_two_processes_match_the_one_process_run(tiny_pipeline, tmp_path):
+  # The tiny pipeline's codes and NBP model made again on two processes (one device each) instead of one: the same
+  # config, clips and tokenizer.
+  paths = {'--config.data.dir': tiny_pipeline / 'data', '--config.data.tokenized_dir': tmp_path / 'tokens',
+           '--config.tokenizer.checkpoint': tiny_pipeline / 'tokenizer', '--workdir': tmp_path / 'nbp'}
+  flags = (*TINY_PIPELINE_FLAGS, *(f'{k}={v}' for k, v in paths.items()))
+  _check(run_processes(_main_command(*flags, '--mode=tokenize')))
+  # Each host encodes every second clip; the dataset written is the one process's, record for record.
+  ref, got = (builder.Location(str(d), next((d / 'clips').iterdir()).name) for d in (tiny_pipeline / 'tokens',
+                                                                                     tmp_path / 'tokens'))
+  for split in ('train', 'validation'):
+    for a, b in zip(*(_records(location, split) for location in (ref, got)), strict=True):
+      np.testing.assert_array_equal(b['codes'], a['codes'])
+      assert b['label'] == a['label']
+
+  _check(run_processes(_main_command(*flags, '--mode=train')))
   ref, got = (_metrics(w) for w in (tiny_pipeline / 'nbp', tmp_path / 'nbp'))
   assert [r['step'] for r in got] == [r['step'] for r in ref] == [1, 2]  # one writer, every step once
   # Each host reads every process_count-th clip of the stream: the first global batch holds the same clips as the

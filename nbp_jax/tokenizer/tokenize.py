@@ -68,8 +68,12 @@ def _make_encoder(model: tokenizer_model.Tokenizer, params, batch_size: int):
   return lambda video: fn(params, jax.device_put(video, batch))
 
 
+def _host_dir(host: int) -> str:
+  return f'host{host:05d}'
+
+
 def _chunk_path(work: str, split: str, host: int, index: int) -> str:
-  return os.path.join(work, split, f'host{host:05d}', f'batch{index:07d}.npz')
+  return os.path.join(work, split, _host_dir(host), f'batch{index:07d}.npz')
 
 
 def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, encoder, batch_size: int, work: str,
@@ -90,9 +94,11 @@ def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, en
   def flush(item):
     j, codes, labels, count = item
     codes = np.asarray(codes)[:count].astype(dtype)
+    # The clips' places in the split: this host's clip k is the split's k * hosts + host.
+    index = (j * batch_size + np.arange(count)) * hosts + host
     path = _chunk_path(work, split, host, j)
     tmp = path + '.tmp.npz'
-    np.savez(tmp, codes=codes, label=labels[:count])
+    np.savez(tmp, codes=codes, label=labels[:count], index=index)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written batch behind
     bar.update(1)
 
@@ -117,15 +123,19 @@ def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, en
   return encoded
 
 
-def _read_split(work: str, split: str):
-  """Yields (key, record) from every host's work files of `split`."""
+def _read_split(work: str, split: str, batch_size: int):
+  """Yields (key, record) from every host's work files of `split`, keyed by the clip's place in the split as one
+  host names it (host 0, its batch of `batch_size`, the place in it): the written dataset, whose order follows the
+  keys, is the same whatever the number of hosts (and the same as before hosts wrote these places)."""
   root = os.path.join(work, split)
   for host_dir in sorted(os.listdir(root)):
     for name in sorted(f for f in os.listdir(os.path.join(root, host_dir)) if f.endswith('.npz')
                        and '.tmp' not in f):
       with np.load(os.path.join(root, host_dir, name)) as chunk:
-        for i, (codes, label) in enumerate(zip(chunk['codes'], chunk['label'])):
-          yield f'{host_dir}/{name}/{i}', {'codes': codes, 'label': label}
+        for index, codes, label in zip(chunk['index'], chunk['codes'], chunk['label']):
+          batch, place = divmod(int(index), batch_size)
+          yield f'{_host_dir(0)}/{os.path.basename(_chunk_path(work, split, 0, batch))}/{place}', {
+              'codes': codes, 'label': label}
 
 
 def tokenizer_reference(tokenizer_dir: str, workdir: str) -> str:
@@ -164,20 +174,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   batch_size = int(config.tokenizer.tokenize_batch_size)
   work = os.path.join(location.data_dir, WORK_SUBDIR, location.name)
   stamp = os.path.join(work, 'tokenizer.json')
+  work_metadata = {**metadata, 'work_format': 2}  # 2: work files hold the clips' places (earlier ones start over)
 
   def start():
     os.makedirs(work, exist_ok=True)
     if os.path.exists(stamp):
       with open(stamp) as f:
-        if json.load(f) != metadata:  # work files of another tokenizer or clip shape: start over
+        if json.load(f) != work_metadata:  # work files of another tokenizer or clip shape: start over
           shutil.rmtree(work)
           os.makedirs(work)
     with open(stamp, 'w') as f:
-      json.dump(metadata, f)
+      json.dump(work_metadata, f)
 
   def write():
     features = {'codes': (grid, dtype), 'label': ((), np.int32)}
-    builder.build(location, features, {split: (lambda s=split: _read_split(work, s)) for split in splits},
+    builder.build(location, features, {split: (lambda s=split: _read_split(work, s, batch_size)) for split in splits},
                   description=f'FSQ codes of {metadata["source"]} by the tokenizer {tdir} (step {step}).',
                   metadata=metadata)
     shutil.rmtree(work)
