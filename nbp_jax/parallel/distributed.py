@@ -125,8 +125,9 @@ def share(num: int) -> range:
 def gather(results: dict[int, T]) -> list[T]:
   """Every process's {item index: result} of its `share`, merged: [result of item 0, 1, ...] on every process.
 
-  The results are any picklable values (numpy arrays, dicts of them); they travel through the devices once
-  (two all-gathers: their sizes, then their bytes).
+  The results are any picklable values (numpy arrays, dicts of them), pickled and exchanged through the devices'
+  collectives (an all-gather of their sizes, then one of their bytes); keep them small (features, metrics, the few
+  videos on show), not whole datasets.
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
