@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+from PIL import Image
 
 from conftest import TINY_PIPELINE_FLAGS
 from conftest import run_processes
@@ -66,7 +67,8 @@ def test_tokenize_and_train_on_two_processes_match_the_one_process_run(tiny_pipe
   # The tiny pipeline's codes and NBP model made again on two processes (one device each) instead of one: the same
   # config, clips and tokenizer.
   paths = {'--config.data.dir': tiny_pipeline / 'data', '--config.data.tokenized_dir': tmp_path / 'tokens',
-           '--config.tokenizer.checkpoint': tiny_pipeline / 'tokenizer', '--workdir': tmp_path / 'nbp'}
+           '--config.tokenizer.checkpoint': tiny_pipeline / 'tokenizer', '--workdir': tmp_path / 'nbp',
+           '--config.train.sample_every': 2}
   flags = (*TINY_PIPELINE_FLAGS, *(f'{k}={v}' for k, v in paths.items()))
   _check(run_processes(_main_command(*flags, '--mode=tokenize')))
   # Each host encodes every second clip; the dataset written is the one process's, record for record.
@@ -88,6 +90,9 @@ def test_tokenize_and_train_on_two_processes_match_the_one_process_run(tiny_pipe
   np.testing.assert_allclose(got[1]['loss'], ref[1]['loss'], rtol=1e-3)
   np.testing.assert_allclose(got[1]['val_loss'], ref[1]['val_loss'], rtol=1e-3)
   assert (tmp_path / 'nbp' / 'checkpoints' / '2').is_dir()
+  # The samples of the run, drawn from the params sharded over both processes' devices (it failed to decode them).
+  grid = np.asarray(Image.open(tmp_path / 'nbp' / 'samples' / 'step_2' / 'sample_grid.png'))
+  assert grid.ndim == 3 and grid.std() > 0
 
 
 def _metrics(workdir):

@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -197,6 +198,9 @@ class Generator:
     """int32 codes [B, t, h, w] -> uint8 videos [B, 1 + ft (t - 1), H, W, 3] (on the host), ft the tokenizer's
     temporal factor. Codes longer than the model's clip (a rollout) are decoded in windows of that many latent
     frames, each with `decoder_history` latent frames before it, which gives the same frames as one pass."""
+    if self.mesh is None and isinstance(codes, jax.Array) and not codes.is_fully_addressable:
+      # Codes on a multi-host mesh (sampled from a run's sharded params): each host decodes them whole, here.
+      codes = multihost_utils.process_allgather(codes, tiled=True)
     t, window = codes.shape[1], self.spec.layout.latent_shape[0]
     if t <= window:
       return self._decode_frames(codes, 0)
