@@ -78,7 +78,7 @@ def evaluate_model(c: ml_collections.ConfigDict, vdir: str, names: tuple[str, ..
   report = _finished_eval(c, vdir, generator.step, names)
   if report is None:
     report = protocols.evaluate(c, vdir, generator, protocols=names, stats_dir=stats_dir)
-  else:
+  elif parallel.is_primary():
     print(f'Reusing the evaluation of {os.path.basename(vdir)} at step {generator.step} ({vdir}/eval).')
   recorded = recorded or {}
   if all(k in recorded for k in _SPEED_KEYS):

@@ -166,7 +166,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
       raise errors.UserError(
           f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
           f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.')
-    print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
+    if parallel.is_primary():
+      print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
     return location
 
   video_location = builder.video_location(config, workdir)
