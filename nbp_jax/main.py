@@ -288,6 +288,9 @@ def _config_error(message: str) -> None:
   sys.exit(2)
 
 
+_HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '-helpshort', '--helpfull', '-helpfull')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with --config a bundled config by name too, and a wrong --config (no such file, an
   unknown size in `k600.py:5b`) or an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
@@ -299,6 +302,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     _config_error(unknown_config_key(argv) or f'a --config override failed: {_DEFAULT_CONFIG_ERROR}')
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl ends --help (and -?, --helpshort, --helpfull) with status 1: asking for help is not a failure.
+    if e.code == 1 and any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
   except (AttributeError, KeyError) as e:
     _config_error(unknown_config_key(argv) or f'a --config override failed: {e}')
   except flags.Error as e:

@@ -189,6 +189,12 @@ def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
   assert not workdir.exists()
 
 
+def test_cli_help_succeeds():
+  out = run_main('--help')
+  assert out.returncode == 0, out.stderr[-2000:]  # absl's own status for --help is 1
+  assert '--mode' in out.stdout and 'python -m nbp_jax.main' in out.stdout
+
+
 def test_cli_wrong_flags_and_workdirs_are_one_line(tmp_path):
   """Mistakes in the command line itself: one line each (exit 2), nothing left on disk."""
   demo = '--config=configs/demo.py'
