@@ -124,9 +124,9 @@ def encode_split(config: ml_collections.ConfigDict, workdir: str, split: str, en
 
 
 def _read_split(work: str, split: str, batch_size: int):
-  """Yields (key, record) from every host's work files of `split`, keyed by the clip's place in the split as one
-  host names it (host 0, its batch of `batch_size`, the place in it): the written dataset, whose order follows the
-  keys, is the same whatever the number of hosts (and the same as before hosts wrote these places)."""
+  """Yields (key, record) from every host's work files of `split`, keyed by the clip's place in the split named as a
+  single host names its own (host 0, its batch of `batch_size`, the place in the batch): the written dataset, whose
+  record order follows the keys, is the same whatever the number of hosts, and a single host's is what it was."""
   root = os.path.join(work, split)
   for host_dir in sorted(os.listdir(root)):
     for name in sorted(f for f in os.listdir(os.path.join(root, host_dir)) if f.endswith('.npz')
