@@ -10,6 +10,7 @@
 #   create   create the slice if it does not exist (ACCELERATOR, RUNTIME; SPOT=1 for spot capacity)
 #   setup    copy this checkout (git archive of HEAD) to every worker and install it (jax[tpu] + requirements.txt)
 #   train    start training on every worker in the background; logs in ~/nbp-jax/train.log on each worker
+#            (MODE=eval, sample, pipeline, ...: that mode instead; every mode but import/export runs on all hosts)
 #   logs     follow worker 0's log
 #   stop     stop training on every worker (SIGTERM: the trainer saves a checkpoint and exits)
 #   delete   delete the slice
@@ -20,7 +21,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -81,7 +82,7 @@ train() {
     flags+=" $(printf '%q' "$f")"
   done
   on_all_workers "cd ~/$REMOTE_DIR && NBP_DISTRIBUTED=1 nohup .venv/bin/python -m nbp_jax.main \
-    --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$WORKDIR") --mode=train$flags \
+    --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$WORKDIR") --mode=$(printf '%q' "${MODE:-train}")$flags \
     > train.log 2>&1 < /dev/null &"
   echo "Started on all workers of $TPU_NAME. Follow with: $0 logs"
 }
