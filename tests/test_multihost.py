@@ -114,6 +114,6 @@ def test_eval_on_two_processes_gives_the_one_process_results(tiny_pipeline, tmp_
   for metric, value in ref['metrics'].items():
     np.testing.assert_allclose(got['metrics'][metric], value, rtol=1e-6, err_msg=metric)
   assert got['shown_labels'] == ref['shown_labels']
-  # The same samples on show (gathered from both processes), written once.
+  # The same samples on show, gathered from both processes.
   grid = next((tiny_pipeline / 'nbp' / 'eval').glob('*_class_grid.png'))
   assert (workdir / 'eval' / grid.name).read_bytes() == grid.read_bytes()
