@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from nbp_jax import parallel
 from nbp_jax import trainer
 
 _INPUT_SIZE = 32
@@ -126,7 +127,7 @@ def cached_classifier(cache_dir: str, key: dict, videos_fn: Callable[[], tuple[n
   else:
     videos, labels = videos_fn()
     params = train(videos, labels, num_classes, steps=steps)
-    if jax.process_index() == 0:
+    if parallel.is_primary():
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tmp = path + '.tmp'
       with open(tmp, 'wb') as f:

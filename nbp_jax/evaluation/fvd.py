@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import cpu_convolutions
+from nbp_jax import parallel
 
 I3D_SIZE = 224
 FEATURE_DIM = 400
@@ -173,7 +174,7 @@ def cached_real_stats(path: str, compute: Callable[[], np.ndarray]) -> dict[str,
     except (OSError, ValueError, KeyError) as e:
       raise RuntimeError(f'FVD statistics cache {path} is unreadable ({e}); delete it to recompute.') from e
   stats = feature_stats(compute())
-  if jax.process_index() != 0:
+  if not parallel.is_primary():
     return stats
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'

@@ -99,7 +99,6 @@ class _Collector:
   def __init__(self, feature_fn, batch_size: int, show: Sequence[int] = ()):
     self.feature_fn, self.batch_size, self.show = feature_fn, batch_size, list(show)
     self.batches: dict[int, dict] = {}
-    self.count = 0  # videos in all batches, once gathered
 
   def add(self, index: int, videos: np.ndarray, shown: np.ndarray | None = None, **per_video: np.ndarray) -> None:
     """Batch `index` (its samples index * batch_size, ...): features of `videos`; `shown` (default `videos`) is what
@@ -115,24 +114,25 @@ class _Collector:
     out['shown'] = {i: shown[i - start] for i in self.show if start <= i < start + len(videos)}
     self.batches[index] = out
 
-  def gathered(self) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
-    """(features [N, 400] or None, {metric: per-video values [N]}, the videos at `show` or None) of all batches."""
+  def gathered(self) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None, int]:
+    """(features [N, 400] or None, {metric: per-video values [N]}, the videos at `show` or None, N) of all
+    batches."""
     batches = parallel.gather(self.batches)
-    self.count = sum(b['count'] for b in batches)
     features = np.concatenate([b['features'] for b in batches]) if self.feature_fn is not None else None
     values = {name: np.concatenate([b['values'][name] for b in batches]) for name in batches[0]['values']}
     shown = {i: video for b in batches for i, video in b['shown'].items()}
     shown = [shown[i] for i in self.show if i in shown]  # (fewer samples than `show` asks for)
-    return features, values, np.stack(shown) if shown else None
+    return features, values, np.stack(shown) if shown else None, sum(b['count'] for b in batches)
 
   def result(self, stats: dict[str, np.ndarray] | None, fvd_name: str = 'fvd'
-             ) -> tuple[dict[str, float], np.ndarray | None]:
-    """({fvd_name: FVD against the real `stats` (if features were taken), per-video metric: mean}, shown videos)."""
-    features, values, shown = self.gathered()
+             ) -> tuple[dict[str, float], np.ndarray | None, int]:
+    """({fvd_name: FVD against the real `stats` (if features were taken), per-video metric: mean}, shown videos,
+    how many videos)."""
+    features, values, shown, count = self.gathered()
     means = {name: float(v.mean()) for name, v in values.items()}
     if features is not None:
       means = {fvd_name: fvd.fvd_from_stats(fvd.feature_stats(features), stats), **means}
-    return means, shown
+    return means, shown, count
 
 
 def _num_batches(num: int, batch_size: int) -> int:
@@ -186,7 +186,7 @@ def evaluate_class(config, workdir: str, generator: generator_lib.Generator, fea
     chunk = labels[i * ev.batch_size:(i + 1) * ev.batch_size]
     videos = generator.decode(generator.codes(jax.random.fold_in(rng, i), labels=chunk))
     fake.add(i, videos, **({'class_acc': predict(videos) == chunk} if predict else {}))
-  means, shown = fake.result(stats)
+  means, shown, _ = fake.result(stats)
   extra = classifier_references(config, workdir, predict) if predict else {}
   return {'metrics': {**means, **extra}, 'num_samples': int(len(labels)), 'real_split': real_split,
           'shown_labels': shown_labels, 'videos': shown}
@@ -218,9 +218,9 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
              ssim=np.asarray(image_metrics.ssim(pf, tf)), lpips=lpips,
              copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
              copy_last_ssim=np.asarray(image_metrics.ssim(copy_last, tf)))
-  means, kept = fake.result(stats)
+  means, kept, count = fake.result(stats)
   return {'metrics': means,
-          'num_samples': fake.count, 'decoding': decoding,
+          'num_samples': count, 'decoding': decoding,
           'real_split': split, 'videos': kept}
 
 
@@ -252,9 +252,9 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
     fake.add(i, recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
              ssim=np.asarray(image_metrics.ssim(recon, truth)),
              lpips=lpips)
-  means, kept = fake.result(stats, fvd_name='rfvd')
+  means, kept, count = fake.result(stats, fvd_name='rfvd')
   return {'metrics': means,
-          'num_samples': fake.count,
+          'num_samples': count,
           'real_split': split, 'videos': kept}
 
 

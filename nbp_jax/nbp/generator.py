@@ -336,6 +336,12 @@ def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Ge
   return inputs
 
 
+def _input_batch(inputs: dict[str, Any], index: int, batch: int, count: int) -> dict[str, Any]:
+  """Batch `index` (of `batch` samples, `count` in all) of `sample_inputs`' conditioning."""
+  start = index * batch
+  return {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
+
+
 def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: int = 8, name: str = 'sample') -> str:
   """mp4 + gif for the first `num_files` videos and one PNG grid (rows = videos, columns = frames); returns the
   grid's path. Only process 0 writes (the others return the path)."""
@@ -399,8 +405,7 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
   rng = jax.random.key(config.seed)
   results = {}  # batch index -> (videos, seconds); the batches are shared among the processes of a multi-host run
   for i in tqdm.tqdm(parallel.share(-(-count // batch)), desc=f'rollouts of {num_frames} frames', unit='batch'):
-    start = i * batch
-    chunk = {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
+    start, chunk = i * batch, _input_batch(inputs, i, batch, count)
     t0 = time.perf_counter()
     codes = jax.block_until_ready(generator.rollout(jax.random.fold_in(rng, start), num_frames, **chunk))
     results[i] = (generator.decode(codes), time.perf_counter() - t0)
@@ -441,8 +446,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   batch = config.sample.batch_size
   videos = {}  # batch index -> videos; the batches are shared among the processes of a multi-host run
   for i in parallel.share(-(-count // batch)):
-    start = i * batch
-    chunk = {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
+    start, chunk = i * batch, _input_batch(inputs, i, batch, count)
     t0 = time.perf_counter()
     codes = jax.block_until_ready(generator.codes(jax.random.fold_in(rng, start), **chunk))
     seconds = time.perf_counter() - t0
