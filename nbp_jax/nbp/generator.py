@@ -320,26 +320,37 @@ class Generator:
     return timing.best_of(first_generated, repeats)
 
 
+def sample_batches(config: ml_collections.ConfigDict, workdir: str, generator: Generator, count: int,
+                   batch_size: int, batches: Sequence[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Conditioning for `count` samples in batches of `batch_size`: (batch index, keyword arguments of
+  `Generator.codes`) with class labels cycling through the classes and/or the held-out clips' context codes in
+  order ({'batch_size': b} for an unconditional model). Fewer samples where the held-out split is smaller than `count`.
+
+  `batches`: only these batches (ascending; e.g. a process's `parallel.share`); only their clips are read and encoded.
+  """
+  indices = range(-(-count // batch_size)) if batches is None else batches
+  held_out = (pipeline.first_clips(config, workdir, count, batch_size=batch_size, batches=indices)
+              if config.nbp.context_frames > 0 else None)
+  for i in indices:
+    start = i * batch_size
+    size = min(batch_size, count - start)
+    inputs: dict[str, Any] = {}
+    if config.nbp.condition == 'class':
+      inputs['labels'] = np.arange(start, start + size, dtype=np.int32) % config.data.num_classes
+    if held_out is not None:
+      clips = next(held_out, None)
+      if clips is None:
+        return
+      inputs['context_codes'] = generator.context_codes(clips['video'])
+      if 'label' in clips and config.nbp.condition == 'class':
+        inputs['labels'] = clips['label'].astype(np.int32)
+    yield i, (inputs or {'batch_size': size})
+
+
 def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Generator, count: int
                   ) -> dict[str, Any]:
-  """Conditioning for `count` samples: class labels cycling through the classes and/or held-out context codes."""
-  inputs: dict[str, Any] = {}
-  if config.nbp.condition == 'class':
-    inputs['labels'] = np.arange(count, dtype=np.int32) % config.data.num_classes
-  if config.nbp.context_frames > 0:
-    held_out = next(pipeline.first_clips(config, workdir, count))
-    inputs['context_codes'] = generator.context_codes(held_out['video'])
-    if 'label' in held_out and config.nbp.condition == 'class':
-      inputs['labels'] = held_out['label'].astype(np.int32)
-  if not inputs:
-    inputs['batch_size'] = count
-  return inputs
-
-
-def _input_batch(inputs: dict[str, Any], index: int, batch: int, count: int) -> dict[str, Any]:
-  """Batch `index` (of `batch` samples, `count` in all) of `sample_inputs`' conditioning."""
-  start = index * batch
-  return {k: (v[start:start + batch] if k != 'batch_size' else min(batch, count - start)) for k, v in inputs.items()}
+  """Conditioning for `count` samples as one batch (`sample_batches`)."""
+  return next(sample_batches(config, workdir, generator, count, count))[1]
 
 
 def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: int = 8, name: str = 'sample') -> str:
@@ -366,6 +377,16 @@ def rollout_truth(config: ml_collections.ConfigDict, count: int, num_frames: int
   return {'video': np.stack([v for v, _ in clips]), 'label': np.asarray([l for _, l in clips], np.int32)}
 
 
+def _truth_inputs(config: ml_collections.ConfigDict, generator: Generator, truth: dict[str, np.ndarray], start: int,
+                  batch: int) -> dict[str, Any]:
+  """Conditioning of the rollouts `start`..`start + batch - 1` on their `rollout_truth` clips' first frames."""
+  inputs: dict[str, Any] = {
+      'context_codes': generator.context_codes(truth['video'][start:start + batch, :config.data.num_frames])}
+  if config.nbp.condition == 'class':
+    inputs['labels'] = truth['label'][start:start + batch]
+  return inputs
+
+
 def window_report(config: ml_collections.ConfigDict, videos: np.ndarray, truth: np.ndarray | None,
                   real_mean_colour: np.ndarray) -> list[dict[str, Any]]:
   """Quality over time of rollouts uint8 [B, N, H, W, 3]: one row per window (the first is one clip; each later
@@ -390,24 +411,29 @@ def window_report(config: ml_collections.ConfigDict, videos: np.ndarray, truth: 
   return rows
 
 
+def _fewer_note(written: int, count: int) -> str:
+  """Why fewer than sample.num_samples videos were written (frame prediction conditions each on a held-out clip)."""
+  if written >= count:
+    return ''
+  return (f' (sample.num_samples={count}, but the held-out split has only {written} clips to condition on; '
+          'each sample continues one of them)')
+
+
 def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Generator, num_frames: int) -> dict:
   """--mode=sample with sample.num_frames longer than a clip: sliding-window rollouts, their videos and the
   per-window report (WORKDIR/samples/rollout_<N>f_step_<step>/{sample_*.mp4/gif, sample_grid.png, rollout.json})."""
   count, batch = config.sample.num_samples, config.sample.batch_size
-  truth = rollout_truth(config, count, num_frames)
-  if truth is not None and config.nbp.context_frames > 0:
-    inputs: dict[str, Any] = {'context_codes': generator.context_codes(truth['video'][:, :config.data.num_frames])}
-    if config.nbp.condition == 'class':
-      inputs['labels'] = truth['label']
+  truth = rollout_truth(config, count, num_frames) if config.nbp.context_frames > 0 else None
+  mine = parallel.share(-(-count // batch))  # the batches are shared among the processes of a multi-host run
+  if truth is None:
+    batches = sample_batches(config, workdir, generator, count, batch, mine)
   else:
-    inputs = sample_inputs(config, workdir, generator, count)
-    truth = None if 'context_codes' not in inputs else truth
+    batches = ((i, _truth_inputs(config, generator, truth, i * batch, batch)) for i in mine)
   rng = jax.random.key(config.seed)
-  results = {}  # batch index -> (videos, seconds); the batches are shared among the processes of a multi-host run
-  for i in tqdm.tqdm(parallel.share(-(-count // batch)), desc=f'rollouts of {num_frames} frames', unit='batch'):
-    start, chunk = i * batch, _input_batch(inputs, i, batch, count)
+  results = {}  # batch index -> (videos, seconds)
+  for i, inputs in tqdm.tqdm(batches, desc=f'rollouts of {num_frames} frames', unit='batch', total=len(mine)):
     t0 = time.perf_counter()
-    codes = jax.block_until_ready(generator.rollout(jax.random.fold_in(rng, start), num_frames, **chunk))
+    codes = jax.block_until_ready(generator.rollout(jax.random.fold_in(rng, i * batch), num_frames, **inputs))
     results[i] = (generator.decode(codes), time.perf_counter() - t0)
   results = parallel.gather(results)
   videos = np.concatenate([v for v, _ in results])
@@ -429,7 +455,8 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
     psnr = f'{r["psnr"]:.2f}' if 'psnr' in r else '-'
     lo, hi = r['frames']
     print(f'{r["window"]:6d} | {lo:3d}-{hi - 1:<3d} | {psnr:>13} | {r["mean_colour_drift"]:.1f}')
-  print(f'Wrote {len(videos)} rollouts of {num_frames} frames (step {generator.step}) to {out_dir}; grid: {grid}')
+  print(f'Wrote {len(videos)} rollouts of {num_frames} frames (step {generator.step}) to {out_dir}; grid: {grid}'
+        + _fewer_note(len(videos), count))
   return report
 
 
@@ -439,16 +466,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if frames > config.data.num_frames:
     run_rollout(config, workdir, generator, frames)
     return
-  count = config.sample.num_samples
-  inputs = sample_inputs(config, workdir, generator, count)
+  count, batch = config.sample.num_samples, config.sample.batch_size
   rng = jax.random.key(config.seed)
   out_dir = os.path.join(workdir, 'samples', f'step_{generator.step}')
-  batch = config.sample.batch_size
   videos = {}  # batch index -> videos; the batches are shared among the processes of a multi-host run
-  for i in parallel.share(-(-count // batch)):
-    start, chunk = i * batch, _input_batch(inputs, i, batch, count)
+  for i, inputs in sample_batches(config, workdir, generator, count, batch, parallel.share(-(-count // batch))):
+    start = i * batch
     t0 = time.perf_counter()
-    codes = jax.block_until_ready(generator.codes(jax.random.fold_in(rng, start), **chunk))
+    codes = jax.block_until_ready(generator.codes(jax.random.fold_in(rng, start), **inputs))
     seconds = time.perf_counter() - t0
     videos[i] = generator.decode(codes)
     print(f'samples {start}..{start + codes.shape[0] - 1}: {seconds:.2f} s for the codes '
@@ -457,4 +482,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   videos = np.concatenate(parallel.gather(videos))
   grid = write_samples(videos, out_dir, config.data.fps)
   if parallel.is_primary():
-    print(f'Wrote {len(videos)} samples (step {generator.step}) to {out_dir}; grid: {grid}')
+    print(f'Wrote {len(videos)} samples (step {generator.step}) to {out_dir}; grid: {grid}'
+          + _fewer_note(len(videos), count))
