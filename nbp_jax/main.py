@@ -94,7 +94,12 @@ def config_from_flags(mode: str, workdir: str | None) -> ml_collections.ConfigDi
 
 
 def _verbose() -> bool:
-  return _VERBOSE.value or os.environ.get('NBP_VERBOSE', '') not in ('', '0')
+  """--verbose or NBP_VERBOSE=1; while flags are still being parsed, --verbose as written on the command line."""
+  if os.environ.get('NBP_VERBOSE', '') not in ('', '0'):
+    return True
+  if flags.FLAGS.is_parsed():
+    return _VERBOSE.value
+  return any(arg in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1') for arg in sys.argv[1:])
 
 
 # Libraries whose INFO and WARNING lines are bookkeeping (orbax's option dumps and read-only notes, TFDS's "Load
@@ -283,11 +288,6 @@ def unknown_config_key(argv: list[str]) -> str | None:
   return None
 
 
-def _config_error(message: str) -> None:
-  print(f'Config error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 _HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '-helpshort', '--helpfull', '-helpfull')
 
 
@@ -297,9 +297,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = _with_config_file(argv)
   except config_lib.ConfigError as e:
-    _config_error(str(e))
+    _fail(e)
   if _DEFAULT_CONFIG_ERROR is not None:
-    _config_error(unknown_config_key(argv) or f'a --config override failed: {_DEFAULT_CONFIG_ERROR}')
+    _fail(config_lib.ConfigError(
+        unknown_config_key(argv) or f'a --config override failed: {_DEFAULT_CONFIG_ERROR}'))
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:
@@ -308,7 +309,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       sys.exit(0)
     raise
   except (AttributeError, KeyError) as e:
-    _config_error(unknown_config_key(argv) or f'a --config override failed: {e}')
+    _fail(config_lib.ConfigError(unknown_config_key(argv) or f'a --config override failed: {e}'))
   except flags.Error as e:
     message = str(e).splitlines()[0]
     if not message.startswith('flag --config='):  # a flag's value (--mode, --config.x=y) or an unknown flag
@@ -316,18 +317,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:  # the config file's own expected error (config_flags wraps it in a traceback)
       _load_config_file(_config_path(argv))
     except errors.UserError as user_error:
-      _config_error(' '.join(str(user_error).splitlines()))
+      _fail(config_lib.ConfigError(str(user_error)))
     except TypeError as type_error:
       path = _config_path(argv)
       if ':' in path and 'positional argument' in str(type_error):
-        _config_error(f'--config={path}: {path.split(":")[0]} takes no argument (its get_config() has none); '
-                      f'drop ":{path.split(":", 1)[1]}".')
+        _fail(config_lib.ConfigError(f'--config={path}: {path.split(":")[0]} takes no argument (its get_config() '
+                                     f'has none); drop ":{path.split(":", 1)[1]}".'))
     raise
 
 
 def _flag_error(error: flags.Error, message: str) -> None:
-  """One line (exit 2) for a wrong flag: an unknown one, a --mode that is not a mode, a --config.x=y value of the
-  wrong type."""
+  """`_fail` for a wrong flag: an unknown one, a --mode that is not a mode, a --config.x=y value of the wrong
+  type."""
   if isinstance(error, flags.UnrecognizedFlagError):
     message += ('; the flags are --config, --workdir, --mode and --verbose, and config fields are set as '
                 '--config.section.field=value (--helpfull lists every flag)')
@@ -336,8 +337,7 @@ def _flag_error(error: flags.Error, message: str) -> None:
     near = difflib.get_close_matches(given, config_lib.MODES, n=1)
     message = (f'--mode={given} is not a mode{f"; did you mean --mode={near[0]}?" if near else "."} The modes: '
                f'{", ".join(config_lib.MODES)}.')
-  print(f'Error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+  _fail(errors.UserError(message))
 
 
 def cli() -> None:
