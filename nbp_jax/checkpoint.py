@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nbp_jax import config_lib
 from nbp_jax import errors
 
 PyTree = Any
@@ -157,18 +158,32 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuplify(d))
 
 
+# Paths a pipeline's run saves (section.field, the folder beside the run's workdir that holds them).
+_RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokenizer.checkpoint', 'tokenizer'))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run in `workdir` was started with (WORKDIR/config.json)."""
+  """The config a training run in `workdir` was started with (WORKDIR/config.json), with the sampling and evaluation
+  fields added since then at their defaults (`config_lib.with_new_runtime_fields`) and its paths into a moved or
+  copied pipeline workdir found again: a saved path that no longer exists (or was relative to another folder) is
+  replaced by the folder of that name beside `workdir` (WORKDIR/../tokenizer, ../data, ../tokens) where there is one."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise errors.MissingError(f'{path} does not exist: {workdir!r} is not a training workdir '
                               '(train first with --mode=train, or pass --config).')
   with open(path) as f:
     try:
-      return config_from_dict(json.load(f))
+      config = config_lib.with_new_runtime_fields(config_from_dict(json.load(f)))
     except json.JSONDecodeError as e:
       raise CheckpointCorruptError(f'{path} is not valid JSON ({e}): restore it from a copy, or pass the run\'s '
                                    '--config instead.') from e
+  root = os.path.dirname(os.path.abspath(workdir))
+  for field, folder in _RELOCATABLE:
+    section, name = field.split('.')
+    saved, here = config[section].get(name, ''), os.path.join(root, folder)
+    if saved and not os.path.exists(saved) and os.path.exists(here):
+      config[section][name] = here
+  return config
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -222,6 +222,10 @@ def default_config() -> ml_collections.ConfigDict:
   # are the next window's context, at positions 0.. again.
   c.sample.num_frames = 0
   c.sample.window_context_frames = 0
+  # Frame prediction from your own videos: comma-separated video files and/or folders of them. Sample i continues
+  # video i % (number of videos) from its first nbp.context_frames frames (at data.fps, squashed to
+  # data.resolution). '' = the held-out clips of the run's prepared dataset.
+  c.sample.context_videos = ''
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 10_000
@@ -405,6 +409,22 @@ _SECTION_BUILDERS = {'model': model_config, 'tokenizer': tokenizer_config}
 
 # configs/ of the checkout is a link to this folder, so the bundled configs are there once installed too.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+# Sections that say how a trained model is sampled and evaluated, not what was trained: fields added to them since a
+# run saved its config take their defaults (and can be set with --config.x=y) when the run is read back.
+RUNTIME_SECTIONS = ('sample', 'eval')
+
+
+def with_new_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (a saved run's) with the RUNTIME_SECTIONS fields it lacks set to default_config()'s; changed in place."""
+  defaults = default_config()
+  for section in RUNTIME_SECTIONS:
+    if section in config:
+      for name, value in defaults[section].items():
+        if name not in config[section]:
+          config[section][name] = value
+  return config
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -608,6 +628,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(sample.cfg_scale >= 0, f'sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance).')
   _require(sample.num_samples >= 1 and sample.batch_size >= 1,
            f'sample.num_samples={sample.num_samples} and sample.batch_size={sample.batch_size} must be >= 1.')
+  _require(not sample.get('context_videos', '') or nbp.context_frames > 0,
+           f'sample.context_videos={sample.get("context_videos")!r} gives frames to continue, but this model '
+           'predicts no frames from given ones (nbp.context_frames=0): it generates from its class or from nothing; '
+           'drop sample.context_videos.')
   if mode in ('train', 'pipeline', 'study'):
     _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
     _require(config.train.num_steps >= 1, f'train.num_steps={config.train.num_steps} must be >= 1.')

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO
 from conftest import run_main
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -79,6 +80,22 @@ def test_bad_field_names_the_field(field, value, expected):
   with pytest.raises(config_lib.ConfigError, match=expected.replace('.', r'\.')) as info:
     config_lib.validate(c, 'train')
   assert '\n' not in str(info.value)
+
+
+def test_context_videos_need_a_frame_prediction_model_and_old_runs_read_back_with_the_field(tmp_path):
+  c = _demo()
+  c.nbp.context_frames = 0
+  c.sample.context_videos = 'mine.mp4'
+  with pytest.raises(config_lib.ConfigError, match=r'nbp\.context_frames=0\).*drop sample\.context_videos'):
+    config_lib.validate(c, 'sample')
+  # A run saved before sample.context_videos existed: its config reads back with the field at its default, so that
+  # --config.sample.context_videos=... can set it; fields of what was trained are not filled in.
+  saved = _demo().to_dict()
+  del saved['sample']['context_videos'], saved['model']['attention']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  loaded = checkpoint_lib.load_config(str(tmp_path))
+  assert loaded.sample.context_videos == '' and 'attention' not in loaded.model
+  assert config_lib.apply_overrides(loaded, {'sample.context_videos': 'a.mp4'}).sample.context_videos == 'a.mp4'
 
 
 def test_block_shape_error_suggests_tiling_shapes():

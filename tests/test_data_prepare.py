@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax.data import builder
 from nbp_jax.data import prepare
 from nbp_jax.data import synthetic
@@ -168,6 +169,41 @@ def test_k600_without_csv_or_list_says_what_to_add(tmp_path):
   _write_video(os.path.join(raw, 'x.mp4'), 0, 0, 10)
   with pytest.raises(prepare.PrepareError, match='CSV'):
     prepare.prepare_videos(_config('k600', raw_dir=raw), builder.video_location(_config('k600'), str(tmp_path)))
+
+
+def test_given_videos_are_the_first_frames_of_files_and_folders_resampled_and_resized(tmp_path):
+  """sample.context_videos' reading (video_io.video_files / read_clips): a folder gives its video files sorted (no
+  other files, no sub-folders); each clip is a video's first frames at the asked rate, squashed to the asked size."""
+  folder = tmp_path / 'mine'
+  sources = {name: _write_video(str(folder / name), seed, 0, 30) for seed, name in ((1, 'b.mp4'), (2, 'a.avi'))}
+  _write_video(str(folder / 'sub' / 'c.mp4'), 3, 2, 30)
+  (folder / 'notes.txt').write_text('not a video')
+  sources['one.mp4'] = _write_video(str(tmp_path / 'one.mp4'), 4, 0, 30)  # bouncing balls: no frame repeats
+  files = video_io.video_files(f'{folder}, {tmp_path / "one.mp4"}')
+  assert files == [str(folder / 'a.avi'), str(folder / 'b.mp4'), str(tmp_path / 'one.mp4')]
+  clips = video_io.read_clips(files, 5, FPS, RES)
+  assert clips.shape == (3, 5, RES, RES, 3) and clips.dtype == np.uint8
+  def error(frame, source_frame):
+    resized = Image.fromarray(source_frame).resize((RES, RES), Image.BILINEAR)
+    return np.abs(frame.astype(np.float32) - np.asarray(resized, np.float32)).mean()
+
+  for path, clip in zip(files, clips):
+    source = sources[os.path.basename(path)]
+    for k in range(5):  # frame k at 8 of 25 fps: the source's frame at k / 8 s, not its k-th
+      at_time = min(error(clip[k], source[int(round_at(k * 25 / FPS))]) for round_at in (np.floor, np.ceil))
+      assert at_time < 12 and (k == 0 or at_time < error(clip[k], source[k])), (path, k)
+
+  with pytest.raises(errors.MissingError, match='nope.mp4 does not exist'):
+    video_io.video_files(str(tmp_path / 'nope.mp4'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(errors.MissingError, match='empty holds no video file'):
+    video_io.video_files(str(tmp_path / 'empty'))
+  _write_video(str(tmp_path / 'short.mp4'), 5, 0, 6)  # 0.24 s
+  with pytest.raises(errors.UserError, match=r'short\.mp4 gives \d of the 5 frames needed at 8 fps'):
+    video_io.read_clips([str(tmp_path / 'short.mp4')], 5, FPS, RES)
+  _write_garbage(str(tmp_path / 'garbage.mp4'))
+  with pytest.raises(errors.UserError, match=r'garbage\.mp4: ffmpeg could not decode it'):
+    video_io.read_clips([str(tmp_path / 'garbage.mp4')], 5, FPS, RES)
 
 
 @pytest.mark.parametrize('video_frames,clips,expected', [

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from conftest import damage_checkpoint_arrays
@@ -20,6 +21,8 @@ from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import timing
 from nbp_jax import trainer
+from nbp_jax.data import synthetic
+from nbp_jax.data import video_io
 from nbp_jax.interop import official
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
@@ -380,6 +383,32 @@ def _micro_generator():
   return generator_lib.Generator(config, spec, nn.meta.unbox(_params(spec)))
 
 
+def test_sample_batches_continue_the_given_videos_in_turn(tmp_path, monkeypatch):
+  """sample.context_videos replaces the held-out clips (there is no dataset here): sample i continues video i % n from
+  its first 5 frames at data.fps and data.resolution, labels cycle through the classes, and a process's `batches`
+  read only theirs."""
+  generator = _micro_generator()  # class-conditional, 5 given frames, 4 classes
+  config = generator.config
+  sources = [synthetic.generate_video(i, i, 24, 48) for i in range(3)]
+  for i, video in enumerate(sources):
+    video_io.write_mp4(str(tmp_path / f'v{i}.mp4'), video, fps=2 * config.data.fps)
+  config.sample.context_videos = str(tmp_path)
+  monkeypatch.setattr(generator, 'context_codes', np.asarray)  # the given frames themselves stand in for their codes
+  batches = dict(generator_lib.sample_batches(config, str(tmp_path / 'no_dataset'), generator, 5, 2))
+  assert sorted(batches) == [0, 1, 2]
+  given = np.concatenate([batches[i]['context_codes'] for i in range(3)])
+  res = config.data.resolution
+  assert given.shape == (5, 5, res, res, 3)
+  for i, frames in enumerate(given):
+    # Every second frame of the source (read at half its rate), squashed to the model's size; mp4 is lossy.
+    want = [np.asarray(Image.fromarray(sources[i % 3][2 * k]).resize((res, res), Image.BILINEAR)) for k in range(5)]
+    assert np.abs(frames.astype(np.float32) - np.stack(want)).mean() < 12, i
+  np.testing.assert_array_equal(np.concatenate([batches[i]['labels'] for i in range(3)]), [0, 1, 2, 3, 0])
+  mine = list(generator_lib.sample_batches(config, str(tmp_path / 'no_dataset'), generator, 5, 2, batches=[1]))
+  assert [i for i, _ in mine] == [1]
+  np.testing.assert_array_equal(mine[0][1]['context_codes'], batches[1]['context_codes'])
+
+
 def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sampling():
   """Generator.codes = generation.generate on context_to_seq's sequence, as a grid; sampling overrides and block_shape
   reach the core."""
@@ -458,7 +487,7 @@ def test_saved_config_relocates_a_moved_pipeline_workdir(tmp_path):
   (tmp_path / 'data').mkdir()
   (tmp_path / 'tokenizer').mkdir()
   checkpoint_lib.write_config(str(tmp_path / 'nbp'), config)
-  moved = generator_lib.saved_config(str(tmp_path / 'nbp'))
+  moved = checkpoint_lib.load_config(str(tmp_path / 'nbp'))
   assert moved.data.dir == str(tmp_path / 'data') and moved.tokenizer.checkpoint == str(tmp_path / 'tokenizer')
   assert moved.data.tokenized_dir == config.data.tokenized_dir  # unset paths stay unset
 

@@ -41,7 +41,6 @@ from nbp_jax.data import builder
 from nbp_jax.data import synthetic
 from nbp_jax.data import video_io
 
-VIDEO_EXTENSIONS = ('.avi', '.mp4', '.webm', '.mkv', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.ogv')
 REPORT_NAME = 'prepare_report.txt'
 UNKNOWN_LABEL = -1
 _SPLIT_ALIASES = {'train': 'train', 'training': 'train', 'val': 'validation', 'valid': 'validation',
@@ -260,7 +259,7 @@ class _VideoIndex:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
       dirnames.sort()
       for f in sorted(filenames):
-        if f.lower().endswith(VIDEO_EXTENSIONS):
+        if f.lower().endswith(video_io.VIDEO_EXTENSIONS):
           path = os.path.join(dirpath, f)
           self.by_name.setdefault(f, path)
           self.by_lower.setdefault(f.lower(), path)
@@ -357,7 +356,7 @@ def _split_name(text: str, default: str = 'train') -> str:
 
 def _looks_like_list_file(path: str) -> bool:
   lines = _read_lines(path)[:3]
-  return bool(lines) and all(line.split()[0].lower().endswith(VIDEO_EXTENSIONS) for line in lines)
+  return bool(lines) and all(line.split()[0].lower().endswith(video_io.VIDEO_EXTENSIONS) for line in lines)
 
 
 def list_k600(raw_dir: str) -> Listing:

@@ -15,6 +15,9 @@ import subprocess
 
 import numpy as np
 
+from nbp_jax import errors
+
+VIDEO_EXTENSIONS = ('.avi', '.mp4', '.webm', '.mkv', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.ogv')
 # A decoded video whose length falls this far short of its header's duration is reported as truncated.
 _TRUNCATED_FRACTION = 0.8
 
@@ -131,6 +134,43 @@ def read_video(path: str, *, fps: float | None = None, resolution: int | None = 
                            f'announces ({info.duration:.2f} s at {out_fps:g} fps).')
   video = np.frombuffer(proc.stdout, np.uint8, count=num_frames * frame_bytes)
   return video.reshape(num_frames, height, width, 3), out_fps
+
+
+def video_files(spec: str) -> list[str]:
+  """The videos named by `spec`: comma-separated video files and folders (a folder gives its video files, sorted,
+  not those of its sub-folders). Raises MissingError naming a path that does not exist or a folder without videos."""
+  files = []
+  for path in (p.strip() for p in spec.split(',')):
+    if not path:
+      continue
+    if os.path.isdir(path):
+      found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                     if f.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
+      if not found:
+        raise errors.MissingError(f'{path} holds no video file ({", ".join(VIDEO_EXTENSIONS)}).')
+      files += found
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise errors.MissingError(f'{path} does not exist: name video files or folders of them.')
+  return files
+
+
+def read_clips(paths: list[str], num_frames: int, fps: float, resolution: int) -> np.ndarray:
+  """The first `num_frames` frames of each video at `fps`, squashed to `resolution`^2 (as prepare_data cuts clips):
+  uint8 [len(paths), num_frames, resolution, resolution, 3]. Raises UserError naming a video that does not decode
+  (damaged files are read as far as they decode) or is shorter than `num_frames` frames at `fps`."""
+  clips = []
+  for path in paths:
+    try:
+      video, _ = read_video(path, fps=fps, resolution=resolution, strict=False)
+    except VideoReadError as e:
+      raise errors.UserError(str(e)) from e
+    if len(video) < num_frames:
+      raise errors.UserError(f'{path} gives {len(video)} of the {num_frames} frames needed at {fps:g} fps '
+                             f'({num_frames / fps:.2f} s); give a longer video.')
+    clips.append(video[:num_frames])
+  return np.stack(clips)
 
 
 def _damage(log: str) -> str | None:

@@ -27,6 +27,7 @@ import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import image_metrics
 from nbp_jax import parallel
 from nbp_jax import timing
@@ -44,8 +45,6 @@ from nbp_jax.tokenizer import model as tokenizer_model
 
 # Saved paths that point into a pipeline workdir (WORKDIR/data, ...), found again when WORKDIR was moved or copied
 # (Google Drive, /content): (config field, folder beside the model's workdir).
-_RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokenizer.checkpoint', 'tokenizer'))
-
 _SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
 
 
@@ -53,19 +52,6 @@ def _abstract_params(spec: Spec):
   """The params' abstract tree (shapes and dtypes) that `spec` builds."""
   from nbp_jax.nbp import train  # pylint: disable=g-import-not-at-top  (nbp.train imports this module)
   return nn.unbox(jax.eval_shape(lambda r: train.init_params(spec, r), jax.random.key(0)))
-
-
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved in a training workdir, with paths into a moved/copied pipeline workdir relocated."""
-  config = checkpoint_lib.load_config(workdir)
-  root = os.path.dirname(os.path.abspath(workdir))
-  for path, sub in _RELOCATABLE:
-    section, name = path.split('.')
-    saved = config[section].get(name, '')
-    here = os.path.join(root, sub)
-    if saved and not os.path.exists(saved) and os.path.exists(here):
-      config[section][name] = here
-  return config
 
 
 @dataclasses.dataclass
@@ -112,7 +98,7 @@ class Generator:
         default: everything on the first local device.
     """
     if config is None:
-      config = saved_config(workdir)
+      config = checkpoint_lib.load_config(workdir)
       config_lib.validate(config, 'sample')
     spec = spec_from_config(config)
     # An architecture override of the run's config (or another run's checkpoint) is refused before the read.
@@ -321,22 +307,30 @@ class Generator:
 
 
 def sample_batches(config: ml_collections.ConfigDict, workdir: str, generator: Generator, count: int,
-                   batch_size: int, batches: Sequence[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+                   batch_size: int, batches: Sequence[int] | None = None, given: np.ndarray | None = None
+                   ) -> Iterator[tuple[int, dict[str, Any]]]:
   """Conditioning for `count` samples in batches of `batch_size`: (batch index, keyword arguments of
-  `Generator.codes`) with class labels cycling through the classes and/or the held-out clips' context codes in
-  order ({'batch_size': b} for an unconditional model). Fewer samples where the held-out split is smaller than `count`.
+  `Generator.codes`) with class labels cycling through the classes and/or the context codes of the videos given
+  (`given_videos`: sample.context_videos' videos, or the held-out clips in order with their labels; fewer samples
+  where the held-out split is smaller than `count`), or {'batch_size': b} for an unconditional model.
 
   `batches`: only these batches (ascending; e.g. a process's `parallel.share`); only their clips are read and encoded.
+  `given`: `given_videos(config, count)` where the caller has read them already.
   """
   indices = range(-(-count // batch_size)) if batches is None else batches
+  files = None
+  if config.nbp.context_frames > 0:
+    files = given if given is not None else given_videos(config, count)
   held_out = (pipeline.first_clips(config, workdir, count, batch_size=batch_size, batches=indices)
-              if config.nbp.context_frames > 0 else None)
+              if config.nbp.context_frames > 0 and files is None else None)
   for i in indices:
     start = i * batch_size
     size = min(batch_size, count - start)
     inputs: dict[str, Any] = {}
     if config.nbp.condition == 'class':
       inputs['labels'] = np.arange(start, start + size, dtype=np.int32) % config.data.num_classes
+    if files is not None:
+      inputs['context_codes'] = generator.context_codes(files[np.arange(start, start + size) % len(files)])
     if held_out is not None:
       clips = next(held_out, None)
       if clips is None:
@@ -345,6 +339,22 @@ def sample_batches(config: ml_collections.ConfigDict, workdir: str, generator: G
       if 'label' in clips and config.nbp.condition == 'class':
         inputs['labels'] = clips['label'].astype(np.int32)
     yield i, (inputs or {'batch_size': size})
+
+
+def given_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray | None:
+  """The given frames of sample.context_videos (uint8 [n, F, H, W, 3], F the video frames of nbp.context_frames'
+  latent frames), or None where it is not set. Says so where `count` samples leave some of them out."""
+  spec = config.sample.get('context_videos', '')
+  if not spec:
+    return None
+  paths = video_io.video_files(spec)
+  if not paths:
+    raise errors.UserError(f'sample.context_videos={spec!r} names no video.')
+  if count < len(paths) and parallel.is_primary():
+    print(f'Note: sample.num_samples={count} continues the first {count} of the {len(paths)} videos of '
+          'sample.context_videos; raise it to continue them all.')
+  frames = 1 + config_lib.temporal_factor(config.tokenizer) * (config_lib.context_latent_frames(config) - 1)
+  return video_io.read_clips(paths, frames, config.data.fps, config.data.resolution)
 
 
 def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Generator, count: int
@@ -423,10 +433,11 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
   """--mode=sample with sample.num_frames longer than a clip: sliding-window rollouts, their videos and the
   per-window report (WORKDIR/samples/rollout_<N>f_step_<step>/{sample_*.mp4/gif, sample_grid.png, rollout.json})."""
   count, batch = config.sample.num_samples, config.sample.batch_size
-  truth = rollout_truth(config, count, num_frames) if config.nbp.context_frames > 0 else None
+  given = given_videos(config, count) if config.nbp.context_frames > 0 else None
+  truth = rollout_truth(config, count, num_frames) if config.nbp.context_frames > 0 and given is None else None
   mine = parallel.share(-(-count // batch))  # the batches are shared among the processes of a multi-host run
   if truth is None:
-    batches = sample_batches(config, workdir, generator, count, batch, mine)
+    batches = sample_batches(config, workdir, generator, count, batch, mine, given)
   else:
     batches = ((i, _truth_inputs(config, generator, truth, i * batch, batch)) for i in mine)
   rng = jax.random.key(config.seed)
@@ -438,7 +449,12 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
   results = parallel.gather(results)
   videos = np.concatenate([v for v, _ in results])
   seconds = sum(t for _, t in results)
-  reference = truth['video'] if truth is not None else next(pipeline.first_clips(config, workdir, count))['video']
+  if truth is not None:
+    reference = truth['video']
+  elif given is not None:  # the colours the rollouts start from
+    reference = given
+  else:
+    reference = next(pipeline.first_clips(config, workdir, count))['video']
   rows = window_report(config, videos, truth['video'] if truth is not None else None,
                        reference.reshape(-1, 3).mean(0))
   out_dir = os.path.join(workdir, 'samples', f'rollout_{num_frames}f_step_{generator.step}')
