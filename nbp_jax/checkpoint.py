@@ -158,7 +158,8 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuplify(d))
 
 
-# Paths a pipeline's run saves (section.field, the folder beside the run's workdir that holds them).
+# Saved paths that point into a pipeline workdir (WORKDIR/data, ...), found again when WORKDIR was moved or copied
+# (Google Drive, /content): (config field, folder beside the model's workdir).
 _RELOCATABLE = (('data.dir', 'data'), ('data.tokenized_dir', 'tokens'), ('tokenizer.checkpoint', 'tokenizer'))
 
 

@@ -43,8 +43,6 @@ from nbp_jax.parallel import sharding as sharding_lib
 from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
-# Saved paths that point into a pipeline workdir (WORKDIR/data, ...), found again when WORKDIR was moved or copied
-# (Google Drive, /content): (config field, folder beside the model's workdir).
 _SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
 
 
@@ -310,9 +308,10 @@ def sample_batches(config: ml_collections.ConfigDict, workdir: str, generator: G
                    batch_size: int, batches: Sequence[int] | None = None, given: np.ndarray | None = None
                    ) -> Iterator[tuple[int, dict[str, Any]]]:
   """Conditioning for `count` samples in batches of `batch_size`: (batch index, keyword arguments of
-  `Generator.codes`) with class labels cycling through the classes and/or the context codes of the videos given
-  (`given_videos`: sample.context_videos' videos, or the held-out clips in order with their labels; fewer samples
-  where the held-out split is smaller than `count`), or {'batch_size': b} for an unconditional model.
+  `Generator.codes`) with class labels cycling through the classes and/or the context codes of given frames: those
+  of sample.context_videos (`given_videos`) in turn, else the held-out clips of the run's dataset in order, with
+  their labels (fewer samples where that split is smaller than `count`); {'batch_size': b} for an unconditional
+  model.
 
   `batches`: only these batches (ascending; e.g. a process's `parallel.share`); only their clips are read and encoded.
   `given`: `given_videos(config, count)` where the caller has read them already.
