@@ -374,11 +374,16 @@ def test_demo_preset_samples_on_cpu():
   assert int(codes.max()) < config_lib.codebook_size(config.tokenizer)
 
 
-def _micro_generator():
+def _micro_generator_config():
   config = config_lib.task_config('demo', 'micro')
   config.tokenizer = config_lib.tokenizer_config('micro')  # a (5, 4, 4) grid, whatever the demo's tokenizer is
   config.tokenizer.fsq_levels = (4, 4)
   config.nbp.block_shape = (1, 1, 4)
+  return config
+
+
+def _micro_generator():
+  config = _micro_generator_config()
   spec = spec_from_config(config)
   return generator_lib.Generator(config, spec, nn.meta.unbox(_params(spec)))
 
@@ -387,8 +392,8 @@ def test_sample_batches_continue_the_given_videos_in_turn(tmp_path, monkeypatch)
   """sample.context_videos replaces the held-out clips (there is no dataset here): sample i continues video i % n from
   its first 5 frames at data.fps and data.resolution, labels cycle through the classes, and a process's `batches`
   read only theirs."""
-  generator = _micro_generator()  # class-conditional, 5 given frames, 4 classes
-  config = generator.config
+  config = _micro_generator_config()  # class-conditional, 5 given frames, 4 classes
+  generator = generator_lib.Generator(config, spec_from_config(config), params=None)  # only conditions here
   sources = [synthetic.generate_video(i, i, 24, 48) for i in range(3)]
   for i, video in enumerate(sources):
     video_io.write_mp4(str(tmp_path / f'v{i}.mp4'), video, fps=2 * config.data.fps)
