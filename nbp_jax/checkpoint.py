@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from nbp_jax import config_lib
 from nbp_jax import errors
+from nbp_jax import parallel
 
 PyTree = Any
 
@@ -189,7 +190,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json, written by process 0 only."""
-  if jax.process_index() != 0:
+  if not parallel.is_primary():
     return
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
@@ -354,7 +355,7 @@ class Checkpointer:
                   src, type(error).__name__, str(error).splitlines()[0][:300], src)
     print(f'Checkpoint {src} is unreadable ({type(error).__name__}); moved it to {src}.corrupt and '
           'using the previous checkpoint.', flush=True)
-    if jax.process_index() == 0:
+    if parallel.is_primary():
       dst = src + '.corrupt'
       n = 1
       while os.path.exists(dst):

@@ -15,6 +15,8 @@ import os
 import jax
 import numpy as np
 
+from nbp_jax import parallel
+
 METRICS_FILE = 'metrics.jsonl'
 
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets; TPU per chip).
@@ -69,7 +71,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, enabled: bool | None = None, purge_step: int | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.enabled = parallel.is_primary() if enabled is None else enabled
     self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
     self.purge_step = purge_step

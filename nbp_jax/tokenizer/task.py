@@ -32,6 +32,7 @@ import optax
 
 from nbp_jax import config_lib
 from nbp_jax import image_metrics
+from nbp_jax import parallel
 from nbp_jax import task as task_lib
 from nbp_jax.tokenizer import fsq
 from nbp_jax.tokenizer import losses
@@ -227,7 +228,7 @@ def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps
     gen = jax.device_put(gen, jax.local_devices()[0])
     recon = np.asarray(recon_fn(gen, jnp.asarray(videos)))
     out = os.path.join(workdir, 'samples', f'tokenizer_{step:07d}')
-    if jax.process_index() != 0:
+    if not parallel.is_primary():
       return out
     os.makedirs(out, exist_ok=True)
     pairs = np.concatenate([videos, recon], axis=3)  # side by side along W

@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   out = None
   if task.write_samples is not None:
     out = task.write_samples(state.params, step, tdir)
-  if jax.process_index() == 0:
+  if parallel.is_primary():
     with open(eval_path, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
