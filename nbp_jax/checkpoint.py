@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from typing import Any
 
 from absl import logging
@@ -236,6 +237,27 @@ def _item_handlers() -> dict[str, Any]:
   }
 
 
+def _drop_closed_loop_reports() -> None:
+  """Keeps Python from printing an 'Event loop is closed' traceback for each array of a damaged checkpoint.
+
+  When one array of an orbax read fails, orbax closes its event loop while tensorstore still reads the others on
+  its own threads; as each finishes, its callback posts to the closed loop, and Python reports the RuntimeError as
+  unraisable (tens of tracebacks after the one-line report of the damage). Only that report is dropped; every
+  other goes to the hook installed before (pytest's, or Python's default). Idempotent.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under WORKDIR/checkpoints (call on every process)."""
 
@@ -257,6 +279,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
     )
     self._manager = self._make_manager()
+    _drop_closed_loop_reports()  # before any read: the reports come from other threads, right after a failure
 
   def _make_manager(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=self._options)

@@ -129,9 +129,6 @@ def _fail(error: BaseException) -> None:
     raise error
   prefix = 'Config error' if isinstance(error, config_lib.ConfigError) else 'Error'
   print(f'{prefix}: {" ".join(str(error).splitlines())}', file=sys.stderr, flush=True)
-  # The one line is the report: no shutdown noise after it (a failed orbax read leaves tensorstore callbacks that
-  # reach its closed event loop and print "Event loop is closed" tracebacks as the process exits).
-  sys.unraisablehook = lambda unraisable: None
   sys.exit(2)
 
 

@@ -2,6 +2,7 @@
 fall back (a storage I/O error does not count as corrupt), another config's checkpoint is refused by name without
 touching the workdir, and an 8-device checkpoint restores onto 1 device."""
 
+import asyncio
 import errno
 import glob
 import os
@@ -121,6 +122,28 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12.corrupt'))
   losses = _losses(workdir)  # redone from step 9: same numbers
   np.testing.assert_allclose([losses[s] for s in (10, 11, 12)], [ref_losses[s] for s in (10, 11, 12)], rtol=1e-6)
+
+
+def test_closed_event_loop_reports_of_a_failed_read_are_dropped_and_others_kept(tmp_path, monkeypatch):
+  # What tensorstore's threads do after a failed orbax read: post to the event loop orbax already closed.
+  closed = asyncio.new_event_loop()
+  closed.close()
+
+  class PostsToTheClosedLoop:
+    def __del__(self):
+      closed.call_soon_threadsafe(print)
+
+  class FailsOtherwise:
+    def __del__(self):
+      raise ValueError('a real problem')
+
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: reported.append(repr(u.exc_value)))
+  checkpoint.Checkpointer(str(tmp_path)).close()  # any checkpointer installs the filter before its first read
+  checkpoint.Checkpointer(str(tmp_path)).close()  # once: a second wraps nothing
+  PostsToTheClosedLoop()
+  FailsOtherwise()
+  assert reported == ["ValueError('a real problem')"]
 
 
 def test_checkpoint_of_another_config_is_refused_by_parameter_name(reference, tmp_path):
