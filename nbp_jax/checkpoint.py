@@ -374,8 +374,8 @@ class Checkpointer:
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint aside (so a later save of that step does not collide) and says so."""
     src = self.step_dir(step)
-    logging.error('Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and using the previous one.',
-                  src, type(error).__name__, str(error).splitlines()[0][:300], src)
+    logging.error('Checkpoint %s is unreadable (%s); moving it to %s.corrupt and using the previous one.',
+                  src, _first_line(error), src)
     print(f'Checkpoint {src} is unreadable ({type(error).__name__}); moved it to {src}.corrupt and '
           'using the previous checkpoint.', flush=True)
     if parallel.is_primary():

@@ -20,6 +20,8 @@ from nbp_jax import errors
 
 MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval', 'export', 'import', 'pipeline',
          'study')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'splash')  # model.attention
+FIRST_BLOCK_MODES = ('bov', 'hybrid', 'none')  # nbp.first_block
 
 # Transformer sizes. The paper's three (docs/design.md) plus small ones for CPU tests, demo and benchmarks.
 MODEL_SIZES = {
@@ -565,7 +567,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(mode != 'prepare_data' or d.source != 'synthetic' or not d.get('raw_dir', ''),
            f"data.raw_dir={d.raw_dir!r} is set but data.source='synthetic' generates its clips and reads no "
            "folder; add --config.data.source=ucf101 or k600 (or drop data.raw_dir).")
-  if mode == 'prepare_data':
+  if mode not in TOKENIZER_MODES:
     return
 
   _require(tok.get('norm', 'group') in ('group', 'none'),
@@ -592,8 +594,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f'model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}; '
            f'choose heads that divide the width (e.g. {_divisors_near(m.emb_dim, m.num_heads)}).')
   _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
-  _require(m.attention in ('xla', 'cudnn', 'splash'),
-           f"model.attention={m.attention!r} is unknown; pick 'xla', 'cudnn' or 'splash'.")
+  _require(m.attention in ATTENTION_IMPLS,
+           f"model.attention={m.attention!r} is unknown; pick one of {', '.join(map(repr, ATTENTION_IMPLS))}.")
   _require(m.get('pos_emb_init', 'zeros') in ('zeros', 'grid'),
            f"model.pos_emb_init={m.get('pos_emb_init')!r} is unknown; pick 'zeros' (the release) or 'grid'.")
   _require(m.dtype in ('auto', 'float32', 'bfloat16'),
@@ -617,8 +619,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(nbp.condition in ('class', 'none'), f"nbp.condition={nbp.condition!r} must be 'class' or 'none'.")
   _require(nbp.condition == 'none' or d.num_classes > 0,
            "nbp.condition='class' needs data.num_classes > 0; set it or use nbp.condition='none'.")
-  _require(nbp.first_block in ('bov', 'hybrid', 'none'),
-           f"nbp.first_block={nbp.first_block!r} must be 'bov', 'hybrid' or 'none'.")
+  _require(nbp.condition == 'none' or d.source != 'synthetic' or d.synthetic.num_classes == d.num_classes,
+           f'data.num_classes={d.num_classes} but the synthetic videos have data.synthetic.num_classes='
+           f'{d.synthetic.num_classes} classes; set both to the same number (e.g. '
+           f'--config.data.synthetic.num_classes={d.num_classes}).')
+  _require(nbp.first_block in FIRST_BLOCK_MODES,
+           f"nbp.first_block={nbp.first_block!r} must be one of {', '.join(map(repr, FIRST_BLOCK_MODES))}.")
   _require(0.0 <= nbp.cond_drop_prob < 1.0, f'nbp.cond_drop_prob={nbp.cond_drop_prob} must be in [0, 1).')
   sample = config.sample
   _require(sample.temperature > 0, f'sample.temperature={sample.temperature} must be > 0 (1 = the model\'s '

@@ -236,6 +236,8 @@ def test_transient_read_error_does_not_quarantine(reference, tmp_path, monkeypat
   workdir = str(tmp_path / 'w')
   shutil.copytree(ref_dir, workdir)
 
+  read = ocp.CheckpointManager.restore
+
   def failing_restore(self, step, *args, **kwargs):
     raise OSError(errno.EIO, 'Input/output error', os.path.join(workdir, 'checkpoints', str(step)))
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', failing_restore)
@@ -243,3 +245,11 @@ def test_transient_read_error_does_not_quarantine(reference, tmp_path, monkeypat
     _train(workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted(os.listdir(os.path.join(ref_dir,
                                                                                                    'checkpoints')))
+
+  def failing_without_a_message(self, step, *args, **kwargs):  # orbax raises bare AssertionErrors too
+    if step == 12:
+      raise AssertionError()
+    return read(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', failing_without_a_message)
+  _train(workdir)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12.corrupt'))

@@ -72,11 +72,12 @@ def _demo():
     ('nbp.first_block', 'middle', 'nbp.first_block'),
     ('model.attention', 'flash3', 'model.attention'),
     ('model.pos_emb_init', 'sincos', 'model.pos_emb_init'),
+    ('synthetic.num_classes', 5, 'data.num_classes=4 but the synthetic videos have data.synthetic.num_classes=5'),
 ])
 def test_bad_field_names_the_field(field, value, expected):
   c = _demo()
   section, name = field.split('.')
-  c[section][name] = value
+  (c.data if section == 'synthetic' else c)[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=expected.replace('.', r'\.')) as info:
     config_lib.validate(c, 'train')
   assert '\n' not in str(info.value)

@@ -10,6 +10,7 @@ from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
 from nbp_jax.data import synthetic
+from nbp_jax.nbp import train as nbp_train
 
 NUM_TRAIN, NUM_VAL, BATCH = 24, 10, 4
 
@@ -161,6 +162,11 @@ def test_errors_name_the_fix(workdir, tmp_path):
     pipeline.make_dataset(_config(), workdir, 'train', seed=0, shard_index=0, shard_count=3)
   with pytest.raises(ValueError, match="'nope'"):
     pipeline.make_dataset(_config(), workdir, 'nope', seed=0, shard_index=0, shard_count=1)
+  # A class-conditional model of 4 classes is not trained on the 3 classes' dataset (labels would be clamped).
+  config = _config()
+  config.data.num_classes, config.nbp.condition = 4, 'class'
+  with pytest.raises(config_lib.ConfigError, match=r'data\.num_classes=4 but the dataset at .* has 3 classes'):
+    nbp_train.run(config, workdir)
 
 
 def test_first_clips_in_record_order_or_a_seeded_repeating_shuffle(workdir):

@@ -31,9 +31,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 import jax.numpy as jnp
 import numpy as np
 
+from nbp_jax import config_lib
 from nbp_jax.parallel import sharding as sharding_lib
 
-IMPLS = ('xla', 'cudnn', 'splash')
 SPLASH_TILES = (512, 256, 128)  # candidate tile lengths (queries and keys); the smallest padding wins, then the larger
 SPLASH_MIN_QUERIES = 128
 _PAD_BLOCK = np.iinfo(np.int32).max  # block id of padding: no real query sees a padded key
@@ -75,7 +75,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
     if q.shape[2] < SPLASH_MIN_QUERIES or not is_static(q_block) or not is_static(k_block):
       return _xla_attention(q, k, v, block_mask(q_block, k_block))
     return splash_attention(q, k, v, q_block, k_block, interpret=jax.default_backend() != 'tpu')
-  raise ValueError(f'model.attention={impl!r} is unknown; pick one of {IMPLS}.')
+  raise ValueError(f'model.attention={impl!r} is unknown; pick one of {config_lib.ATTENTION_IMPLS}.')
 
 
 def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Array, k_block: jax.Array, *,

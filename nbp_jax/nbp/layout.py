@@ -31,9 +31,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from nbp_jax import config_lib
 from nbp_jax import errors
-
-FIRST_BLOCK_MODES = ('bov', 'hybrid', 'none')
 
 # Kinds of input positions (see BlockLayout.input_sources).
 PREFIX, VIDEO, BOV, PLACEHOLDER = 0, 1, 2, 3
@@ -202,8 +201,8 @@ class BlockLayout:
       raise LayoutError(f'latent_shape={g} and block_shape={b} must be three positive ints (t, h, w).')
     if any(gi % bi for gi, bi in zip(g, b)):
       raise LayoutError(f'block_shape={b} does not tile latent_shape={g}; each block size must divide the grid.')
-    if self.first_block not in FIRST_BLOCK_MODES:
-      raise LayoutError(f'first_block={self.first_block!r} must be one of {FIRST_BLOCK_MODES}.')
+    if self.first_block not in config_lib.FIRST_BLOCK_MODES:
+      raise LayoutError(f'first_block={self.first_block!r} must be one of {config_lib.FIRST_BLOCK_MODES}.')
     if self.prefix_len < 0:
       raise LayoutError(f'prefix_len={self.prefix_len} must be >= 0.')
 

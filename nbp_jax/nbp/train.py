@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import trainer
 from nbp_jax.data import builder
@@ -146,9 +147,23 @@ def missing_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   return needed + (['tokenize'] if config.data.use_tokenized else [])
 
 
+def _require_the_datasets_classes(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A class-conditional model has one embedding per class of its dataset: refuses a dataset whose class count
+  differs from data.num_classes (its labels past the last embedding would be clamped to it, silently)."""
+  location = builder.video_location(config, workdir)
+  if config.nbp.condition != 'class' or not location.exists():
+    return
+  classes = builder.load_info(location).metadata.get('class_names') or []
+  if classes and len(classes) != config.data.num_classes:
+    raise config_lib.ConfigError(
+        f'data.num_classes={config.data.num_classes} but the dataset at {location.path} has {len(classes)} classes; '
+        f'set --config.data.num_classes={len(classes)}.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
   """`--mode=train`: trains the transformer on pre-tokenized codes (data.use_tokenized) or on clips encoded on the
   fly by the trained tokenizer; checkpoints, metrics and samples go to WORKDIR."""
+  _require_the_datasets_classes(config, workdir)
   task = make_task(config)
   spec = spec_from_config(config)
   missing = missing_stages(config, workdir)
