@@ -28,8 +28,9 @@ class Task:
     init_params: rng -> params. Leaves may be boxed with flax logical axis names
       (`nn.LogicallyPartitioned`); the trainer turns those names into mesh shardings by the config's rules.
     loss_fn: pure, jittable; `train=False` disables dropout and anything stochastic that is not sampling.
-    make_optimizer: optional override of the default optax chain built from `config.optim`
-      (e.g. the tokenizer's separate generator/discriminator optimizers via `optax.multi_transform`).
+    make_optimizer: optional override of the default optax chain built from `config.optim` (e.g. the tokenizer's
+      separate generator/discriminator optimizers via `optax.multi_transform`): () -> (optimizer, the learning-rate
+      schedule the trainer logs as `learning_rate`, or None).
     flops_per_example: training FLOPs (forward + backward) for one example, for the MFU estimate; 0 = unknown.
     tokens_per_example: tokens one example contributes to the loss, for tokens/s; 0 = unknown.
     prepare_batch: optional jittable map from the data pipeline's batch to the loss's batch (e.g. encode
@@ -39,7 +40,7 @@ class Task:
   name: str
   init_params: Callable[[jax.Array], PyTree]
   loss_fn: LossFn
-  make_optimizer: Callable[[], optax.GradientTransformation] | None = None
+  make_optimizer: Callable[[], tuple[optax.GradientTransformation, optax.Schedule | None]] | None = None
   flops_per_example: float = 0.0
   tokens_per_example: int = 0
   prepare_batch: Callable[[Batch], Batch] | None = None

@@ -75,14 +75,14 @@ class TrainState:
 # Optimizer.
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warmup 0 -> optim.lr over optim.warmup_steps, then cosine to 0 at `num_steps`.
+def learning_rate_schedule(peak: float, warmup_steps: int, num_steps: int) -> optax.Schedule:
+  """Linear warmup 0 -> `peak` over `warmup_steps`, then cosine to 0 at `num_steps`.
 
-  lr(s) = lr * s / W for s < W;  lr * (1 + cos(pi * (s - W) / (T - W))) / 2 for W <= s <= T. A warmup longer than
-  the run is cut to it (then the cosine part is one step long).
+  lr(s) = peak * s / W for s < W;  peak * (1 + cos(pi * (s - W) / (T - W))) / 2 for W <= s <= T. A warmup longer
+  than the run is cut to it (then the cosine part is one step long).
   """
-  warmup = int(min(max(optim.warmup_steps, 0), num_steps))
-  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, warmup + max(int(num_steps) - warmup, 1),
+  warmup = int(min(max(warmup_steps, 0), num_steps))
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + max(int(num_steps) - warmup, 1),
                                             end_value=0.0)
 
 
@@ -95,7 +95,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
                    num_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The default chain from config.optim: clip_by_global_norm -> AdamW(b1, b2, masked decay) with the schedule."""
   o = config.optim
-  schedule = learning_rate_schedule(o, config.train.num_steps if num_steps is None else num_steps)
+  schedule = learning_rate_schedule(o.lr, o.warmup_steps, config.train.num_steps if num_steps is None else num_steps)
   chain = []
   if o.grad_clip and o.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip))
@@ -126,7 +126,7 @@ def make_setup(config: ml_collections.ConfigDict, task: Task,
   mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
   rules = sharding_lib.normalize_rules(config.mesh.axis_rules)
   if task.make_optimizer is not None:
-    tx, schedule = task.make_optimizer(), None
+    tx, schedule = task.make_optimizer()
   else:
     tx, schedule = make_optimizer(config)
   key = jax.random.PRNGKey(config.seed)
@@ -192,8 +192,8 @@ def make_train_step(task: Task, setup: Setup, grad_accum_steps: int = 1) -> Call
 
   The loss sees the batch plus batch['step'] = state.step (int32 scalar, 0-based index of this optimizer step;
   e.g. the tokenizer starts its discriminator at a given step). Metrics: the task's (averaged over micro-batches),
-  'loss', 'grad_norm' (before clipping), 'param_norm' (after the update), 'update_norm', 'learning_rate' (default
-  optimizer only).
+  'loss', 'grad_norm' (before clipping), 'param_norm' (after the update), 'update_norm', 'learning_rate' (when the
+  optimizer has a schedule; the tokenizer's is its generator's).
   """
   k = int(grad_accum_steps)
   batch_axes = sharding_lib.batch_axes(setup.rules)

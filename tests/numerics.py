@@ -64,10 +64,11 @@ def assert_trees_close(actual, desired, rtol: float, floor: float = 1e-3, err_ms
   assert errors[worst] <= rtol, f'{err_msg}: leaf {worst} differs by {errors[worst]:.3g} of its norm (rtol {rtol:g})'
 
 
-def sgd_recording_gradients(learning_rate: float = 0.1) -> optax.GradientTransformation:
-  """SGD with momentum 0.9: after the first step its state (`opt_state[0].trace`) is that step's gradient, and the
-  parameters moved by -lr times it; no division that amplifies rounding noise."""
-  return optax.sgd(learning_rate, momentum=0.9)
+def sgd_recording_gradients(learning_rate: float = 0.1) -> tuple[optax.GradientTransformation, None]:
+  """SGD with momentum 0.9, as Task.make_optimizer gives it (no schedule): after the first step its state
+  (`opt_state[0].trace`) is that step's gradient, and the parameters moved by -lr times it; no division that
+  amplifies rounding noise."""
+  return optax.sgd(learning_rate, momentum=0.9), None
 
 
 def first_gradient(opt_state):

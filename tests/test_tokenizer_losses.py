@@ -145,7 +145,7 @@ def test_missing_step_names_the_fix(setup):
 
 def test_optimizer_holds_discriminator_until_start_and_updates_lecam_ema(setup):
   config, task, params, video, grad_fn = setup
-  tx = task.make_optimizer()
+  tx, schedule = task.make_optimizer()
   state = tx.init(params)
 
   @_jit

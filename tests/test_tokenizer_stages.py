@@ -53,6 +53,8 @@ def test_train_tokenizer_writes_checkpoint_metrics_and_samples(trained):
     records = [json.loads(line) for line in f]
   # The discriminator is off at step 0 and on at step 1 (the trainer passes the step in the batch).
   assert [r.get('gan_active') for r in records if 'gan_active' in r] == [0.0, 1.0]
+  # The generator's learning rate: 0 at step 0, then the peak at the end of its 1-step warmup.
+  assert [r['learning_rate'] for r in records if 'learning_rate' in r] == pytest.approx([0.0, config.tokenizer.lr])
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))  # the transformer's folder stays untouched
 
 

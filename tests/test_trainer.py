@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_warmup_cosine_schedule_matches_the_formula():
   cfg = toy.config()
   cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 10
-  schedule = trainer.learning_rate_schedule(cfg.optim, 110)
+  schedule = trainer.learning_rate_schedule(3e-4, 10, 110)
   for s in [0, 1, 5, 9, 10, 11, 40, 60, 109, 110]:
     if s < 10:
       want = 3e-4 * s / 10
@@ -46,7 +46,7 @@ def test_warmup_cosine_schedule_matches_the_formula():
     assert float(schedule(s)) == pytest.approx(want, rel=1e-5, abs=3e-9), s
   # Warmup longer than the run (tiny test configs) must not break the schedule.
   cfg.optim.warmup_steps = 500
-  assert float(trainer.learning_rate_schedule(cfg.optim, 100)(50)) == pytest.approx(3e-4 * 50 / 100, rel=1e-5)
+  assert float(trainer.learning_rate_schedule(3e-4, 500, 100)(50)) == pytest.approx(3e-4 * 50 / 100, rel=1e-5)
 
 
 def test_weight_decay_only_on_matrices():

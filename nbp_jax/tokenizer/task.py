@@ -34,6 +34,7 @@ from nbp_jax import config_lib
 from nbp_jax import image_metrics
 from nbp_jax import parallel
 from nbp_jax import task as task_lib
+from nbp_jax import trainer
 from nbp_jax.tokenizer import fsq
 from nbp_jax.tokenizer import losses
 from nbp_jax.tokenizer import model as tokenizer_model
@@ -138,35 +139,27 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
   return loss_fn
 
 
-def _kernel_mask(params):
-  """True for conv kernels (weight decay applies), False for biases, norms and Swish betas."""
-  def is_kernel(path, _):
-    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-    return bool(keys) and keys[-1] == 'kernel'
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
 def make_optimizer_fn(config: ml_collections.ConfigDict):
-  """() -> optax.multi_transform: AdamW per network (own lr, warmup + cosine, clipping), SGD for the LeCam EMAs."""
+  """() -> (optax.multi_transform, the generator's schedule): AdamW per network (own lr, warmup + cosine, clipping;
+  weight decay on kernels as the trainer's), SGD for the LeCam EMAs."""
   tok = config.tokenizer
 
   def chain(schedule):
     return optax.chain(optax.clip_by_global_norm(tok.grad_clip),
-                       optax.adamw(schedule, b1=tok.b1, b2=tok.b2, weight_decay=tok.weight_decay, mask=_kernel_mask))
+                       optax.adamw(schedule, b1=tok.b1, b2=tok.b2, weight_decay=tok.weight_decay,
+                                   mask=trainer.weight_decay_mask))
 
   def make():
-    g_schedule = optax.warmup_cosine_decay_schedule(0.0, tok.lr, max(tok.warmup_steps, 1),
-                                                    max(tok.num_steps, tok.warmup_steps + 1))
+    g_schedule = trainer.learning_rate_schedule(tok.lr, tok.warmup_steps, tok.num_steps)
     start = max(int(tok.discriminator_start_step), 0)
-    d_after = optax.warmup_cosine_decay_schedule(0.0, tok.discriminator_lr, max(tok.warmup_steps, 1),
-                                                 max(tok.num_steps - start, tok.warmup_steps + 1))
+    d_after = trainer.learning_rate_schedule(tok.discriminator_lr, tok.warmup_steps, max(tok.num_steps - start, 1))
     # Zero learning rate (so no weight decay either) until the discriminator starts.
     d_schedule = optax.join_schedules([optax.constant_schedule(0.0), d_after], [start]) if start else d_after
     transforms = {'generator': chain(g_schedule), 'discriminator': chain(d_schedule)}
     if tok.lecam_weight > 0:
       transforms['lecam'] = optax.sgd(1.0 - tok.lecam_decay)
     # Labels as a prefix tree ({'generator': 'generator', ...}): works for boxed and unboxed parameters alike.
-    return optax.multi_transform(transforms, lambda params: {k: k for k in params})
+    return optax.multi_transform(transforms, lambda params: {k: k for k in params}), g_schedule
 
   return make
 
