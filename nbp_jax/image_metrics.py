@@ -20,7 +20,7 @@ import numpy as np
 from nbp_jax import cpu_convolutions
 
 
-def _to_unit(video: jax.Array) -> jax.Array:
+def to_unit(video: jax.Array) -> jax.Array:
   """uint8 in [0, 255] or float in [0, 1] -> float32 in [0, 1]."""
   if jnp.issubdtype(video.dtype, jnp.integer):
     return video.astype(jnp.float32) / 255.0
@@ -47,7 +47,7 @@ def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
   exactly; it scores 19.58 dB with a 1e-10 floor, 18.30 with this one, 16.99 without those frames).
   """
   _check_pair(a, b, 'psnr')
-  mse = jnp.mean((_to_unit(a) - _to_unit(b)) ** 2, axis=(-3, -2, -1))
+  mse = jnp.mean((to_unit(a) - to_unit(b)) ** 2, axis=(-3, -2, -1))
   return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, _MSE_FLOOR)), axis=-1)
 
 
@@ -62,7 +62,7 @@ def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> ja
   """SSIM per video: [..., T, H, W, 3] -> [...]; Gaussian window 11/1.5, K1 0.01, K2 0.03, data range 1, 'valid'
   filtering (as tf.image.ssim), averaged over pixels and channels of each frame, then over T."""
   _check_pair(a, b, 'ssim')
-  x, y = _to_unit(a), _to_unit(b)
+  x, y = to_unit(a), to_unit(b)
   batch_shape, (h, w, c) = x.shape[:-3], x.shape[-3:]
   if h < window or w < window:
     raise ValueError(f'ssim needs frames of at least {window}x{window} pixels, got {h}x{w}.')
@@ -115,7 +115,7 @@ def make_lpips(net: str = 'vgg16') -> Callable[[jax.Array, jax.Array], jax.Array
     _check_pair(a, b, 'lpips')
     # The LPIPS network expects [-1, 1].
     with cpu_convolutions.rewrite_slow_convs():  # VGG16's 2x2-pixel stage at 32x32 frames: 10x faster on CPU
-      out = module.apply({'params': params}, _to_unit(a) * 2.0 - 1.0, _to_unit(b) * 2.0 - 1.0)
+      out = module.apply({'params': params}, to_unit(a) * 2.0 - 1.0, to_unit(b) * 2.0 - 1.0)
     return out.reshape(a.shape[0])
 
   return lpips

@@ -29,6 +29,7 @@ from nbp_jax.nbp import generation
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import sampling as sampling_lib
 from nbp_jax.nbp import train
+from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.layout import LayoutError
 from nbp_jax.nbp.layout import Vocab
@@ -541,17 +542,18 @@ def test_every_preset_generates_abstractly(path):
   spec = spec_from_config(config)
   params = jax.eval_shape(lambda: train.init_params(spec, jax.random.key(0)))
   m = config.model
-  # Scanned layers (the presets) stack every layer's params and cache; unrolled ones (the demo) keep one per layer.
-  stacked = lambda xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype) if isinstance(xs, tuple) else xs
+  # Scanned layers (the presets) stack every layer's params; unrolled ones (the demo) keep one per layer. The cache
+  # has one buffer per layer either way (generation decodes unrolled layers).
+  stacked = lambda xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
   q = (params['blocks'] if m.scan_layers else params['blocks_0'])['attn']['query']['kernel'].value
   assert q.shape == ((m.num_layers,) if m.scan_layers else ()) + (m.emb_dim, m.emb_dim)
   assert m.scan_layers or f'blocks_{m.num_layers - 1}' in params and f'blocks_{m.num_layers}' not in params
-  cache = jax.eval_shape(lambda: init_cache(spec.model, 2, spec.layout.seq_len))
+  cache = jax.eval_shape(lambda: init_cache(transformer_lib.decoding(spec.model), 2, spec.layout.seq_len))
   assert stacked(cache.k).shape == (m.num_layers, 2 * m.num_heads, m.emb_dim // m.num_heads, spec.layout.seq_len)
   assert stacked(cache.v).shape == (m.num_layers, 2 * m.num_heads, spec.layout.seq_len, m.emb_dim // m.num_heads)
   if os.path.basename(path) in ('k600_3b.py', 'ucf101_3b.py'):
     assert (m.num_layers, m.num_heads, m.emb_dim) == (32, 32, 3072)
-    assert cache.k.shape[0] == 32 and cache.k.shape[1] == 2 * 32 and q.shape[-1] == 3072
+    assert stacked(cache.k).shape[:2] == (32, 2 * 32) and q.shape[-1] == 3072
   if os.path.basename(path).startswith('k600'):
     assert spec.layout.decode_plan(512).num_steps == 48
   if os.path.basename(path).startswith('ucf101'):

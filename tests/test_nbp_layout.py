@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from nbp_jax.nbp import attention
 from nbp_jax.nbp.layout import BlockLayout
 from nbp_jax.nbp.layout import LayoutError
 from nbp_jax.nbp.layout import Vocab
@@ -17,7 +18,9 @@ def _mat(rows):
 
 
 def _layout_mask(layout):
-  return np.asarray(layout.train_mask())
+  """The teacher-forcing mask as the model builds it: attention's rule over the layout's block ids."""
+  ids = layout.block_ids(np.arange(layout.seq_len))
+  return np.asarray(attention.block_mask(ids, ids))
 
 
 def test_mask_bov_prefix2_block3_three_blocks():

@@ -45,23 +45,24 @@ def _full_logits(cfg, params, ids, layout, null_cond=None):
 
 # ('none' with 1x2x2 blocks is covered through generation in test_nbp_generation.) prefill: the prefix and that many
 # blocks fed as one group, cut into chunks of 4 queries (as a long prefill is: attention.XLA_QUERY_CHUNK).
-# model: the training layouts (scanned or unrolled layers, [B, T, d]) and generation's (transformer.decoding:
-# unrolled, feature-major [d, B, T], [out, in] kernels), each decoding against the training forward of its params.
-@pytest.mark.parametrize('first_block,block,model,prefill', [('bov', (1, 1, 3), 'scanned', 0),
+# model: unrolled layers ([B, T, d]) and generation's layout (transformer.decoding: unrolled, feature-major
+# [d, B, T], [out, in] kernels) with the params of either training layout (scanned or unrolled layers), each
+# decoding against the training forward of its params.
+@pytest.mark.parametrize('first_block,block,model,prefill', [('bov', (1, 1, 3), 'decoding_of_scanned', 0),
                                                               ('hybrid', (1, 1, 3), 'unrolled', 0),
                                                               ('bov', (1, 1, 3), 'unrolled', 3),
                                                               ('hybrid', (1, 1, 3), 'decoding', 0),
                                                               ('bov', (1, 1, 3), 'decoding', 3)])
 def test_cached_decode_equals_full_forward(first_block, block, model, prefill, monkeypatch):
   monkeypatch.setattr(attention_lib, 'XLA_QUERY_CHUNK', 4)
-  cfg = _cfg(scan_layers=model == 'scanned')
+  cfg = _cfg(scan_layers=model == 'decoding_of_scanned')
   params = _params(cfg)
   layout = BlockLayout((2, 2, 6) if block == (1, 1, 3) else (2, 4, 4), block, prefix_len=2, first_block=first_block)
   s = layout.seq_len
   ids = jax.random.randint(jax.random.key(3), (2, s), 0, V)
   null_cond = jnp.array([False, True])
   full = _full_logits(cfg, params, ids, layout, null_cond)
-  if model == 'decoding':
+  if model.startswith('decoding'):
     cfg, params = transformer_lib.decoding(cfg), transformer_lib.decode_params(params)
 
   decode = lambda *a: Transformer(cfg).apply({'params': params}, *a, null_cond=null_cond, method=Transformer.decode)
@@ -123,7 +124,9 @@ def test_block_1x1x1_is_a_plain_causal_lm():
   params = _params(cfg, seed=4)
   layout = BlockLayout((1, 3, 4), (1, 1, 1), first_block='none')  # NTP: block ids are the positions
   ids = jax.random.randint(jax.random.key(5), (2, layout.seq_len), 0, V)
-  np.testing.assert_array_equal(np.asarray(layout.train_mask()), np.tril(np.ones((11, 11), bool)))
+  block_ids = layout.block_ids(np.arange(layout.seq_len))
+  np.testing.assert_array_equal(np.asarray(attention_lib.block_mask(block_ids, block_ids)),
+                                np.tril(np.ones((11, 11), bool)))
   got = _full_logits(cfg, params, ids, layout)
   numerics.assert_close(got, _np_causal_lm(params, np.asarray(ids), H), 1e-5)  # float64 reference; ~4e-7
 
@@ -211,7 +214,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   boxed = jax.jit(lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32), jnp.arange(4))['params'])(
       jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.meta.unbox(boxed)))
-  assert init_cache(cfg, 1, 8).k.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(init_cache(cfg, 1, 8)))
   # The same params and ids in float32 and in bfloat16 compute: the same logits to bfloat16's precision (8 bits of
   # mantissa over a 2-layer forward: ~1e-2 of their scale; a wrong cast or a dropped term moves them by far more).
   params = _params(_cfg(), seed=3)

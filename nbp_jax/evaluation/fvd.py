@@ -77,7 +77,7 @@ def make_feature_fn(num_frames: int = 16, pre_resize: int = 0,
   if len(devices) == 1:
     single = jax.sharding.SingleDeviceSharding(devices[0])
     return jax.jit(features, in_shardings=single, out_shardings=single)
-  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  mesh = parallel.create_mesh((-1,), ('data',), devices=devices)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   sharded = jax.jit(features, in_shardings=batch_sharding, out_shardings=batch_sharding)
 

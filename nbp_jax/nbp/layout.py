@@ -284,15 +284,6 @@ class BlockLayout:
     rest = ns + (p - ns) // blen
     return xp.where(p < 0, -1, xp.where(p < ns, p, rest)).astype(xp.int32)
 
-  def mask(self, q_positions, k_positions):
-    """[Tq] x [Tk] positions -> bool [Tq, Tk]: True where the query may attend to the key."""
-    return self.block_ids(k_positions)[None, :] <= self.block_ids(q_positions)[:, None]
-
-  def train_mask(self):
-    """bool [S, S], the teacher-forcing mask."""
-    pos = jnp.arange(self.seq_len)
-    return self.mask(pos, pos)
-
   # Input ids and targets. -----------------------------------------------------------------------------------
 
   @functools.cached_property

@@ -82,26 +82,24 @@ class KVCache(NamedTuple):
   keys [len, d] XLA:CPU transposes the whole cache of a layer on every step), values [B*heads, max_len, head_dim]
   (one batch axis and no size-1 one: XLA then updates the buffer in place and hands the same buffer to the
   attention matmuls; with [B, heads, ...] and B = 1 it fused the update into each user separately and copied the
-  layer's cache for them on every step). One array with a leading [layers] axis each for a scanned model, or a
-  tuple of per-layer arrays for an unrolled one (what generation uses: a layer then writes and reads its own buffer
-  in place, without slicing a copy out of a stacked one)."""
-  k: jax.Array | tuple[jax.Array, ...]
-  v: jax.Array | tuple[jax.Array, ...]
+  layer's cache for them on every step). A tuple of per-layer arrays each, as decoding runs unrolled layers: a layer
+  writes and reads its own buffer in place (a scan over layers with one stacked cache in its carry copied the
+  cache, or slices of it, on every step: issue #16)."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> KVCache:
-  """Zero cache for `length` positions (stacked when cfg.scan_layers, per layer otherwise)."""
+  """Zero cache for `length` positions, one buffer per layer."""
   k_shape = (batch_size * cfg.num_heads, cfg.head_dim, length)
   v_shape = (batch_size * cfg.num_heads, length, cfg.head_dim)
-  if cfg.scan_layers:
-    return KVCache(jnp.zeros((cfg.num_layers, *k_shape), cfg.dtype), jnp.zeros((cfg.num_layers, *v_shape), cfg.dtype))
   return KVCache(tuple(jnp.zeros(k_shape, cfg.dtype) for _ in range(cfg.num_layers)),
                  tuple(jnp.zeros(v_shape, cfg.dtype) for _ in range(cfg.num_layers)))
 
 
 def cache_length(cache: KVCache) -> int:
   """Positions the cache holds."""
-  return (cache.v[0] if isinstance(cache.v, tuple) else cache.v).shape[-2]
+  return cache.v[0].shape[-2]
 
 
 def grow_cache(cache: KVCache, length: int) -> KVCache:
@@ -115,8 +113,8 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
 
-  grow = lambda xs, axis: tuple(pad(x, axis) for x in xs) if isinstance(xs, tuple) else pad(xs, axis)
-  return KVCache(grow(cache.k, -1), grow(cache.v, -2))  # positions: keys' last axis, values' second to last
+  # Positions: the keys' last axis, the values' second to last.
+  return KVCache(tuple(pad(k, -1) for k in cache.k), tuple(pad(v, -2) for v in cache.v))
 
 
 def decoding(cfg: TransformerConfig) -> TransformerConfig:
@@ -254,16 +252,10 @@ class SelfAttention(nn.Module):
       bh = b * nh
       k_t = k.transpose(0, 1, 3, 2).reshape(bh, hd, t)
       v = v.reshape(bh, t, hd)
-      if isinstance(cache.k, tuple):  # unrolled: this layer's own buffers, updated in place
-        k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, offset))
-        v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, offset, 0))
-        cache = KVCache(cache.k[:layer] + (k_t,) + cache.k[layer + 1:],
-                        cache.v[:layer] + (v,) + cache.v[layer + 1:])
-      else:
-        cache = KVCache(lax.dynamic_update_slice(cache.k, k_t[None].astype(cache.k.dtype), (layer, 0, 0, offset)),
-                        lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, offset, 0)))
-        k_t = lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
-        v = lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+      # This layer's own buffers, updated in place.
+      k_t = lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), (0, 0, offset))
+      v = lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, offset, 0))
+      cache = KVCache(cache.k[:layer] + (k_t,) + cache.k[layer + 1:], cache.v[:layer] + (v,) + cache.v[layer + 1:])
       y = attention_lib.cache_attention(q.reshape(bh, t, hd), k_t, v, q_block, k_block,
                                         impl=cfg.attention).reshape(b, nh, t, hd)
     return _dense(cfg.emb_dim, ('heads', 'embed'), cfg, 'proj')(merge(y)), cache
@@ -453,6 +445,9 @@ class Transformer(nn.Module):
     Returns:
       (logits [B, last, hi - lo] float32, updated cache).
     """
+    if self.cfg.scan_layers:
+      raise ValueError('Transformer.decode runs unrolled layers (one KV cache buffer each): use '
+                       'transformer.decoding(cfg) and decode_params(params), as generation.generate does.')
     x = self._embed(ids, offset, null_cond, True)
     x, cache = self._blocks(x, q_block, k_block, offset, cache, True)
     if last is not None:

@@ -30,6 +30,7 @@ import ml_collections
 
 from nbp_jax import config_lib
 from nbp_jax import cpu_convolutions
+from nbp_jax import image_metrics
 from nbp_jax.tokenizer import fsq
 
 Dtype = Any
@@ -471,8 +472,7 @@ def init_params(model: Tokenizer, rng: jax.Array) -> Any:
 def encode(params, video: jax.Array, model) -> jax.Array:
   """uint8 video [B, T, H, W, 3] -> int32 codes [B, 1 + (T-1)/4, H/8, W/8]. Jittable (`model` static)."""
   model = _as_model(model)
-  x = video.astype(jnp.float32) / 255.0 if jnp.issubdtype(video.dtype, jnp.integer) else video
-  z = model.apply(_variables(params), x, method=Tokenizer.encode_latents)
+  z = model.apply(_variables(params), image_metrics.to_unit(video), method=Tokenizer.encode_latents)
   return fsq.quantize(z, model.spec.fsq_levels)[1]
 
 

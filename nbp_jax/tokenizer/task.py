@@ -50,12 +50,6 @@ def make_discriminator(config: ml_collections.ConfigDict) -> losses.PatchDiscrim
                                    tokenizer_model.resolve_conv_impl(tok.get('conv_impl', 'auto')))
 
 
-def _to_unit(video: jax.Array) -> jax.Array:
-  if jnp.issubdtype(video.dtype, jnp.integer):
-    return video.astype(jnp.float32) / 255.0
-  return video.astype(jnp.float32)
-
-
 def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Tokenizer,
                  disc: losses.PatchDiscriminator):
   """(params, batch, rng, train) -> (scalar loss, metrics); see the module docstring for the contract."""
@@ -73,7 +67,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     del rng  # nothing stochastic
     if 'video' not in batch:
       raise KeyError(f"the tokenizer loss needs batch['video'] (uint8 [B, T, H, W, 3]); got keys {sorted(batch)}.")
-    x = _to_unit(batch['video'])
+    x = image_metrics.to_unit(batch['video'])
     gen = params['generator']
     apply = lambda method, *args, p=gen: model.apply({'params': p}, *args, method=method)
     z = apply(tokenizer_model.Tokenizer.encode_latents, x)
@@ -212,7 +206,6 @@ def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps
     import os  # pylint: disable=g-import-not-at-top
 
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
     gen = params['generator'] if 'generator' in params else params
@@ -229,7 +222,7 @@ def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps
       video_io.write_mp4(os.path.join(out, f'recon_{i:02d}.mp4'), clip, fps)
     # Grid rows: clip 0, its reconstruction, clip 1, ...; columns: frames.
     rows = np.stack([videos, recon], axis=1).reshape((-1,) + videos.shape[1:])
-    Image.fromarray(video_io.video_grid(rows)).save(os.path.join(out, 'grid.png'))
+    video_io.write_png_grid(os.path.join(out, 'grid.png'), rows)
     return out
 
   return write

@@ -56,11 +56,11 @@ def codes_dtype(levels) -> np.dtype:
 
 def _make_encoder(model: tokenizer_model.Tokenizer, params, batch_size: int):
   """A jitted encode data-parallel over this host's devices: (uint8 [B, T, H, W, 3]) -> numpy codes [B, t, h, w]."""
-  devices = np.asarray(jax.local_devices())
+  devices = jax.local_devices()
   if batch_size % len(devices):
     raise ValueError(f'tokenizer.tokenize_batch_size={batch_size} is not divisible by the {len(devices)} local '
                      f'devices; use a multiple of {len(devices)}.')
-  mesh = jax.sharding.Mesh(devices, ('data',))
+  mesh = parallel.create_mesh((-1,), ('data',), devices=devices)
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   params = jax.device_put(params, replicated)
   fn = jax.jit(lambda p, v: tokenizer_model.encode(p, v, model), in_shardings=(replicated, batch),
