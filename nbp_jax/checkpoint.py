@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -258,6 +259,11 @@ def _drop_closed_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def _validation_loss(metrics: dict[str, float]) -> float:
+  """The metric "best" minimises; a checkpoint saved without one never wins."""
+  return metrics.get(BEST_METRIC, math.inf)
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under WORKDIR/checkpoints (call on every process)."""
 
@@ -268,7 +274,7 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
     if keep_best:
       # reverse=True sorts descending, so the kept tail is the lowest validation loss.
-      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=_validation_loss, reverse=True, n=1,
                                                     keep_checkpoints_without_metrics=False))
     self._options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
@@ -277,6 +283,10 @@ class Checkpointer:
         create=not read_only,
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(1),  # the trainer decides when
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        # Orbax writes a save's metrics only when best_fn is set (without it no checkpoint had a validation loss,
+        # so BestN kept none); what is kept is still the preservation policy's decision.
+        best_fn=_validation_loss,
+        best_mode='min',
     )
     self._manager = self._make_manager()
     _drop_closed_loop_reports()  # before any read: the reports come from other threads, right after a failure
@@ -334,7 +344,8 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointSave(_snapshot(data_iter))
     if config is not None:
       items['config'] = ocp.args.JsonSave(config_to_dict(config))
-    metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+    # {} rather than None for a save without a validation loss: orbax warns on every save without metrics.
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def reached_preemption(self, step: int) -> bool:
@@ -449,14 +460,15 @@ def _abstract_from_metadata(tree: PyTree, sharding_for: Any) -> PyTree:
       is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
-def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree | None = None,
-                   mesh: jax.sharding.Mesh | None = None, best: bool = False, expected: PyTree | None = None,
+def restore_params(workdir: str, step: int | str | None = None, *, shardings: PyTree | None = None,
+                   mesh: jax.sharding.Mesh | None = None, expected: PyTree | None = None,
                    config: ml_collections.ConfigDict | None = None) -> tuple[PyTree, int]:
   """Parameters of a training run, for the sample/eval/export modes. Returns (params, step).
 
   Args:
     workdir: the training workdir (or a directory holding `checkpoints/`).
-    step: which checkpoint; default the latest (or the best by validation loss when `best`).
+    step: which checkpoint: a step number, 'latest' (or None) or 'best' (the lowest validation loss), as
+      sample.checkpoint and export.checkpoint give it.
     shardings: a tree of shardings matching the params (e.g. from `parallel.logical_shardings`) to restore
       straight onto a mesh; default: replicated over `mesh`, or on the first local device when no mesh is given.
     expected: the params' abstract tree as a config builds them; checked against the checkpoint's metadata before
@@ -470,9 +482,13 @@ def restore_params(workdir: str, step: int | None = None, *, shardings: PyTree |
                               f'(--mode=train --workdir={workdir}).')
   ckpt = Checkpointer(workdir, read_only=True)
   try:
-    if step is None:
-      step = ckpt.best_step() if best else None
-      step = step if step is not None else ckpt.latest_step()
+    if step == 'best':
+      step = ckpt.best_step()
+      if step is None:
+        raise errors.MissingError(
+            f'No checkpoint in {ckpt.directory} has a validation loss (was train.eval_every 0?), so none is the best; '
+            f"load 'latest' or a step ({ckpt.all_steps()}).")
+    step = ckpt.latest_step() if step in (None, 'latest') else int(step)
     if step is None:
       raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')
     if step not in ckpt.all_steps():

@@ -228,6 +228,9 @@ def default_config() -> ml_collections.ConfigDict:
   # video i % (number of videos) from its first nbp.context_frames frames (at data.fps, squashed to
   # data.resolution). '' = the held-out clips of the run's prepared dataset.
   c.sample.context_videos = ''
+  # The checkpoint --mode=sample and --mode=eval load: 'latest', 'best' (the lowest validation loss; the trainer keeps
+  # it beside the last train.keep_checkpoints) or a step number.
+  c.sample.checkpoint = 'latest'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 10_000
@@ -258,6 +261,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.context_frames = -1  # video frames given to the exported function; -1 = nbp.context_frames
   c.export.embed_params = False  # bake the weights into generate.stablehlo (small models) instead of inputs
   c.export.platforms = ()  # e.g. ('cpu', 'cuda', 'tpu'); () = the current backend
+  c.export.checkpoint = 'latest'  # which checkpoint to export: 'latest', 'best' or a step number (sample.checkpoint)
   # --mode=import: the official PyTorch release -> an orbax workdir (nbp_jax/interop/official.py).
   c.import_ = ml_collections.ConfigDict()
   c.import_.checkpoint = ''  # official transformer: Lightning .ckpt, or its .safetensors from interop.convert_torch
@@ -415,7 +419,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 # Sections that say how a trained model is sampled and evaluated, not what was trained: fields added to them since a
 # run saved its config take their defaults (and can be set with --config.x=y) when the run is read back.
-RUNTIME_SECTIONS = ('sample', 'eval')
+RUNTIME_SECTIONS = ('sample', 'eval', 'export')
 
 
 def with_new_runtime_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -632,6 +636,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   _require(0 < sample.top_p <= 1, f'sample.top_p={sample.top_p} must be in (0, 1] (1 = off).')
   _require(sample.top_k >= 0, f'sample.top_k={sample.top_k} must be >= 0 (0 = off).')
   _require(sample.cfg_scale >= 0, f'sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance).')
+  for field in ('sample.checkpoint', 'export.checkpoint'):
+    section, name = field.split('.')
+    which = str(config[section].get(name, 'latest'))
+    _require(which in ('latest', 'best') or which.isdigit(),
+             f"{field}={which!r} is unknown; pick 'latest', 'best' (the lowest validation loss) or a step number.")
   _require(sample.num_samples >= 1 and sample.batch_size >= 1,
            f'sample.num_samples={sample.num_samples} and sample.batch_size={sample.batch_size} must be >= 1.')
   _require(not sample.get('context_videos', '') or nbp.context_frames > 0,

@@ -163,8 +163,8 @@ def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
   assert len(jax.tree_util.tree_leaves(params)[0].sharding.device_set) == 1
   # Best by validation loss is kept beside the last 3.
   val = {r['step']: r['val_loss'] for r in metric_logger.read_metrics(ref_dir) if 'val_loss' in r}
-  _, best = checkpoint.restore_params(ref_dir, best=True)
-  assert best == min(val, key=val.get)
+  _, best = checkpoint.restore_params(ref_dir, 'best')
+  assert best == min(val, key=val.get) and checkpoint.restore_params(ref_dir, str(best))[1] == best
   # Training goes on from the 8-device checkpoint on a 1-device mesh.
   workdir = str(tmp_path / 'w')
   shutil.copytree(ref_dir, workdir)
@@ -174,6 +174,24 @@ def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
   state = trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16), mesh=one)
   assert int(state.step) == 13 and len(state.params['params']['head']['kernel'].sharding.device_set) == 1
   assert checkpoint.load_config(workdir).mesh.shape == (-1, 1, 1)
+
+
+def test_the_best_checkpoint_is_kept_beside_the_latest_and_loaded_by_name(tmp_path):
+  workdir = str(tmp_path)
+  ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+  for step, val_loss in ((1, 0.5), (2, None), (3, 0.9), (4, None)):  # validation at steps 1 and 3 only
+    ckpt.save(step, {'w': np.full((2,), step, np.float32)}, {'step': np.int32(step)},
+              metrics=None if val_loss is None else {'val_loss': val_loss})
+  ckpt.close()
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [1, 4]  # the best, the latest
+  for which, step in (('best', 1), ('latest', 4), ('4', 4), (None, 4)):
+    params, got = checkpoint.restore_params(workdir, which)
+    assert got == step and params['w'].tolist() == [step, step], which
+  # A resumed run (a new checkpointer, reading the metrics from disk) keeps it too.
+  ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+  ckpt.save(5, {'w': np.full((2,), 5, np.float32)}, {'step': np.int32(5)})
+  ckpt.close()
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [1, 5]
 
 
 def _snapshot(workdir):

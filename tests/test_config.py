@@ -72,6 +72,7 @@ def _demo():
     ('nbp.first_block', 'middle', 'nbp.first_block'),
     ('model.attention', 'flash3', 'model.attention'),
     ('model.pos_emb_init', 'sincos', 'model.pos_emb_init'),
+    ('sample.checkpoint', 'newest', "sample.checkpoint='newest' is unknown"),
     ('synthetic.num_classes', 5, 'data.num_classes=4 but the synthetic videos have data.synthetic.num_classes=5'),
 ])
 def test_bad_field_names_the_field(field, value, expected):

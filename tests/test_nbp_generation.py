@@ -476,6 +476,14 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r'this config has model\.num_layers=3, the checkpoint model\.num_layers=2 \(parameter '):
     generator_lib.Generator.load(workdir, deeper)
+  # sample.checkpoint: a step the run does not have, and the best of a run that never measured a validation loss.
+  other = micro.config.copy_and_resolve_references()
+  other.sample.checkpoint = '5'
+  with pytest.raises(errors.MissingError, match=r'No checkpoint for step 5 in .*; have \[0\]'):
+    generator_lib.Generator.load(workdir, other)
+  other.sample.checkpoint = 'best'
+  with pytest.raises(errors.MissingError, match=r'has a validation loss \(was train\.eval_every 0\?\)'):
+    generator_lib.Generator.load(workdir, other)
   # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
   damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '0'))
   with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'checkpoints/0 is unreadable'):

@@ -82,7 +82,7 @@ class Generator:
   mesh: jax.sharding.Mesh | None = None
 
   @classmethod
-  def load(cls, workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int | None = None,
+  def load(cls, workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int | str | None = None,
            mesh: jax.sharding.Mesh | None = None) -> Generator:
     """The transformer of a training workdir (--mode=train or --mode=import, or a pipeline's WORKDIR/nbp) from
     WORKDIR/checkpoints and its tokenizer (WORKDIR/tokenizer or config.tokenizer.checkpoint).
@@ -91,7 +91,7 @@ class Generator:
       workdir: the training workdir.
       config: the run's config; default the one saved in WORKDIR (its paths into a moved pipeline workdir found
         again), validated for sampling.
-      step: the checkpoint; default the latest.
+      step: the checkpoint: a step, 'latest' or 'best'; default config.sample.checkpoint.
       mesh: replicate the params on every device of the mesh and split each batch over it (data parallelism);
         default: everything on the first local device.
     """
@@ -100,6 +100,7 @@ class Generator:
       config_lib.validate(config, 'sample')
     spec = spec_from_config(config)
     # An architecture override of the run's config (or another run's checkpoint) is refused before the read.
+    step = config.sample.checkpoint if step is None else step
     params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh, expected=_abstract_params(spec),
                                                  config=config)
     # Once here rather than in every generate call: generation runs its own layout (transformer.decode_params).
