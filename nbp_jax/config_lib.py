@@ -114,7 +114,7 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.update(TOKENIZER_SIZES[size])
   # Residual units per stage: an int for every stage, or a tuple with one count per stage.
   c.num_mid_blocks = c.get('num_mid_blocks', c.num_res_blocks)
-  c.checkpoint = ''  # a workdir or orbax checkpoint of a trained tokenizer, used by tokenize/sample/eval
+  c.checkpoint = ''  # the workdir of a trained tokenizer (holding checkpoints/), used by tokenize/sample/eval
   # --mode=train_tokenizer starts from this finished tokenizer workdir instead of training ('demo' = the bundled one).
   c.pretrained = ''
   # Training (`--mode=train_tokenizer`).

@@ -1,5 +1,5 @@
 """Display helpers of the Colab notebooks (notebooks/*.ipynb): what to show and how. They load and generate with
-the library itself (`nbp.sample.Generator`); the library never imports this module.
+the library itself (`nbp.generator.Generator`); the library never imports this module.
 
   quickstart.ipynb      config_lib.task_config -> pipeline.run -> Generator.load -> codes -> decode -> show
   tpu_generate.ipynb    Generator.load(mesh=...) -> codes (batch split over the cores) -> generation_speed (NBP, NTP)

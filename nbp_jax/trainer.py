@@ -252,7 +252,8 @@ def make_train_step(task: Task, setup: Setup, grad_accum_steps: int = 1) -> Call
                    out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)), donate_argnums=(0,))
 
   def train_step(state, batch):
-    # The mesh and rules are in context while tracing so model-side `nn.with_logical_constraint`s take effect.
+    # The mesh and rules are in context while tracing: the splash kernel runs per shard under them
+    # (attention.splash_attention).
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
       return jitted(state, batch)
 

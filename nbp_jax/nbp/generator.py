@@ -4,7 +4,7 @@ r"""`--mode=sample`: generate videos with a trained (or imported) NBP model and 
 
 Class-conditional models cycle through the classes; frame-prediction models (nbp.context_frames > 0) continue
 held-out clips from their first frames; unconditional ones start from nothing. Writes
-WORKDIR/samples/step_<step>/{sample_<i>.mp4, sample_<i>.gif, grid.png} and prints the generation speed.
+WORKDIR/samples/step_<step>/{sample_<i>.mp4, sample_<i>.gif, sample_grid.png} and prints the generation speed.
 """
 
 from __future__ import annotations
