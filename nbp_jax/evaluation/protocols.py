@@ -270,7 +270,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generator_lib.Generator | None = None,
-             *, protocols: tuple[str, ...] | None = None, out_name: str = '', stats_dir: str | None = None
+             *, protocols: tuple[str, ...] | None = None, stats_dir: str | None = None
              ) -> dict:
   """Runs the protocols, writes results JSON + samples under WORKDIR/eval, returns the results.
 
@@ -301,7 +301,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
     results[name]['seconds'] = time.perf_counter() - start
 
   out_dir = os.path.join(workdir, 'eval')
-  tag = out_name or f'step{generator.step}'
+  tag = f'step{generator.step}'
   files = {}
   for name, r in results.items():
     files[name] = generator_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,

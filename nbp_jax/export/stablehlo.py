@@ -80,8 +80,8 @@ def _spec_entry(name: str, shape, dtype, **extra) -> dict[str, Any]:
 
 def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *,
           tokenizer: tuple[tokenizer_model.Tokenizer, Mapping[str, np.ndarray]] | None = None,
-          batch_size: int, context_frames: int, embed_params: bool = False, spec: Spec | None = None,
-          params_file: str = PARAMS_FILE, tokenizer_file: str = TOKENIZER_FILE) -> Generation:
+          batch_size: int, context_frames: int, embed_params: bool = False, spec: Spec | None = None
+          ) -> Generation:
   """The generation of `config` as a Generation.
 
   Args:
@@ -120,9 +120,9 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
   t_arrays = [np.asarray(params[n]) for n in t_names]
   k_arrays = [np.asarray(tokenizer[1][n]) for n in k_names] if tokenizer is not None else []
   if not embed_params:
-    inputs += [_spec_entry(f'params/{n}', a.shape, a.dtype, file=params_file, tensor=n)
+    inputs += [_spec_entry(f'params/{n}', a.shape, a.dtype, file=PARAMS_FILE, tensor=n)
                for n, a in zip(t_names, t_arrays)]
-    inputs += [_spec_entry(f'tokenizer/{n}', a.shape, a.dtype, file=tokenizer_file, tensor=n)
+    inputs += [_spec_entry(f'tokenizer/{n}', a.shape, a.dtype, file=TOKENIZER_FILE, tensor=n)
                for n, a in zip(k_names, k_arrays)]
   scan = spec.model.scan_layers
 

@@ -35,12 +35,12 @@ class Spec:
     return m.num_layers * per_layer + 2 * m.vocab_size * d + m.max_positions * d + 2 * d + m.prefix_len * d
 
 
-def spec_from_config(config: ml_collections.ConfigDict, *, block_shape: Sequence[int] | None = None,
-                     dtype: str | None = None) -> Spec:
-  """Builds the Spec of `config` (model.*, nbp.*, data.*, tokenizer.fsq_levels); errors name the field."""
+def spec_from_config(config: ml_collections.ConfigDict, *, dtype: str | None = None) -> Spec:
+  """Builds the Spec of `config` (model.*, nbp.*, data.*, tokenizer.fsq_levels); errors name the field. The same
+  model decoding other blocks: `Spec.with_block_shape` (it keeps the vocabulary, so the params still fit)."""
   m, nbp = config.model, config.nbp
   id_layout = nbp.get('id_layout', 'native')
-  block_shape = tuple(block_shape or nbp.block_shape)
+  block_shape = tuple(nbp.block_shape)
   block_len = block_shape[0] * block_shape[1] * block_shape[2]
   codebook = config_lib.codebook_size(config.tokenizer)
   num_classes = config.data.num_classes if nbp.condition == 'class' else 0
