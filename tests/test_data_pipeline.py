@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
@@ -162,6 +163,18 @@ def test_errors_name_the_fix(workdir, tmp_path):
     pipeline.make_dataset(_config(), workdir, 'train', seed=0, shard_index=0, shard_count=3)
   with pytest.raises(ValueError, match="'nope'"):
     pipeline.make_dataset(_config(), workdir, 'nope', seed=0, shard_index=0, shard_count=1)
+  # A dataset without held-out clips (a folder without split lists) names the way out, which evaluates in one pass.
+  config = _config()
+  config.data.synthetic.num_val = 0
+  prepare.prepare_synthetic(config, builder.video_location(config, str(tmp_path / 'train_only')))
+  with pytest.raises(errors.MissingError, match=r"has no validation or test split \(it has \['train'\]\).*"
+                                                 r'--config\.data\.eval_split=train'):
+    pipeline.make_dataset(config, str(tmp_path / 'train_only'), 'eval', seed=0, shard_index=0, shard_count=1)
+  config.data.eval_split = 'train'
+  once = pipeline.make_dataset(config, str(tmp_path / 'train_only'), 'eval', seed=0, shard_index=0, shard_count=1)
+  first = next(iter(once))['video']
+  assert len(once) == NUM_TRAIN // BATCH and _digest(first[0]) == _digest(
+      builder.data_source(builder.video_location(config, str(tmp_path / 'train_only')), 'train')[0]['video'])
   # A class-conditional model of 4 classes is not trained on the 3 classes' dataset (labels would be clamped).
   config = _config()
   config.data.num_classes, config.nbp.condition = 4, 'class'

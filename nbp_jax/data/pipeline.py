@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from nbp_jax import errors
 from nbp_jax.data import builder
 
 # Prefetch counts batches, not examples: a 256 x 17 x 128 x 128 x 3 batch is 214 MB.
@@ -37,8 +38,10 @@ def eval_split(config, workdir: str, location: builder.Location | None = None) -
   for name in ('validation', 'test'):
     if name in splits:
       return name
-  raise ValueError(f'The dataset at {location.path} has no validation or test split (it has {sorted(splits)}); '
-                   'set --config.data.eval_split to one of them.')
+  raise errors.MissingError(
+      f'The dataset at {location.path} has no validation or test split (it has {sorted(splits)}), so nothing is held '
+      'out to evaluate on: prepare it from a folder with split lists (README, Data), or evaluate on training clips '
+      'with --config.data.eval_split=train.')
 
 
 def num_examples(config, workdir: str, split: str, location: builder.Location | None = None) -> int:
@@ -74,8 +77,9 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     shard_index, shard_count: this host's shard; default jax.process_index() / jax.process_count().
     batch_size: global batch over all hosts (default config.data.batch_size); each host gets
       batch_size // shard_count examples per batch.
-    shuffle: default True for 'train', False otherwise.
-    num_epochs: None repeats forever; 'auto' = None for 'train', 1 otherwise.
+    shuffle: default True for 'train', False otherwise ('eval' too, whichever split it names).
+    num_epochs: None repeats forever; 'auto' = None for 'train', 1 otherwise ('eval': one pass, even over the
+      training clips with data.eval_split='train').
     drop_remainder: drop a last partial batch (keeps shapes static for jit).
     location: the dataset to read; default builder.video_location(config, workdir). Pass another location
       (e.g. the pre-tokenized codes) to read its records with the same pipeline.
@@ -85,6 +89,7 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     {'video': uint8 [B, T, H, W, 3], 'label': int32 [B]}.
   """
   location = location or builder.video_location(config, workdir)
+  training = split == 'train'  # the defaults follow the split asked for: 'eval' is one pass, in order
   if split == 'eval':
     split = eval_split(config, workdir, location)
   if shard_index is None or shard_count is None:
@@ -98,9 +103,9 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     raise ValueError(f'data.batch_size={batch_size} is not divisible by the {shard_count} hosts; use a multiple of '
                      f'{shard_count}.')
   per_host = batch_size // shard_count
-  shuffle = (split == 'train') if shuffle is None else shuffle
+  shuffle = training if shuffle is None else shuffle
   if num_epochs == 'auto':
-    num_epochs = None if split == 'train' else 1
+    num_epochs = None if training else 1
 
   info = builder.load_info(location)
   if split not in info.splits:

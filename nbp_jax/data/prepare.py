@@ -467,6 +467,9 @@ def summary(location: builder.Location, config=None) -> str:
   if problems:
     lines.append(f'  skipped     {len(problems)} video(s), listed with reasons in '
                  f'{os.path.join(location.path, REPORT_NAME)}')
+  if not {'validation', 'test'} & set(info.splits):
+    lines.append('  note        no held-out split (the folder had no split lists): training evaluates on one only '
+                 'with --config.data.eval_split=train')
   if config is not None and config.data.num_classes and classes and len(classes) != config.data.num_classes:
     lines.append(f'  note        config.data.num_classes={config.data.num_classes} but the dataset has '
                  f'{len(classes)} classes; set --config.data.num_classes={len(classes)} to train on it.')
