@@ -523,6 +523,13 @@ def context_latent_frames(config: ml_collections.ConfigDict) -> int:
   return 0 if n <= 0 else 1 + (n - 1) // temporal_factor(config.tokenizer)
 
 
+def context_video_frames(config: ml_collections.ConfigDict) -> int:
+  """Video frames the context latent frames encode (5 for K600's 2; the frames past them up to nbp.context_frames
+  change no code: the tokenizer is causal)."""
+  t = context_latent_frames(config)
+  return 0 if t == 0 else 1 + temporal_factor(config.tokenizer) * (t - 1)
+
+
 def resolve_dtype(name: str, platform: str | None = None) -> str:
   """'auto' -> 'bfloat16' on accelerators, 'float32' on CPU."""
   if name != 'auto':
@@ -608,7 +615,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   block = tuple(nbp.block_shape)
   _require(len(block) == 3 and all(b > 0 for b in block),
            f'nbp.block_shape={block} must be three positive ints (t, h, w), e.g. (1, 1, 16).')
-  _require(all(g % b == 0 for g, b in zip(grid, block)),
+  # The study trains study.block_shapes instead (checked below).
+  _require(mode == 'study' or all(g % b == 0 for g, b in zip(grid, block)),
            f'nbp.block_shape={block} does not tile the latent grid {grid} '
            f'(data.num_frames={d.num_frames}, data.resolution={d.resolution}); '
            f'each of (t, h, w) must divide the grid, e.g. (1, 1, {grid[2]}) or (1, {grid[1]}, {grid[2]}).')

@@ -106,6 +106,14 @@ def test_block_shape_error_suggests_tiling_shapes():
   c.nbp.block_shape = (1, 3, 4)
   with pytest.raises(config_lib.ConfigError, match=r'does not tile the latent grid \(5, 4, 4\)'):
     config_lib.validate(c)
+  # The study trains its study.block_shapes instead of nbp.block_shape: only those must tile.
+  study = config_lib.task_config('study', 'tiny')
+  study.tokenizer, study.nbp.block_shape = c.tokenizer, (1, 3, 4)
+  study.study.block_shapes = ((1, 1, 1), (1, 1, 4))
+  config_lib.validate(study, 'study')
+  study.study.block_shapes = ((1, 1, 1), (1, 1, 3))
+  with pytest.raises(config_lib.ConfigError, match=r'study.block_shapes has \(1, 1, 3\), which does not tile'):
+    config_lib.validate(study, 'study')
 
 
 def test_unknown_mode():

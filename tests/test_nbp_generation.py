@@ -395,6 +395,14 @@ def test_sample_batches_continue_the_given_videos_in_turn(tmp_path, monkeypatch)
   read only theirs."""
   config = _micro_generator_config()  # class-conditional, 5 given frames, 4 classes
   generator = generator_lib.Generator(config, spec_from_config(config), params=None)  # only conditions here
+  # Only the given frames are encoded (the 5 first of whole clips); labels without a class and videos shorter than
+  # the given frames are refused by name.
+  monkeypatch.setattr(generator, 'encode', np.asarray)
+  assert generator.context_codes(np.zeros((1, 17, 8, 8, 3), np.uint8)).shape == (1, 5, 8, 8, 3)
+  with pytest.raises(errors.UserError, match=r'videos of 3 frames are too short'):
+    generator.context_codes(np.zeros((1, 3, 8, 8, 3), np.uint8))
+  with pytest.raises(errors.UserError, match=r'labels must be class ids in \[0, 4\) .*; got \[-1, 4, 9\]'):
+    generator.codes(jax.random.key(0), labels=[1, 4, 9, -1])
   sources = [synthetic.generate_video(i, i, 24, 48) for i in range(3)]
   for i, video in enumerate(sources):
     video_io.write_mp4(str(tmp_path / f'v{i}.mp4'), video, fps=2 * config.data.fps)

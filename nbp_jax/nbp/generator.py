@@ -129,10 +129,14 @@ class Generator:
     return tokenizer_model.jit_encode(self.tokenizer_params, self._split(videos), model=self.tokenizer)
 
   def context_codes(self, videos) -> jax.Array:
-    """The codes of the given context frames: [B, t_ctx, h, w] from the first nbp.context_frames frames."""
-    t_ctx = config_lib.context_latent_frames(self.config)
-    # Causal tokenizer: the first t_ctx latent frames depend only on the first context_frames video frames.
-    return self.encode(videos)[:, :t_ctx]
+    """The codes of the given context frames: uint8 videos [B, T, H, W, 3] (T >= the frames the context needs, e.g.
+    whole clips) -> [B, t_ctx, h, w] from their first nbp.context_frames frames."""
+    frames = config_lib.context_video_frames(self.config)
+    if videos.shape[1] < frames:
+      raise errors.UserError(f'videos of {videos.shape[1]} frames are too short to continue: this model is given '
+                             f'its first {self.config.nbp.context_frames} frames (it encodes {frames}).')
+    # Causal tokenizer: the first t_ctx latent frames depend only on these first video frames.
+    return self.encode(videos[:, :frames])
 
   def codes(self, rng: jax.Array, *, labels=None, context_codes=None, batch_size: int | None = None,
             block_shape: Sequence[int] | None = None,
@@ -161,6 +165,7 @@ class Generator:
     if context_codes is not None:
       context = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
     if labels is not None:
+      _check_labels(spec, labels)
       labels = self._split(np.asarray(labels) if isinstance(labels, (list, tuple)) else labels, jnp.int32)
     if labels is not None or context is not None:
       return labels, context, None
@@ -341,6 +346,21 @@ def sample_batches(config: ml_collections.ConfigDict, workdir: str, generator: G
     yield i, (inputs or {'batch_size': size})
 
 
+def _check_labels(spec: Spec, labels) -> None:
+  """Refuses labels the model has no class for (the embedding's gather would clamp them to the last class, and an
+  unconditional model would ignore them). Traced labels (jax.export) are the caller's to check."""
+  if isinstance(labels, jax.core.Tracer):
+    return
+  n = spec.vocab.num_classes
+  if not n:
+    raise errors.UserError('this model is unconditional (nbp.condition=none): it takes no labels; pass '
+                           'context_codes or batch_size instead.')
+  values = np.asarray(labels)
+  if values.size and (values.min() < 0 or values.max() >= n):
+    wrong = sorted({int(v) for v in values.ravel() if not 0 <= v < n})
+    raise errors.UserError(f'labels must be class ids in [0, {n}) for this {n}-class model; got {wrong[:8]}.')
+
+
 def given_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray | None:
   """The given frames of sample.context_videos (uint8 [n, F, H, W, 3], F the video frames of nbp.context_frames'
   latent frames), or None where it is not set. Says so where `count` samples leave some of them out."""
@@ -353,7 +373,7 @@ def given_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray | 
   if count < len(paths) and parallel.is_primary():
     print(f'Note: sample.num_samples={count} continues the first {count} of the {len(paths)} videos of '
           'sample.context_videos; raise it to continue them all.')
-  frames = 1 + config_lib.temporal_factor(config.tokenizer) * (config_lib.context_latent_frames(config) - 1)
+  frames = config_lib.context_video_frames(config)
   return video_io.read_clips(paths, frames, config.data.fps, config.data.resolution)
 
 
