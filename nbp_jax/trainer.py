@@ -9,8 +9,8 @@ created already sharded (`jax.eval_shape(init)` -> logical axis names -> mesh sh
 out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard (with the config as text and the samples' PNGs
 as images), WORKDIR/metrics.jsonl and a progress bar; checkpoints (with the data-iterator state) to
 WORKDIR/checkpoints; `train.profile_steps` > 0 traces that many steps with jax.profiler into WORKDIR/profile. A
-killed run resumes from the latest complete checkpoint and repeats the same loss sequence; SIGTERM saves at the next
-step boundary and returns; a non-finite loss stops training without saving the bad state.
+killed run resumes from the latest complete checkpoint and repeats the same loss sequence; SIGTERM or Ctrl-C saves at
+the next step boundary and returns; a non-finite loss stops training without saving the bad state.
 
 Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
 config.data.batch_size / jax.process_count()): a grain DatasetIterator / DataLoaderIterator (its state is
@@ -314,16 +314,30 @@ def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int) -> int:
 
 
 class _Preemption:
-  """SIGTERM -> save at the next step boundary. Multi-host runs use JAX's preemption sync point instead, so that
-  every host stops at the same step."""
+  """SIGTERM (a preemption, a scheduler's time limit) or Ctrl-C (SIGINT, also a notebook's interrupt) -> save at the
+  next step boundary and stop; a second Ctrl-C stops at once (KeyboardInterrupt, nothing saved). Multi-host runs use
+  JAX's preemption sync point instead, so that every host stops at the same step."""
 
-  def __init__(self, checkpointer: checkpoint_lib.Checkpointer):
+  def __init__(self, checkpointer: checkpoint_lib.Checkpointer, primary: bool):
     self._event = threading.Event()
     self._ckpt = checkpointer
-    self._old = None
+    self._primary = primary
+    self._old = {}
+    self.reason = 'SIGTERM'
     self._multihost = jax.process_count() > 1
     if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+      self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT:
+      if self._event.is_set():
+        raise KeyboardInterrupt
+      self.reason = 'Ctrl-C'
+      if self._primary:
+        print('\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without '
+              'saving).', flush=True)
+    self._event.set()
 
   def reached(self, step: int) -> bool:
     if self._multihost:
@@ -331,9 +345,9 @@ class _Preemption:
     return self._event.is_set()
 
   def close(self) -> None:
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-      self._old = None
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
 
 
 def evaluate(eval_step, params: PyTree, eval_data: Any, setup: Setup, num_batches: int) -> dict[str, float]:
@@ -576,7 +590,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
                        peak_flops=metric_logger.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0)),
                        label=label, primary=primary)
   profiler = _Profiler(workdir, tc.get('profile_steps', 0), first_step=start + 1)
-  preemption = _Preemption(ckpt)
+  preemption = _Preemption(ckpt, primary)
   step = start
   try:
     while step < num_steps:
@@ -610,7 +624,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
         _write_samples(task, state.params, step, workdir, writer)
       if due.stop:
         ckpt.wait()
-        msg = f'Preempted (SIGTERM): saved {ckpt.step_dir(step)}; rerun the same command to resume.'
+        msg = f'Preempted ({preemption.reason}): saved {ckpt.step_dir(step)}; rerun the same command to resume.'
         logging.warning(msg)
         if primary:
           print(msg, flush=True)

@@ -89,19 +89,22 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(reference, tmp_pat
   np.testing.assert_allclose([losses[s] for s in range(1, 13)], [ref_losses[s] for s in range(1, 13)], rtol=1e-6)
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_cleanly(reference, tmp_path):
+@pytest.mark.parametrize('sig,reason', [(signal.SIGTERM, 'SIGTERM'), (signal.SIGINT, 'Ctrl-C')])
+def test_sigterm_or_ctrl_c_saves_at_the_next_step_and_exits_cleanly(reference, tmp_path, sig, reason):
   _, ref_losses, _ = reference
   workdir = str(tmp_path)
   proc = _start(workdir)
   _wait_for_steps(proc, workdir, 4)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert 'Preempted (SIGTERM)' in out
+  assert f'Preempted ({reason}): saved' in out and 'Traceback' not in out
   last_logged = max(_losses(workdir))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == last_logged < 12  # saved at the step it stopped at, between the every-3 saves too
   ckpt.close()
+  if sig == signal.SIGINT:
+    return  # the same checkpoint as SIGTERM's, whose resumption follows
   # The preemption checkpoint is whole (params, optimizer, data position): resuming repeats the reference's losses.
   _train(workdir)
   losses = _losses(workdir)
