@@ -478,6 +478,11 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
     raise errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '
                               f'(--mode=train --workdir={workdir}).')
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    runs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                  if os.path.isdir(os.path.join(workdir, d, CHECKPOINT_DIR)))
+    if runs:  # e.g. a --mode=pipeline workdir: its models are in nbp/ and ntp/
+      raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}, but its sub-folders hold '
+                                f'runs: {", ".join(runs)}; pass one of them as --workdir.')
     raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: train first '
                               f'(--mode=train --workdir={workdir}).')
   ckpt = Checkpointer(workdir, read_only=True)
@@ -495,6 +500,10 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
       raise errors.MissingError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
     try:
       tree = ckpt.params_metadata(step)
+      if expected is not None and {'generator', 'discriminator'} <= set(tree) and 'generator' not in expected:
+        raise errors.MissingError(
+            f'{workdir} holds a tokenizer (--mode=train_tokenizer), not a transformer: pass the transformer\'s workdir '
+            f'({os.path.dirname(os.path.abspath(workdir))} after --mode=train, its nbp/ or ntp/ after a pipeline).')
       if expected is not None:
         try:
           check_shapes(tree, expected, 'parameter', f'checkpoint {ckpt.step_dir(step)}')

@@ -484,6 +484,9 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r'this config has model\.num_layers=3, the checkpoint model\.num_layers=2 \(parameter '):
     generator_lib.Generator.load(workdir, deeper)
+  # A folder above the run (a pipeline's workdir) names the runs below it.
+  with pytest.raises(errors.MissingError, match=r'its sub-folders hold runs: .*/run; pass one of them as --workdir'):
+    generator_lib.Generator.load(str(tmp_path), micro.config)
   # sample.checkpoint: a step the run does not have, and the best of a run that never measured a validation loss.
   other = micro.config.copy_and_resolve_references()
   other.sample.checkpoint = '5'

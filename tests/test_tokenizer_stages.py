@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import image_metrics
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
+from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.tokenizer import load
 from nbp_jax.tokenizer import model as M
 from nbp_jax.tokenizer import tokenize
@@ -56,6 +58,10 @@ def test_train_tokenizer_writes_checkpoint_metrics_and_samples(trained):
   # The generator's learning rate: 0 at step 0, then the peak at the end of its 1-step warmup.
   assert [r['learning_rate'] for r in records if 'learning_rate' in r] == pytest.approx([0.0, config.tokenizer.lr])
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))  # the transformer's folder stays untouched
+  transformer = config.copy_and_resolve_references()
+  transformer.nbp.block_shape = (1, 2, 2)  # tiles these clips' (2, 2, 2) codes
+  with pytest.raises(errors.MissingError, match=r'holds a tokenizer \(--mode=train_tokenizer\), not a transformer'):
+    generator_lib.Generator.load(tdir, transformer)  # sampling from the tokenizer's folder by mistake
 
 
 def test_a_rerun_reuses_only_an_evaluation_of_the_same_step_clips_and_metrics(tmp_path):
