@@ -25,25 +25,17 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from nbp_jax.configs import smoke as smoke_config  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The whole pipeline at micro size: the demo's recipe, narrower; 9 frames at 16x16 -> 3x4x4 codes; blocks of half a
-# latent row (1x1x2) vs NTP; a tokenizer trained from scratch (the bundled one is for 17x32x32 clips). Evaluation in
-# two batches of two: tests/test_multihost.py has two processes take one each and expects the same scores.
-TINY_PIPELINE_FLAGS = (
-    '--config=configs/demo.py',
-    '--config.data.num_frames=9', '--config.data.resolution=16',
-    '--config.data.synthetic.num_train=8', '--config.data.synthetic.num_val=4', '--config.data.batch_size=4',
-    '--config.tokenizer.channels=8', '--config.tokenizer.discriminator_channels=8', "--config.tokenizer.pretrained=",
-    '--config.tokenizer.num_steps=2', '--config.tokenizer.batch_size=4', '--config.tokenizer.num_samples=2',
-    '--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.emb_dim=32',
-    '--config.nbp.block_shape=(1,1,2)', '--config.nbp.context_frames=5',
-    '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=2',
-    '--config.train.checkpoint_every=2', '--config.train.num_eval_batches=1',
-    '--config.sample.num_samples=4', '--config.sample.batch_size=4',
-    '--config.eval.num_samples=4', '--config.eval.batch_size=2', '--config.eval.fvd_num_frames=9',
-    '--config.eval.num_video_files=2', '--config.eval.classifier_steps=5',
-)
+# The whole pipeline at micro size: configs/smoke.py (the demo's recipe, narrower), as --config.x=y flags on the
+# demo's config, so that tests can change or add flags (the study's, the notebook's overrides of the demo).
+def _flag(field, value):
+  return f'--config.{field}=' + (f'({",".join(map(str, value))})' if isinstance(value, tuple) else str(value))
+
+
+TINY_PIPELINE_FLAGS = ('--config=configs/demo.py', *(_flag(k, v) for k, v in smoke_config.OVERRIDES.items()))
 
 
 def run_main(*args, timeout=900):
