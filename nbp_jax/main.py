@@ -222,6 +222,14 @@ def _config_index(argv: list[str]) -> int | None:
   return None
 
 
+def _last_overrides_only(argv: list[str]) -> list[str]:
+  """argv with each --config.x=y given once, the last value (config_flags appends a tuple field's repeats, so
+  `--config.nbp.block_shape=(1,1,2) --config.nbp.block_shape=(1,1,1)` became a 6-tuple; scalars keep the last)."""
+  last = {arg.split('=', 1)[0]: i for i, arg in enumerate(argv) if arg.startswith('--config.') and '=' in arg}
+  return [arg for i, arg in enumerate(argv)
+          if not (arg.startswith('--config.') and '=' in arg) or last[arg.split('=', 1)[0]] == i]
+
+
 def _config_path(argv: list[str]) -> str:
   i = _config_index(argv)
   if i is None:
@@ -292,7 +300,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with --config a bundled config by name too, and a wrong --config (no such file, an
   unknown size in `k600.py:5b`) or an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
   try:
-    argv = _with_config_file(argv)
+    argv = _last_overrides_only(_with_config_file(argv))
   except config_lib.ConfigError as e:
     _fail(e)
   if _DEFAULT_CONFIG_ERROR is not None:

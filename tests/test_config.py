@@ -277,11 +277,14 @@ def test_size_override_chooses_the_size(size):
 
 
 def test_field_override_wins_over_the_size_in_either_order():
-  for args in (('--config.model.size=3b', '--config.model.num_layers=4'),
-               ('--config.model.num_layers=4', '--config.model.size=3b')):
+  # A repeated override keeps its last value, a tuple's too (config_flags appended a tuple's repeats).
+  repeated = ('--config.nbp.block_shape=(1,1,2)', '--config.nbp.block_shape=(1,1,4)')
+  for args in (('--config.model.size=3b', '--config.model.num_layers=4', *repeated),
+               ('--config.model.num_layers=4', '--config.model.size=3b', *repeated)):
     c = _flags_config('--config=configs/demo.py', *args)
     assert _shape(c['model']) == (4, 32, 3072), args
     assert c['model']['dropout'] == 0.0  # the demo's own setting, not the size's
+    assert list(c['nbp']['block_shape']) == [1, 1, 4]
 
 
 def test_tokenizer_size_override_chooses_the_released_tokenizer():
