@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -264,11 +265,28 @@ def _validation_loss(metrics: dict[str, float]) -> float:
   return metrics.get(BEST_METRIC, math.inf)
 
 
+class _ReadOnlyNotices(std_logging.Filter):
+  """Orbax warns twice for every read-only manager (each Generator.load opens two): 'read_only=True, setting
+  save_interval_steps=0' and 'Given directory is read only'. That is what was asked for, not a problem."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not message.startswith(('CheckpointManagerOptions.read_only=True', 'Given directory is read only'))
+
+
+def _drop_read_only_notices() -> None:
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _ReadOnlyNotices) for f in logger.filters):
+    logger.addFilter(_ReadOnlyNotices())
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under WORKDIR/checkpoints (call on every process)."""
 
   def __init__(self, workdir: str, *, save_every: int = 1000, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
+    if read_only:
+      _drop_read_only_notices()
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.save_every = save_every
     policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]

@@ -5,6 +5,7 @@ touching the workdir, and an 8-device checkpoint restores onto 1 device."""
 import asyncio
 import errno
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -147,6 +148,13 @@ def test_closed_event_loop_reports_of_a_failed_read_are_dropped_and_others_kept(
   PostsToTheClosedLoop()
   FailsOtherwise()
   assert reported == ["ValueError('a real problem')"]
+
+
+def test_read_only_checkpointers_open_without_orbax_notices(reference, caplog):
+  ref_dir, _, _ = reference
+  with caplog.at_level(logging.WARNING):
+    checkpoint.Checkpointer(ref_dir, read_only=True).close()
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_checkpoint_of_another_config_is_refused_by_parameter_name(reference, tmp_path):
