@@ -171,6 +171,14 @@ def test_k600_without_csv_or_list_says_what_to_add(tmp_path):
     prepare.prepare_videos(_config('k600', raw_dir=raw), builder.video_location(_config('k600'), str(tmp_path)))
 
 
+def test_a_folder_without_videos_is_refused_leaving_nothing(tmp_path):
+  raw, workdir = tmp_path / 'empty', tmp_path / 'work'
+  (raw / 'SomeClass').mkdir(parents=True)
+  with pytest.raises(prepare.PrepareError, match=r"no video found in data.raw_dir=.* for source 'ucf101'; check"):
+    prepare.prepare_videos(_config('ucf101', raw_dir=str(raw)), builder.video_location(_config('ucf101'), str(workdir)))
+  assert not workdir.exists()
+
+
 def test_given_videos_are_the_first_frames_of_files_and_folders_resampled_and_resized(tmp_path):
   """sample.context_videos' reading (video_io.video_files / read_clips): a folder gives its video files sorted (no
   other files, no sub-folders); each clip is a video's first frames at the asked rate, squashed to the asked size."""

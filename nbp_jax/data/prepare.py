@@ -149,10 +149,12 @@ def prepare_videos(config, location: builder.Location) -> None:
   for split in sorted(set(listing.splits) - set(splits)):
     print(f'Note: split {split!r} lists no video that exists on disk; it is left out.')
   if not splits:
-    _write_report(os.path.dirname(location.path), listing.problems, dict(source=d.source, raw_dir=raw_dir))
-    raise PrepareError(f'no video found in data.raw_dir={raw_dir!r} for source {d.source!r} (see '
-                       f'{os.path.join(os.path.dirname(location.path), REPORT_NAME)}); check the folder layout '
-                       'described in nbp_jax/data/prepare.py.')
+    skipped = ''
+    if listing.problems:  # no file for an empty folder: a refused command leaves nothing behind
+      report = _write_report(os.path.dirname(location.path), listing.problems, dict(source=d.source, raw_dir=raw_dir))
+      skipped = f' (the files it skipped, and why: {report})'
+    raise PrepareError(f'no video found in data.raw_dir={raw_dir!r} for source {d.source!r}{skipped}; check the '
+                       "folder layout (the README's Data section).")
 
   workers = d.get('prepare_workers', 0) or os.cpu_count() or 1
   # Per split, rebuilt each time the split is decoded (a retry decodes the remaining splits again).
