@@ -100,13 +100,30 @@ def time_decoding(generator: generator_lib.Generator, inputs: dict, repeats: int
   return {'decode_steps': row['steps'], 'seconds_per_batch': row['seconds'], 'frames_per_s': row['frames_per_s']}
 
 
-def _summary_table(rows: dict[str, dict]) -> str:
-  speed = ['decode_steps', 'frames_per_s', 'batch_frames_per_s']
-  columns = speed + sorted({k for r in rows.values() for k in r} - set(speed) - {'seconds_per_clip'})
-  lines = ['| model | ' + ' | '.join(columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+# summary.md's columns: (summary.json's key, heading, decimals), in the README's order; keys not named here follow
+# under their own names, so that nothing measured is left out of the table.
+_SUMMARY_COLUMNS = (
+    ('decode_steps', 'decode steps (frame pred.)', 0), ('frames_per_s', 'frames/s, one clip', 1),
+    ('batch_frames_per_s', 'frames/s, {batch} clips', 1), ('class/class_acc', 'class acc.', 3),
+    ('class/fvd', 'class FVD', 1), ('frame_prediction/psnr', 'frame-pred. PSNR', 2),
+    ('frame_prediction/copy_last_psnr', 'copy-last PSNR', 2), ('frame_prediction/ssim', 'frame-pred. SSIM', 3),
+    ('frame_prediction/lpips', 'frame-pred. LPIPS (1st frame)', 3), ('reconstruction/psnr', 'recon. PSNR', 2),
+    ('reconstruction/ssim', 'recon. SSIM', 3), ('reconstruction/lpips', 'recon. LPIPS', 3),
+    ('class/real_class_acc', 'real clips acc.', 3), ('class/shuffled_class_acc', 'shuffled-label acc.', 3),
+    ('frame_prediction/copy_last_ssim', 'copy-last SSIM', 3),
+)
+
+
+def _summary_table(rows: dict[str, dict], blocks: dict[str, str], batch_size: int) -> str:
+  """Markdown: a row per model ('nbp (1x1x8)'), the README's readable headings, '-' where a model has no value."""
+  present = {k for r in rows.values() for k in r} - {'seconds_per_clip'}
+  columns = [(k, head.format(batch=batch_size), dec) for k, head, dec in _SUMMARY_COLUMNS if k in present]
+  columns += [(k, k, 3) for k in sorted(present - {c[0] for c in _SUMMARY_COLUMNS})]
+  cell = lambda v, dec: f'{v:.{dec}f}' if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+  lines = ['| model | ' + ' | '.join(head for _, head, _ in columns) + ' |', '|' + '---|' * (len(columns) + 1)]
   for name, r in rows.items():
-    cells = [f'{r[c]:.3f}' if isinstance(r.get(c), float) else str(r.get(c, '-')) for c in columns]
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    cells = [cell(r[k], dec) if k in r else '-' for k, _, dec in columns]
+    lines.append(f'| {name} ({blocks[name]}) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -159,15 +176,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              'stage_seconds': previous.get('stage_seconds', clock.seconds) if reuse else clock.seconds}
   if reuse:
     summary['last_rerun_stage_seconds'] = clock.seconds
-  table = _summary_table(rows)
+  table = _summary_table(rows, {n: 'x'.join(map(str, c.nbp.block_shape)) for n, c in variants.items()},
+                         config.sample.batch_size)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
     ratio = f'{speedup:.1f}x faster' if speedup >= 1 else f'{1 / speedup:.1f}x slower'
     batch = rows['nbp']['batch_frames_per_s'] / rows['ntp']['batch_frames_per_s']
     table += (f'\n\nOne clip at a time, NBP decodes {ratio} than NTP ({rows["nbp"]["decode_steps"]} vs '
               f'{rows["ntp"]["decode_steps"]} steps per clip, same model size, same CPU, one run); '
-              f'{config.sample.batch_size} clips at a time {batch:.1f}x (frames_per_s: one clip; '
-              f'batch_frames_per_s: {config.sample.batch_size}).')
+              f'{config.sample.batch_size} clips at a time {batch:.1f}x.')
     summary['speedup'] = speedup
   summary['result_line'] = result_line(rows, summary.get('speedup'))
   if not parallel.is_primary():

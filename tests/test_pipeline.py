@@ -30,7 +30,12 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tm
     # The demo scores FVD on the class-conditional samples only (eval.fvd_protocols='class').
     assert 'frame_prediction/fvd' not in row and 'reconstruction/rfvd' not in row, row
   assert 0 < nbp['reconstruction/psnr'] <= PSNR_MAX_DB
-  assert '| nbp |' in (workdir / 'summary.md').read_text()
+  table = (workdir / 'summary.md').read_text().splitlines()
+  assert table[0].startswith('| model | decode steps (frame pred.) | frames/s, one clip | frames/s, 4 clips | '
+                             'class acc. | class FVD | frame-pred. PSNR | copy-last PSNR |'), table[0]
+  assert table[2].startswith(f"| nbp (1x1x2) | 8 | {nbp['frames_per_s']:.1f} | {nbp['batch_frames_per_s']:.1f} | "
+                             f"{nbp['class/class_acc']:.3f} | {nbp['class/fvd']:.1f} |"), table[2]
+  assert table[3].startswith('| ntp (1x1x1) | 16 |') and table[3].count(' - ') == 3  # no reconstruction row for NTP
   grid = np.asarray(Image.open(workdir / 'grid.png'))
   assert grid.ndim == 3 and grid.shape[0] > 16 and grid.std() > 0
   assert (workdir / 'nbp' / 'eval').is_dir() and any(p.suffix == '.mp4' for p in (workdir / 'nbp' / 'eval').iterdir())
