@@ -423,6 +423,16 @@ def test_sample_batches_continue_the_given_videos_in_turn(tmp_path, monkeypatch)
   np.testing.assert_array_equal(mine[0][1]['context_codes'], batches[1]['context_codes'])
 
 
+def test_a_second_sample_run_replaces_the_first_ones_files(tmp_path, capsys):
+  videos = np.random.default_rng(0).integers(0, 256, (3, 2, 8, 8, 3), dtype=np.uint8)
+  generator_lib.write_samples(videos, str(tmp_path), fps=4)
+  (tmp_path / 'other.txt').write_text('kept')
+  generator_lib.write_samples(videos[:1], str(tmp_path), fps=4)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['other.txt', 'sample_0.gif', 'sample_0.mp4', 'sample_grid.png']
+  assert 'replacing the 7 earlier sample files' in capsys.readouterr().out
+  assert np.asarray(Image.open(tmp_path / 'sample_grid.png')).shape == (8, 18, 3)  # one row of 2 frames now
+
+
 def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sampling():
   """Generator.codes = generation.generate on context_to_seq's sequence, as a grid; sampling overrides and block_shape
   reach the core."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
+import glob
 import itertools
 import json
 import os
@@ -385,10 +386,16 @@ def sample_inputs(config: ml_collections.ConfigDict, workdir: str, generator: Ge
 
 def write_samples(videos: np.ndarray, out_dir: str, fps: float, *, num_files: int = 8, name: str = 'sample') -> str:
   """mp4 + gif for the first `num_files` videos and one PNG grid (rows = videos, columns = frames); returns the
-  grid's path. Only process 0 writes (the others return the path)."""
+  grid's path. Only process 0 writes (the others return the path). Earlier files of `name` there (training's samples
+  of that step, an earlier sample run) are replaced, all of them: the folder never mixes two runs' samples."""
   grid = os.path.join(out_dir, f'{name}_grid.png')
   if not parallel.is_primary():
     return grid
+  earlier = glob.glob(os.path.join(glob.escape(out_dir), f'{glob.escape(name)}_*'))
+  if earlier:
+    print(f'Note: replacing the {len(earlier)} earlier sample files in {out_dir}.')
+    for path in earlier:
+      os.remove(path)
   os.makedirs(out_dir, exist_ok=True)
   for i, video in enumerate(videos[:num_files]):
     video_io.write_mp4(os.path.join(out_dir, f'{name}_{i}.mp4'), video, fps)
