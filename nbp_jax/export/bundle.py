@@ -93,7 +93,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   ex = config.export
   run_config = checkpoint_lib.load_config(workdir)
   platform = compute_platform(tuple(ex.platforms))
-  params, step = checkpoint_lib.restore_params(workdir, ex.checkpoint)
+  params, step = checkpoint_lib.restore_params(workdir, ex.get('checkpoint', 'latest'))
   out = os.path.join(workdir, EXPORT_SUBDIR)
   written = {}
 

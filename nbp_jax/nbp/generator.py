@@ -101,7 +101,7 @@ class Generator:
       config_lib.validate(config, 'sample')
     spec = spec_from_config(config)
     # An architecture override of the run's config (or another run's checkpoint) is refused before the read.
-    step = config.sample.checkpoint if step is None else step
+    step = config.sample.get('checkpoint', 'latest') if step is None else step
     params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh, expected=_abstract_params(spec),
                                                  config=config)
     # Once here rather than in every generate call: generation runs its own layout (transformer.decode_params).
