@@ -115,7 +115,7 @@ def test_notebooks_run_on_cpu(tiny_pipeline, tmp_path):
   assert len(videos) == 5 and all('data:image/gif;base64' in v for v in videos)  # 2 tasks x NBP, NTP; the rollouts
   tables = [r['text/markdown'] for r in rich if 'text/markdown' in r]
   assert tables == [(workdir / 'summary.md').read_text()]
-  assert '| nbp |' in tables[0] and '| ntp |' in tables[0]
+  assert '| nbp (1x1x2) |' in tables[0] and '| ntp (1x1x1) |' in tables[0]
   assert any('grid.png' in r.get('text/html', '') for r in rich)
 
   # tpu_generate: 2 devices stand in for the TPU cores; the batch is split, not replicated.
