@@ -148,8 +148,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def fvd_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
   """FVD between two sets of I3D features [N, F] (their Gaussians' Frechet distance)."""
-  s1, s2 = feature_stats(features1), feature_stats(features2)
-  return frechet_distance(s1['mu'], s1['sigma'], s2['mu'], s2['sigma'])
+  return fvd_from_stats(feature_stats(features1), feature_stats(features2))
 
 
 def fvd_from_stats(stats1: dict, stats2: dict) -> float:
