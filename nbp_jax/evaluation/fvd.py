@@ -98,7 +98,9 @@ def extract_features(videos: Iterable[np.ndarray], feature_fn: Callable[[jax.Arr
   Batches are padded to the first batch's size so the jitted function compiles once.
   """
   feats, batch_size = [], None
-  with tqdm(total=total, desc=desc, unit='video', leave=False) as bar:
+  # Often nested in a sampling loop's bar, one per batch: on a terminal tqdm redraws it in place; in a log file
+  # (disable=None: off where stderr is not a terminal) each would add lines and cursor escapes.
+  with tqdm(total=total, desc=desc, unit='video', leave=False, disable=None) as bar:
     for batch in videos:
       batch = np.asarray(batch)
       n = batch.shape[0]
