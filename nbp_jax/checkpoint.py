@@ -196,10 +196,17 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not parallel.is_primary():
     return
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
+  write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config), sort_keys=True)
+
+
+def write_json(path: str, value: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+  """Writes `value` as JSON to `path` in one step (a temporary file beside it, then os.replace): a run killed while
+  writing leaves the old file or the new one, never half of one, so a rerun that reads it back (to resume, to reuse
+  an evaluation) can. Callers decide which process writes."""
+  tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    json.dump(value, f, indent=indent, sort_keys=sort_keys)
+  os.replace(tmp, path)
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:

@@ -189,8 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary['result_line'] = result_line(rows, summary.get('speedup'))
   if not parallel.is_primary():
     return summary
-  with open(summary_path, 'w') as f:
-    json.dump(summary, f, indent=2)
+  checkpoint_lib.write_json(summary_path, summary)
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
     f.write(table + '\n')
   _stack_grids(grids, os.path.join(workdir, 'grid.png'))

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import metric_logger
 from nbp_jax import parallel
@@ -87,11 +88,8 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: 
 
 def _save_json(path: str, value) -> None:
   """Writes `value` as JSON to `path` in one step (a file that exists is whole); process 0 only."""
-  if not parallel.is_primary():
-    return
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
+  if parallel.is_primary():
+    checkpoint_lib.write_json(path, value)
 
 
 def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict[str, dict]:
@@ -213,8 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'train_steps': int(config.train.num_steps), 'num_train_clips': int(config.data.synthetic.num_train)}
   if not parallel.is_primary():
     return report
-  with open(os.path.join(workdir, 'study.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  checkpoint_lib.write_json(os.path.join(workdir, 'study.json'), report)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:
     f.write(table + '\n')
   grid = config_lib.latent_shape(config)

@@ -5,6 +5,7 @@ touching the workdir, and an 8-device checkpoint restores onto 1 device."""
 import asyncio
 import errno
 import glob
+import json
 import logging
 import os
 import shutil
@@ -148,6 +149,20 @@ def test_closed_event_loop_reports_of_a_failed_read_are_dropped_and_others_kept(
   PostsToTheClosedLoop()
   FailsOtherwise()
   assert reported == ["ValueError('a real problem')"]
+
+
+def test_a_json_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  path = str(tmp_path / 'results.json')
+  checkpoint.write_json(path, {'step': 1})
+
+  def killed_while_writing(value, f, **kwargs):
+    f.write('{"step": ')
+    raise KeyboardInterrupt
+  monkeypatch.setattr(checkpoint.json, 'dump', killed_while_writing)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.write_json(path, {'step': 2})
+  with open(path) as f:
+    assert json.load(f) == {'step': 1}  # what a rerun reads back to resume
 
 
 def test_read_only_checkpointers_open_without_orbax_notices(reference, caplog):

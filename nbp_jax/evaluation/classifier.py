@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import parallel
 from nbp_jax import trainer
 
@@ -132,7 +133,6 @@ def cached_classifier(cache_dir: str, key: dict, videos_fn: Callable[[], tuple[n
       tmp = path + '.tmp'
       with open(tmp, 'wb') as f:
         f.write(flax.serialization.to_bytes(jax.device_get(params)))
-      with open(os.path.join(os.path.dirname(path), f'{digest}.json'), 'w') as f:
-        json.dump(key, f, indent=2)
+      checkpoint_lib.write_json(os.path.join(os.path.dirname(path), f'{digest}.json'), key)
       os.replace(tmp, path)
   return make_predict_fn(params, num_classes)

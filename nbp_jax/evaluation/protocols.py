@@ -23,7 +23,6 @@ i with the key fold_in(rng, i)) and their results gathered, so the scores are th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-import json
 import os
 import time
 
@@ -32,6 +31,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import image_metrics
 from nbp_jax import parallel
@@ -313,8 +313,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   }
   path = os.path.join(out_dir, f'results_{tag}.json')
   if parallel.is_primary():
-    with open(path, 'w') as f:
-      json.dump(report, f, indent=2)
+    checkpoint_lib.write_json(path, report)
     print(format_table(results))
     print(f'Results: {path}')
   return report

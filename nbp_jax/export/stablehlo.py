@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import importlib.util
-import json
 import os
 from typing import Any
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.export import safetensors_io
@@ -189,6 +189,5 @@ def export(gen: Generation, out_dir: str, platforms: Sequence[str] = ()) -> tupl
   signature = dict(format=FORMAT, program=PROGRAM_FILE, platforms=list(exported.platforms),
                    jax_version=jax.__version__, inputs=gen.inputs, outputs=gen.outputs, **gen.info)
   sig_path = os.path.join(out_dir, SIGNATURE_FILE)
-  with open(sig_path, 'w') as f:
-    json.dump(signature, f, indent=1)
+  checkpoint_lib.write_json(sig_path, signature, indent=1)
   return program, sig_path

@@ -448,9 +448,9 @@ def _write_class_prompts(workdir: str, config: ml_collections.ConfigDict) -> Non
   names = class_names(config)
   if names is not None and len(names) != len(config.nbp.class_prefix_ids):
     names = None
-  with open(os.path.join(workdir, CLASS_PROMPTS_FILE), 'w') as f:
-    json.dump({'class_names': names, 'prompts': [class_prompt(c) for c in names] if names else None,
-               'class_prefix_ids': [list(r) for r in config.nbp.class_prefix_ids]}, f, indent=1)
+  checkpoint_lib.write_json(os.path.join(workdir, CLASS_PROMPTS_FILE),
+                            {'class_names': names, 'prompts': [class_prompt(c) for c in names] if names else None,
+                             'class_prefix_ids': [list(r) for r in config.nbp.class_prefix_ids]}, indent=1)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import glob
 import itertools
-import json
 import os
 import time
 from typing import Any
@@ -491,8 +490,7 @@ def run_rollout(config: ml_collections.ConfigDict, workdir: str, generator: Gene
             'seconds_per_sample': seconds / len(videos), 'windows': rows}
   if not parallel.is_primary():
     return report
-  with open(os.path.join(out_dir, 'rollout.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  checkpoint_lib.write_json(os.path.join(out_dir, 'rollout.json'), report)
   print('window | frames | PSNR vs truth | mean-colour drift')
   for r in rows:
     psnr = f'{r["psnr"]:.2f}' if 'psnr' in r else '-'

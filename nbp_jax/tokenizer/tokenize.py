@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax.data import builder
@@ -184,8 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
         if json.load(f) != work_metadata:  # work files of another tokenizer or clip shape: start over
           shutil.rmtree(work)
           os.makedirs(work)
-    with open(stamp, 'w') as f:
-      json.dump(work_metadata, f)
+    checkpoint_lib.write_json(stamp, work_metadata, indent=None)
 
   def write():
     features = {'codes': (grid, dtype), 'label': ((), np.int32)}

@@ -145,8 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if task.write_samples is not None:
     out = task.write_samples(state.params, step, tdir)
   if parallel.is_primary():
-    with open(eval_path, 'w') as f:
-      json.dump(result, f, indent=2)
+    checkpoint_lib.write_json(eval_path, result)
     print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
                                                               if k not in ('step', 'metrics_version')), flush=True)
     if out:
