@@ -318,10 +318,9 @@ class _Preemption:
   next step boundary and stop; a second Ctrl-C stops at once (KeyboardInterrupt, nothing saved). Multi-host runs use
   JAX's preemption sync point instead, so that every host stops at the same step."""
 
-  def __init__(self, checkpointer: checkpoint_lib.Checkpointer, primary: bool):
+  def __init__(self, checkpointer: checkpoint_lib.Checkpointer):
     self._event = threading.Event()
     self._ckpt = checkpointer
-    self._primary = primary
     self._old = {}
     self.reason = 'SIGTERM'
     self._multihost = jax.process_count() > 1
@@ -334,9 +333,9 @@ class _Preemption:
       if self._event.is_set():
         raise KeyboardInterrupt
       self.reason = 'Ctrl-C'
-      if self._primary:
-        print('\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without '
-              'saving).', flush=True)
+      # Handlers are installed on a single process only, which is the primary one.
+      print('\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without '
+            'saving).', flush=True)
     self._event.set()
 
   def reached(self, step: int) -> bool:
@@ -590,7 +589,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
                        peak_flops=metric_logger.peak_flops_per_device(override_tflops=tc.get('peak_tflops', 0.0)),
                        label=label, primary=primary)
   profiler = _Profiler(workdir, tc.get('profile_steps', 0), first_step=start + 1)
-  preemption = _Preemption(ckpt, primary)
+  preemption = _Preemption(ckpt)
   step = start
   try:
     while step < num_steps:

@@ -115,7 +115,7 @@ def test_ctrl_c_asks_for_the_same_stop_as_sigterm_and_a_second_one_stops_at_once
   """The loop's stop after a preemption is the SIGTERM test's; here, that Ctrl-C (SIGINT) asks for it."""
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   before = signal.getsignal(signal.SIGINT)
-  preemption = trainer._Preemption(ckpt, primary=True)  # pylint: disable=protected-access
+  preemption = trainer._Preemption(ckpt)  # pylint: disable=protected-access
   try:
     assert not preemption.reached(1)
     os.kill(os.getpid(), signal.SIGINT)
