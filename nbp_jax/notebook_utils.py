@@ -15,6 +15,7 @@ import numpy as np
 
 from nbp_jax import config_lib
 from nbp_jax.data import pipeline
+from nbp_jax.data import prepare
 from nbp_jax.nbp import generator as generator_lib
 
 
@@ -47,18 +48,10 @@ def describe(generator: generator_lib.Generator) -> str:
           f'{"x".join(map(str, layout.block_shape))}; ' + ', '.join(tasks))
 
 
-def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  """A name per class label (synthetic motions, the UCF-101 folder names an import stored, else 'class <i>')."""
-  n = config.data.num_classes
-  if config.data.source == 'synthetic':
-    from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return [synthetic.motion_name(i) for i in range(n)]
-  try:
-    from nbp_jax.interop import official  # pylint: disable=g-import-not-at-top
-    names = official.class_names(config) if 'import_' in config else None
-  except (ImportError, OSError, ValueError):
-    names = None
-  return list(names) if names and len(names) == n else [f'class {i}' for i in range(n)]
+def class_names(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
+  """A name per class label (prepare.class_names: the run's dataset's, the synthetic motions', UCF-101's
+  classInd.txt, else 'class <i>')."""
+  return prepare.class_names(config, workdir)
 
 
 def context_clips(config: ml_collections.ConfigDict, workdir: str, count: int) -> dict[str, np.ndarray]:

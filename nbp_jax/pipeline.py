@@ -24,7 +24,6 @@ import ml_collections
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import parallel
 from nbp_jax.data import prepare
-from nbp_jax.data import synthetic
 from nbp_jax.evaluation import protocols
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
@@ -166,10 +165,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Tokenizer reconstruction is the same for both models: evaluate it once.
     names = tuple(p for p in protocols.auto_protocols(c) if p != 'reconstruction' or name == 'nbp')
     names = protocols.configured_protocols(c, default=names)
-    rows[name], report = evaluate_model(c, os.path.join(workdir, name), names, stats_dir=workdir,
+    vdir = os.path.join(workdir, name)
+    rows[name], report = evaluate_model(c, vdir, names, stats_dir=workdir,
                                         recorded=previous.get('models', {}).get(name) if reuse else None)
     block = 'x'.join(map(str, c.nbp.block_shape))
-    grids.extend((f'{name} ({block} blocks): {_grid_title(c, protocol, report["protocols"][protocol])}', path)
+    grids.extend((f'{name} ({block} blocks): {_grid_title(c, vdir, protocol, report["protocols"][protocol])}', path)
                  for protocol, path in report['grids'].items())
   clock.stop()
   summary = {'config': config.name, 'models': rows, 'train_steps': train_steps,
@@ -261,12 +261,12 @@ def _latest_step(vdir: str) -> int:
     ckpt.close()
 
 
-def _grid_title(config: ml_collections.ConfigDict, protocol: str, result: dict) -> str:
-  """A panel's caption; the class panel names its rows' classes (the synthetic motion families by name)."""
+def _grid_title(config: ml_collections.ConfigDict, workdir: str, protocol: str, result: dict) -> str:
+  """A panel's caption; the class panel names its rows' classes (prepare.class_names)."""
   title = _GRID_TITLES.get(protocol, protocol)
   if 'shown_labels' in result:
-    name = synthetic.motion_name if config.data.source == 'synthetic' else str
-    title = title.replace('one clip per row', 'rows: ' + ', '.join(name(label) for label in result['shown_labels']))
+    names = prepare.class_names(config, workdir)
+    title = title.replace('one clip per row', 'rows: ' + ', '.join(names[label] for label in result['shown_labels']))
   return title
 
 

@@ -203,3 +203,14 @@ def test_first_clips_in_record_order_or_a_seeded_repeating_shuffle(workdir):
   assert sorted(order[:NUM_VAL]) == sorted(order[NUM_VAL:2 * NUM_VAL]) == sorted(in_order)
   assert order[:NUM_VAL] != order[NUM_VAL:2 * NUM_VAL] and order[:NUM_VAL] != in_order
   assert shuffled(7)[1] == order and shuffled(8)[1] != order
+
+
+def test_example_clips_without_a_dataset_are_the_held_out_synthetic_clips(workdir, tmp_path):
+  config = _config()
+  clips, missing = pipeline.example_clips(config, str(tmp_path), 3)  # nothing prepared there
+  assert missing and 'prepare_data' in missing
+  held_out = _all_records(workdir, 'validation')  # the split's clips, in TFDS's (hashed) record order
+  assert [held_out.get(_digest(video)) for video in clips['video']] == [int(label) for label in clips['label']]
+  config.data.num_classes = 2  # a model of fewer classes: the motions' labels in its range
+  clips, _ = pipeline.example_clips(config, str(tmp_path), 3, num_frames=7, resolution=8)
+  assert clips['video'].shape == (3, 7, 8, 8, 3) and clips['label'].max() < 2

@@ -107,6 +107,35 @@ def test_rerun_reuses_the_dataset(ucf_run):
   assert 'ucf101 train' not in out.stderr  # no decoding progress bar: nothing was decoded again
 
 
+def test_class_index_files(tmp_path):
+  numbered = tmp_path / 'classInd.txt'
+  numbered.write_text('2 ApplyLipstick\n10 Archery\n1 ApplyEyeMakeup\n\n')
+  assert prepare.read_class_index(str(numbered)) == ['ApplyEyeMakeup', 'ApplyLipstick', 'Archery']
+  one_per_line = tmp_path / 'names.txt'
+  one_per_line.write_text('Walk\n2 Run\nJump High\n')  # not all numbered: every line is a name, in order
+  assert prepare.read_class_index(str(one_per_line)) == ['Walk', '2 Run', 'Jump High']
+  assert prepare.find_class_index(str(tmp_path)) == str(numbered)
+  assert prepare.find_class_index(str(tmp_path / 'nothing here')) is None
+
+
+def test_class_names_sources_in_order(ucf_run, tmp_path):
+  config = _config('ucf101', clips_per_video=2, num_classes=2)
+  prepared = ['BounceBall', 'SpinSquare']
+  assert prepare.class_names(config, ucf_run['workdir']) == prepared  # the dataset's record of its labels
+  renamed = tmp_path / 'renamed.txt'
+  renamed.write_text('Bounce\nSpin\n')
+  config.import_.class_names = str(renamed)
+  assert prepare.class_names(config, ucf_run['workdir']) == prepared  # the dataset's names come first
+  assert prepare.class_names(config, str(tmp_path)) == ['Bounce', 'Spin']  # no dataset there: the given file
+  config.import_.class_names = ''
+  config.data.raw_dir = ucf_run['raw']
+  assert prepare.class_names(config) == prepared  # raw_dir's classInd.txt
+  config.data.num_classes = 3  # no source with three names
+  assert prepare.class_names(config, ucf_run['workdir']) == ['class 0', 'class 1', 'class 2']
+  synthetic_config = _config('synthetic', num_classes=3)
+  assert prepare.class_names(synthetic_config) == [synthetic.motion_name(label) for label in range(3)]
+
+
 def test_k600_csv_folder(tmp_path):
   raw = str(tmp_path / 'k600')
   good = {}

@@ -23,6 +23,7 @@ import numpy as np
 
 from nbp_jax import errors
 from nbp_jax.data import builder
+from nbp_jax.data import prepare
 
 # Prefetch counts batches, not examples: a 256 x 17 x 128 x 128 x 3 batch is 214 MB.
 _READ_THREADS = 4
@@ -169,20 +170,12 @@ def first_clips(config, workdir: str, count: int, *, split: str = 'eval', batch_
     yield {k: np.asarray(v)[:take] for k, v in batch.items()}
 
 
-def synthetic_clips(count: int, num_classes: int, num_frames: int, resolution) -> dict[str, np.ndarray]:
-  """`count` synthetic clips, clip i of class i % num_classes drawn with seed i:
-  {'video': uint8 [count, num_frames, H, W, 3], 'label': int32 [count]}."""
-  from nbp_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  labels = np.arange(count) % max(int(num_classes), 1)
-  videos = np.stack([synthetic.generate_video(i, int(l), int(num_frames), resolution) for i, l in enumerate(labels)])
-  return {'video': videos, 'label': labels.astype(np.int32)}
-
-
 def example_clips(config, workdir: str, count: int, *, num_frames: int | None = None, resolution=None
                   ) -> tuple[dict[str, np.ndarray], str | None]:
   """`count` clips to condition a model on, anywhere: the held-out split of the run's dataset (repeated to fill
-  `count`), or, where there is none (an imported or exported model), synthetic clips of `num_frames` x `resolution`
-  (default the config's; out of the real data's distribution, but they run everywhere).
+  `count`), or, where there is none (an imported or exported model), the held-out clips of the config's synthetic
+  dataset (prepare.synthetic_clips) at `num_frames` x `resolution` (default the config's; those a model of synthetic
+  data was evaluated on, out of a real dataset's distribution, but they run everywhere).
 
   Returns:
     ({'video': uint8 [count, T, H, W, 3], 'label': int32 [count]}, None), or (synthetic clips, why the dataset
@@ -191,7 +184,9 @@ def example_clips(config, workdir: str, count: int, *, num_frames: int | None = 
   try:
     clips = next(first_clips(config, workdir, count))
   except (FileNotFoundError, ValueError) as e:  # no prepared dataset here
-    return synthetic_clips(count, config.data.num_classes, num_frames or config.data.num_frames,
-                           resolution or config.data.resolution), str(e)
+    clips = prepare.synthetic_clips(config, count, num_frames=num_frames, resolution=resolution)
+    # Motion classes: in the model's label range (they name its classes only for a model of synthetic data).
+    clips['label'] %= max(int(config.data.num_classes), 1)
+    return clips, str(e)
   index = np.arange(count) % len(clips['video'])
   return {k: v[index] for k, v in clips.items()}, None

@@ -93,6 +93,28 @@ def run(config, workdir: str) -> None:
     print(summary(location, config))
 
 
+def class_names(config, workdir: str | None = None) -> list[str]:
+  """A name for each of the data.num_classes labels: the prepared dataset's (WORKDIR's or data.dir's: what its
+  labels mean), else the synthetic motions' (data.source='synthetic'), else those of import_.class_names or of
+  data.raw_dir's classInd.txt, else 'class <i>'. A source with another number of names is passed over."""
+  n = config.data.num_classes
+
+  def candidates():
+    if workdir is not None and builder.video_location(config, workdir).exists():
+      yield builder.load_info(builder.video_location(config, workdir)).metadata.get('class_names')
+    if config.data.source == 'synthetic':
+      yield [synthetic.motion_name(label) for label in range(n)]
+    path = (config.import_.class_names if 'import_' in config else '') or (
+        find_class_index(config.data.raw_dir) if config.data.raw_dir else None)
+    if path and os.path.isfile(path):
+      yield read_class_index(path)
+
+  for names in candidates():
+    if names and len(names) == n:
+      return list(names)
+  return [f'class {label}' for label in range(n)]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Synthetic videos.
 
@@ -100,14 +122,25 @@ def run(config, workdir: str) -> None:
 SYNTHETIC_SPLITS = ('train', 'validation')
 
 
-def synthetic_clip(config, split: str, index: int, num_frames: int | None = None) -> tuple[np.ndarray, int]:
+def synthetic_clip(config, split: str, index: int, num_frames: int | None = None,
+                   resolution: int | tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
   """(uint8 video [T, H, W, 3], label) of clip `index` of a synthetic split, as prepare_data writes it; with
-  `num_frames` the same clip longer (or shorter): its first data.num_frames frames are the prepared clip's."""
+  `num_frames` the same clip longer (or shorter): its first data.num_frames frames are the prepared clip's; with
+  `resolution` the same motion drawn at another size."""
   d, s = config.data, config.data.synthetic
   # One independent seed per (dataset seed, split, index): splits never share a video.
   seed = int(np.random.SeedSequence([s.seed, SYNTHETIC_SPLITS.index(split), index]).generate_state(1)[0])
   label = index % s.num_classes
-  return synthetic.generate_video(seed, label, num_frames or d.num_frames, d.resolution), label
+  return synthetic.generate_video(seed, label, num_frames or d.num_frames, resolution or d.resolution), label
+
+
+def synthetic_clips(config, count: int, *, num_frames: int | None = None,
+                    resolution: int | tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """The first `count` held-out clips of config.data.synthetic's dataset, as prepare_data writes them (the same
+  clips at `num_frames` / `resolution` where given): {'video': uint8 [count, T, H, W, 3], 'label': int32 [count]}
+  (motion classes)."""
+  clips = [synthetic_clip(config, 'validation', i, num_frames, resolution) for i in range(count)]
+  return {'video': np.stack([video for video, _ in clips]), 'label': np.asarray([l for _, l in clips], np.int32)}
 
 
 def prepare_synthetic(config, location: builder.Location) -> None:
@@ -294,25 +327,37 @@ def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in f if line.strip()]
 
 
+def find_class_index(raw_dir: str) -> str | None:
+  """UCF-101's classInd.txt (any case), the first at most 3 levels below `raw_dir`; None when there is none."""
+  found = _find_files(raw_dir, lambda f: f.lower() == 'classind.txt')
+  return found[0] if found else None
+
+
+def read_class_index(path: str) -> list[str]:
+  """Class names in label order: classInd.txt's '1 ApplyEyeMakeup' lines ordered by their numbers, or, in a file
+  whose lines are not all numbered, one class name per line."""
+  lines = _read_lines(path)
+  numbered = [line.split(maxsplit=1) for line in lines]
+  if all(len(parts) == 2 and parts[0].isdigit() for parts in numbered):
+    return [name.strip() for _, name in sorted(numbered, key=lambda parts: int(parts[0]))]
+  return lines
+
+
 def list_ucf101(raw_dir: str) -> Listing:
   """UCF-101: class folders of .avi plus classInd.txt / trainlist01.txt / testlist01.txt (official split 1)."""
   index = _VideoIndex(raw_dir)
-  class_ind = _find_files(raw_dir, lambda f: f.lower() == 'classind.txt')
+  class_ind = find_class_index(raw_dir)
   if not class_ind:
     return _list_class_folders(index, 'no classInd.txt/trainlist01.txt found below data.raw_dir: every video '
                                       'goes to split "train", with classes from the folder names.')
-  class_names = []
-  for line in _read_lines(class_ind[0]):  # '1 ApplyEyeMakeup'
-    number, name = line.split(maxsplit=1)
-    class_names.append((int(number), name.strip()))
-  class_names = [name for _, name in sorted(class_names)]
+  class_names = read_class_index(class_ind)
   class_id = {name.lower(): i for i, name in enumerate(class_names)}
-  lists_dir = os.path.dirname(class_ind[0])
+  lists_dir = os.path.dirname(class_ind)
   listing = Listing(splits={}, class_names=class_names)
   for split, list_name in (('train', 'trainlist01.txt'), ('test', 'testlist01.txt')):
     path = os.path.join(lists_dir, list_name)
     if not os.path.isfile(path):
-      listing.notes.append(f'{list_name} not found beside {class_ind[0]}: no {split!r} split.')
+      listing.notes.append(f'{list_name} not found beside {class_ind}: no {split!r} split.')
       continue
     entries, seen = [], set()
     for line in _read_lines(path):  # 'ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1' (test lists: no label)

@@ -41,6 +41,7 @@ from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.data import pipeline
+from nbp_jax.data import prepare
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
 from nbp_jax.nbp.spec import spec_from_config
@@ -194,4 +195,4 @@ def _example_clips(config: ml_collections.ConfigDict, workdir: str, n: int, fram
     ok = classes > 0 and bool(np.all((labels >= 0) & (labels < classes)))
     return video, (labels.astype(np.int32) if ok else None)
   # Held-out clips of another size than the exported function's: synthetic ones of its own size.
-  return pipeline.synthetic_clips(n, config.data.num_classes, frames, resolution)['video'], None
+  return prepare.synthetic_clips(config, n, num_frames=frames, resolution=resolution)['video'], None

@@ -42,6 +42,7 @@ import numpy as np
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
+from nbp_jax.data import prepare
 from nbp_jax.export import safetensors_io
 from nbp_jax.interop import convert_torch
 from nbp_jax.nbp import layout as layout_lib
@@ -319,17 +320,6 @@ def class_prompt(folder_name: str) -> str:
   return re.sub(r'(?<!^)(?=[A-Z])', ' ', folder_name.strip()).lower()
 
 
-def read_class_names(path: str) -> list[str]:
-  """classInd.txt ('1 ApplyEyeMakeup' lines, ordered by number) or one class folder name per line."""
-  with open(path) as f:
-    lines = [l.split() for l in f if l.strip()]
-  if all(len(l) == 2 and l[0].isdigit() for l in lines):
-    return [name for _, name in sorted((int(n), name) for n, name in lines)]
-  if any(len(l) != 1 for l in lines):
-    raise OfficialImportError(f'{path}: expected classInd.txt lines "1 ApplyEyeMakeup" or one class name per line.')
-  return [l[0] for l in lines]
-
-
 def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layout_lib.OFFICIAL_UCF_PREFIX_LEN
                      ) -> list[list[int]]:
   """LLaMA-2 SentencePiece ids with BOS, padded with EOS or truncated to `length` (unshifted ids)."""
@@ -348,14 +338,6 @@ def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layo
     ids = ([sp.bos_id()] + list(sp.encode(text)))[:length]
     rows.append(ids + [sp.eos_id()] * (length - len(ids)))
   return rows
-
-
-def _find_class_ind(raw_dir: str) -> str | None:
-  for dirpath, _, filenames in os.walk(raw_dir):
-    for f in filenames:
-      if f.lower() == 'classind.txt':
-        return os.path.join(dirpath, f)
-  return None
 
 
 def read_class_ids(path: str, class_names: Sequence[str] | None = None) -> list[list[int]]:
@@ -379,8 +361,11 @@ def read_class_ids(path: str, class_names: Sequence[str] | None = None) -> list[
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   """Class folder names in label order: import_.class_names, else data.raw_dir's classInd.txt, else None."""
   imp = config.import_
-  path = imp.class_names or (_find_class_ind(config.data.raw_dir) if config.data.raw_dir else None)
-  return read_class_names(path) if path else None
+  if imp.class_names and not os.path.isfile(imp.class_names):
+    raise errors.MissingError(f'import_.class_names={imp.class_names!r} does not exist; pass UCF-101\'s '
+                              'ucfTrainTestlist/classInd.txt (or a file of one class folder name per line).')
+  path = imp.class_names or (prepare.find_class_index(config.data.raw_dir) if config.data.raw_dir else None)
+  return prepare.read_class_index(path) if path else None
 
 
 def class_prefix_ids(config: ml_collections.ConfigDict) -> list[list[int]]:

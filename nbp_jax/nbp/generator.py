@@ -409,8 +409,7 @@ def rollout_truth(config: ml_collections.ConfigDict, count: int, num_frames: int
   clips are only data.num_frames long."""
   if config.data.source != 'synthetic':
     return None
-  clips = [prepare.synthetic_clip(config, 'validation', i, num_frames) for i in range(count)]
-  return {'video': np.stack([v for v, _ in clips]), 'label': np.asarray([l for _, l in clips], np.int32)}
+  return prepare.synthetic_clips(config, count, num_frames=num_frames)
 
 
 def _truth_inputs(config: ml_collections.ConfigDict, generator: Generator, truth: dict[str, np.ndarray], start: int,
