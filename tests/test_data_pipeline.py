@@ -180,6 +180,16 @@ def test_errors_name_the_fix(workdir, tmp_path):
   config.data.num_classes, config.nbp.condition = 4, 'class'
   with pytest.raises(config_lib.ConfigError, match=r'data\.num_classes=4 but the dataset at .* has 3 classes'):
     nbp_train.run(config, workdir)
+  # Nor on clips without labels (-1: the gather would clamp them to the last class).
+  config.data.num_classes = 3
+  for name, metadata, which in (('unlabeled', {'class_names': []}, 'its videos have'),
+                                ('some', {'class_names': ['a', 'b', 'c'], 'unlabeled_videos': {'train': 2}},
+                                 '2 of its training videos have')):
+    location = builder.video_location(config, str(tmp_path / name))
+    builder.build(location, builder.video_features(5, 16), {'train': lambda: iter([('0', {
+        'video': np.zeros((5, 16, 16, 3), np.uint8), 'label': -1})])}, metadata=metadata)
+    with pytest.raises(config_lib.ConfigError, match=f'needs a label for every training clip, but {which} no class'):
+      nbp_train.run(config, str(tmp_path / name))
 
 
 def test_first_clips_in_record_order_or_a_seeded_repeating_shuffle(workdir):

@@ -1,7 +1,9 @@
 """--mode=prepare_data on tiny fake UCF-101 and Kinetics folders written here (good, corrupt, too short)."""
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,11 +113,66 @@ def test_class_index_files(tmp_path):
   numbered = tmp_path / 'classInd.txt'
   numbered.write_text('2 ApplyLipstick\n10 Archery\n1 ApplyEyeMakeup\n\n')
   assert prepare.read_class_index(str(numbered)) == ['ApplyEyeMakeup', 'ApplyLipstick', 'Archery']
+  with_bom = tmp_path / 'bom.txt'
+  with_bom.write_bytes('\ufeff# class list\n1 Walk\n2 Run\n'.encode('utf-8'))  # a byte-order mark, a comment
+  assert prepare.read_class_index(str(with_bom)) == ['Walk', 'Run']
   one_per_line = tmp_path / 'names.txt'
-  one_per_line.write_text('Walk\n2 Run\nJump High\n')  # not all numbered: every line is a name, in order
-  assert prepare.read_class_index(str(one_per_line)) == ['Walk', '2 Run', 'Jump High']
-  assert prepare.find_class_index(str(tmp_path)) == str(numbered)
+  one_per_line.write_text('Walk\nJump High\n')
+  assert prepare.read_class_index(str(one_per_line)) == ['Walk', 'Jump High']
+  mixed = tmp_path / 'mixed.txt'
+  mixed.write_text('1 Walk\nRun\n')
+  with pytest.raises(prepare.PrepareError, match=r"mixed\.txt: line 'Run' is not \"<number> <class name>\""):
+    prepare.read_class_index(str(mixed))
+  deep = tmp_path / 'a' / 'b' / 'c' / 'd' / 'ucfTrainTestlist'
+  deep.mkdir(parents=True)
+  (deep / 'classInd.txt').write_text('1 Walk\n')
+  assert prepare.find_class_index(str(tmp_path / 'a')) == str(deep / 'classInd.txt')  # any depth
+  assert prepare.find_class_index(str(tmp_path)) == str(numbered)  # the shallowest
   assert prepare.find_class_index(str(tmp_path / 'nothing here')) is None
+
+
+def _touch(root, *relative):
+  for name in relative:
+    path = os.path.join(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, 'w').close()
+
+
+def test_listings_keep_every_video_and_its_own_class(tmp_path):
+  """Listing only (nothing decoded): the same file name in several class folders, classes differing only in case,
+  paths with spaces, labels of several words."""
+  own = str(tmp_path / 'own')
+  _touch(own, 'cat/clip0.mp4', 'cat/clip1.mp4', 'dog/clip0.mp4', 'dog/clip1.mp4', 'bird/clip0.mp4')
+  listing = prepare.list_ucf101(own)  # no classInd.txt: one class per folder
+  got = sorted((e.name, listing.class_names[e.label]) for e in listing.splits['train'])
+  assert got == [(f'{c}/clip{i}.mp4', c) for c, i in (('bird', 0), ('cat', 0), ('cat', 1), ('dog', 0), ('dog', 1))]
+
+  ucf = str(tmp_path / 'ucf')
+  _touch(ucf, 'Drumming/v_Drumming_g01_c01.avi', 'drumming/v_drumming_g01_c01.avi', 'drumming/v_drumming_g02_c01.avi',
+         'applyeyemakeup/v_ApplyEyeMakeup_g01_c01.avi', 'Baby Crawling/v_Baby Crawling_g01_c01.avi')
+  _touch(ucf, 'lists/deep/er/still/ucfTrainTestlist/placeholder')
+  lists = os.path.join(ucf, 'lists', 'deep', 'er', 'still', 'ucfTrainTestlist')
+  with open(os.path.join(lists, 'classInd.txt'), 'w', encoding='utf-8-sig') as f:
+    f.write('1 ApplyEyeMakeup\n2 Baby Crawling\n3 Drumming\n4 drumming\n')
+  with open(os.path.join(lists, 'trainlist01.txt'), 'w') as f:
+    f.write('Drumming/v_Drumming_g01_c01.avi 3\ndrumming/v_drumming_g01_c01.avi 4\n'
+            'applyeyemakeup/v_ApplyEyeMakeup_g01_c01.avi 1\nBaby Crawling/v_Baby Crawling_g01_c01.avi 2\n')
+  with open(os.path.join(lists, 'testlist01.txt'), 'w') as f:
+    f.write('drumming/v_drumming_g02_c01.avi\n')
+  listing = prepare.list_ucf101(ucf)
+  assert not listing.problems
+  assert [(e.name, e.label) for e in listing.splits['train']] == [
+      ('Drumming/v_Drumming_g01_c01.avi', 2), ('drumming/v_drumming_g01_c01.avi', 3),
+      ('applyeyemakeup/v_ApplyEyeMakeup_g01_c01.avi', 0), ('Baby Crawling/v_Baby Crawling_g01_c01.avi', 1)]
+  assert [(e.name, e.label) for e in listing.splits['test']] == [('drumming/v_drumming_g02_c01.avi', 3)]
+
+  k600 = str(tmp_path / 'k600')
+  _touch(k600, 'clips/my dog video.mp4', 'clips/b.mp4')
+  with open(os.path.join(k600, 'trainlist.txt'), 'w') as f:
+    f.write('clips/my dog video.mp4 walking the dog\nclips/b.mp4 playing guitar\n')
+  listing = prepare.list_k600(k600)
+  assert not listing.problems and listing.class_names == ['playing guitar', 'walking the dog']
+  assert [(e.name, e.label) for e in listing.splits['train']] == [('clips/my dog video.mp4', 1), ('clips/b.mp4', 0)]
 
 
 def test_class_names_sources_in_order(ucf_run, tmp_path):
@@ -134,6 +191,24 @@ def test_class_names_sources_in_order(ucf_run, tmp_path):
   assert prepare.class_names(config, ucf_run['workdir']) == ['class 0', 'class 1', 'class 2']
   synthetic_config = _config('synthetic', num_classes=3)
   assert prepare.class_names(synthetic_config) == [synthetic.motion_name(label) for label in range(3)]
+
+
+def test_a_dataset_of_another_folder_is_not_reused(ucf_run, tmp_path, capsys):
+  config = _config('ucf101', clips_per_video=2, raw_dir=str(tmp_path))
+  with pytest.raises(prepare.PrepareError, match=r'was prepared from .*UCF-101.*, not data\.raw_dir='):
+    prepare.run(config, ucf_run['workdir'])
+  # The folder it was prepared from has moved away since: the dataset is taken as this folder's.
+  workdir = str(tmp_path / 'moved')
+  shutil.copytree(ucf_run['workdir'], workdir)
+  metadata_path = os.path.join(builder.video_location(config, workdir).path, 'metadata.json')
+  with open(metadata_path) as f:
+    metadata = json.load(f)
+  with open(metadata_path, 'w') as f:
+    json.dump({**metadata, 'raw_dir': str(tmp_path / 'gone')}, f)
+  capsys.readouterr()
+  prepare.run(config, workdir)
+  out = capsys.readouterr().out
+  assert 'which is no longer there' in out and 'Reusing the prepared dataset' in out
 
 
 def test_k600_csv_folder(tmp_path):

@@ -99,6 +99,18 @@ def test_tokenize_writes_the_codes_of_every_clip(trained, capsys):
   capsys.readouterr()
   tokenize.run(config, workdir)
   assert 'Reusing' in capsys.readouterr().out
+  # The clips prepared again (say from another folder): the codes of the earlier ones are not reused.
+  metadata_path = os.path.join(builder.video_location(config, workdir).path, 'metadata.json')
+  with open(metadata_path) as f:
+    metadata = f.read()
+  try:
+    with open(metadata_path, 'w') as f:
+      json.dump({**json.loads(metadata), 'dataset_id': 'another preparation'}, f)
+    with pytest.raises(errors.UserError, match=r'are of clips prepared before the ones now at .*delete the codes'):
+      tokenize.run(config, workdir)
+  finally:
+    with open(metadata_path, 'w') as f:
+      f.write(metadata)
 
 
 def test_encode_split_resumes_where_it_stopped(trained, tmp_path):

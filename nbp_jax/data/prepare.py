@@ -30,6 +30,7 @@ import itertools
 import os
 import re
 from typing import Any
+import uuid
 
 import jax
 import numpy as np
@@ -79,6 +80,7 @@ def run(config, workdir: str) -> None:
   """Prepares (or reuses) the dataset `config.data` describes and prints a summary."""
   location = builder.video_location(config, workdir)
   if location.exists():
+    _require_the_same_raw_dir(config, location)
     if parallel.is_primary():
       print(f'Reusing the prepared dataset at {location.path} (delete that folder to rebuild it).')
   else:
@@ -91,6 +93,25 @@ def run(config, workdir: str) -> None:
                          'storage they all share.')
   if parallel.is_primary():
     print(summary(location, config))
+
+
+def _require_the_same_raw_dir(config, location: builder.Location) -> None:
+  """Refuses to reuse a dataset prepared from another folder than data.raw_dir (the dataset's name holds the
+  settings that shape its clips, not the folder they come from); a folder since moved away is taken as this one."""
+  raw_dir = config.data.raw_dir
+  if config.data.source == 'synthetic' or not raw_dir:
+    return
+  stored = builder.load_info(location).metadata.get('raw_dir')
+  if not stored or os.path.realpath(stored) == os.path.realpath(raw_dir):
+    return
+  if not os.path.exists(stored):
+    if parallel.is_primary():
+      print(f'Note: {location.path} was prepared from {stored}, which is no longer there; reusing it for '
+            f'data.raw_dir={raw_dir} (delete that folder to prepare again).')
+    return
+  raise PrepareError(f'the dataset at {location.path} was prepared from {stored}, not data.raw_dir={raw_dir!r}: '
+                     'prepare this folder into another data folder (--config.data.dir=... or another --workdir), or '
+                     'delete that dataset to replace it.')
 
 
 def class_names(config, workdir: str | None = None) -> list[str]:
@@ -159,7 +180,8 @@ def prepare_synthetic(config, location: builder.Location) -> None:
   sizes = dict(zip(SYNTHETIC_SPLITS, (s.num_train, s.num_val)))
   splits = {split: split_generator(split, n) for split, n in sizes.items() if n > 0}
   metadata = dict(source='synthetic', num_frames=d.num_frames, resolution=d.resolution, fps=d.fps,
-                  seed=s.seed, class_names=[synthetic.motion_name(c) for c in range(s.num_classes)])
+                  seed=s.seed, class_names=[synthetic.motion_name(c) for c in range(s.num_classes)],
+                  dataset_id=uuid.uuid4().hex)
   builder.build(location, builder.video_features(d.num_frames, d.resolution), splits,
                 description=f'Synthetic moving-shape videos, {s.num_classes} motion classes.', metadata=metadata)
   _write_report(location.path, [], dict(source='synthetic'))
@@ -195,7 +217,8 @@ def prepare_videos(config, location: builder.Location) -> None:
   decode_problems: dict[str, list[tuple[str, str, str]]] = {}
   metadata: dict[str, Any] = dict(source=d.source, raw_dir=os.path.abspath(raw_dir), num_frames=d.num_frames,
                                   resolution=d.resolution, fps=d.fps, clips_per_video=d.clips_per_video,
-                                  class_names=listing.class_names, num_videos={})
+                                  class_names=listing.class_names, num_videos={}, unlabeled_videos={},
+                                  dataset_id=uuid.uuid4().hex)
 
   def decode(path):
     return video_io.read_video(path, fps=d.fps, resolution=d.resolution, threads=1 if workers > 1 else 0)
@@ -221,11 +244,13 @@ def prepare_videos(config, location: builder.Location) -> None:
             yield f'{entry.name}#{i}', {'video': video[start:start + d.num_frames], 'label': entry.label}
           count['clips'] += len(starts)
           count['videos'] += bool(starts)
+          count['unlabeled'] += bool(starts) and entry.label == UNKNOWN_LABEL
         bar.set_postfix(clips=count['clips'], skipped=len(problems), refresh=False)
       bar.close()
       if not count['clips']:
         raise _EmptySplit(split)  # TFDS cannot write an empty split
       metadata['num_videos'][split] = count['videos']
+      metadata['unlabeled_videos'][split] = count['unlabeled']
     return generate
 
   def all_problems():
@@ -241,7 +266,7 @@ def prepare_videos(config, location: builder.Location) -> None:
       break
     except _EmptySplit as e:
       del splits[e.split]
-      metadata['num_videos'] = {}
+      metadata['num_videos'], metadata['unlabeled_videos'] = {}, {}
       if not splits:
         folder = os.path.dirname(location.path)
         _write_report(folder, all_problems(), dict(source=d.source, raw_dir=raw_dir))
@@ -288,7 +313,8 @@ class _VideoIndex:
 
   def __init__(self, root: str):
     self.root = root
-    self.by_name: dict[str, str] = {}
+    self.paths: list[str] = []  # every video, in walk order
+    self.by_name: dict[str, str] = {}  # the first of each file name (a list may name a video by its name alone)
     self.by_lower: dict[str, str] = {}
     self.by_stem: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -296,6 +322,7 @@ class _VideoIndex:
       for f in sorted(filenames):
         if f.lower().endswith(video_io.VIDEO_EXTENSIONS):
           path = os.path.join(dirpath, f)
+          self.paths.append(path)
           self.by_name.setdefault(f, path)
           self.by_lower.setdefault(f.lower(), path)
           self.by_stem.setdefault(os.path.splitext(f)[0], path)
@@ -311,36 +338,53 @@ class _VideoIndex:
     return os.path.relpath(path, self.root)
 
 
-def _find_files(root: str, predicate: Callable[[str], bool], max_depth: int = 3) -> list[str]:
+def _find_files(root: str, predicate: Callable[[str], bool]) -> list[str]:
+  """Every file below `root` (at any depth) whose name satisfies `predicate`, shallowest folders first."""
   found = []
-  root_depth = root.rstrip(os.sep).count(os.sep)
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames.sort()
-    if dirpath.rstrip(os.sep).count(os.sep) - root_depth >= max_depth:
-      dirnames[:] = []
     found += [os.path.join(dirpath, f) for f in sorted(filenames) if predicate(f)]
-  return found
+  return sorted(found, key=lambda path: path.count(os.sep))
 
 
 def _read_lines(path: str) -> list[str]:
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return [line.strip() for line in f if line.strip()]
+  """The file's non-blank lines, stripped, without '#' comment lines (utf-8, a byte-order mark dropped)."""
+  with open(path, encoding='utf-8-sig', errors='replace') as f:
+    return [line.strip() for line in f if line.strip() and not line.lstrip().startswith('#')]
+
+
+def _split_list_line(line: str) -> tuple[str, str]:
+  """'Folder/v_clip name.avi 12' -> ('Folder/v_clip name.avi', '12'): the path runs to its video extension (it may
+  hold spaces), the rest (a label, possibly of several words, or nothing) follows; without an extension, the first
+  word is the path."""
+  match = _LISTED_VIDEO.match(line)
+  path, rest = (match.group(1), match.group(2) or '') if match else (line.split(maxsplit=1) + [''])[:2]
+  return path.replace('\\', '/'), rest.strip()
+
+
+_EXTENSIONS = '|'.join(re.escape(extension) for extension in video_io.VIDEO_EXTENSIONS)
+_LISTED_VIDEO = re.compile(rf'(.+?(?:{_EXTENSIONS}))(?:\s+(.*))?$', re.IGNORECASE)
 
 
 def find_class_index(raw_dir: str) -> str | None:
-  """UCF-101's classInd.txt (any case), the first at most 3 levels below `raw_dir`; None when there is none."""
+  """UCF-101's classInd.txt (any case), the shallowest below `raw_dir`; None when there is none."""
   found = _find_files(raw_dir, lambda f: f.lower() == 'classind.txt')
   return found[0] if found else None
 
 
 def read_class_index(path: str) -> list[str]:
-  """Class names in label order: classInd.txt's '1 ApplyEyeMakeup' lines ordered by their numbers, or, in a file
-  whose lines are not all numbered, one class name per line."""
+  """Class names in label order: classInd.txt's '1 ApplyEyeMakeup' lines ordered by their numbers, or a file of
+  one class name per line, in order ('#' comment lines skipped). A file that mixes the two forms is refused."""
   lines = _read_lines(path)
   numbered = [line.split(maxsplit=1) for line in lines]
-  if all(len(parts) == 2 and parts[0].isdigit() for parts in numbered):
-    return [name.strip() for _, name in sorted(numbered, key=lambda parts: int(parts[0]))]
-  return lines
+  is_numbered = [len(parts) == 2 and parts[0].isdigit() for parts in numbered]
+  if not any(is_numbered):
+    return lines
+  if not all(is_numbered):
+    line = lines[is_numbered.index(False)]
+    raise PrepareError(f'{path}: line {line!r} is not "<number> <class name>" like the others (classInd.txt lines '
+                       'read "1 ApplyEyeMakeup"); fix or remove it.')
+  return [name.strip() for _, name in sorted(numbered, key=lambda parts: int(parts[0]))]
 
 
 def list_ucf101(raw_dir: str) -> Listing:
@@ -348,10 +392,16 @@ def list_ucf101(raw_dir: str) -> Listing:
   index = _VideoIndex(raw_dir)
   class_ind = find_class_index(raw_dir)
   if not class_ind:
-    return _list_class_folders(index, 'no classInd.txt/trainlist01.txt found below data.raw_dir: every video '
-                                      'goes to split "train", with classes from the folder names.')
+    lists = _find_files(raw_dir, lambda f: f.lower() in ('trainlist01.txt', 'testlist01.txt'))
+    return _list_class_folders(index, 'no classInd.txt below data.raw_dir: every video goes to split "train", with '
+                               'classes from the folder names' + (
+                                   f' ({lists[0]} is read only with the classInd.txt of its folder: put it there '
+                                   'to use the official splits).' if lists else '.'))
   class_names = read_class_index(class_ind)
-  class_id = {name.lower(): i for i, name in enumerate(class_names)}
+  class_id = {name: i for i, name in enumerate(class_names)}
+  lower = collections.Counter(name.lower() for name in class_names)
+  # A folder whose case differs from classInd.txt's still finds its class, unless two classes differ only in case.
+  class_id_any_case = {name.lower(): i for i, name in enumerate(class_names) if lower[name.lower()] == 1}
   lists_dir = os.path.dirname(class_ind)
   listing = Listing(splits={}, class_names=class_names)
   for split, list_name in (('train', 'trainlist01.txt'), ('test', 'testlist01.txt')):
@@ -361,12 +411,11 @@ def list_ucf101(raw_dir: str) -> Listing:
       continue
     entries, seen = [], set()
     for line in _read_lines(path):  # 'ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1' (test lists: no label)
-      parts = line.split()
-      relative = parts[0].replace('\\', '/')
+      relative, number = _split_list_line(line)
       folder = relative.split('/')[0] if '/' in relative else ''
-      label = class_id.get(folder.lower())
-      if label is None and len(parts) > 1 and parts[1].isdigit():
-        label = int(parts[1]) - 1  # the lists count classes from 1
+      label = class_id.get(folder, class_id_any_case.get(folder.lower()))
+      if label is None and number.isdigit():
+        label = int(number) - 1  # the lists count classes from 1
       if label is None:
         listing.problems.append((split, relative, f'class of {relative!r} not in classInd.txt'))
         continue
@@ -381,7 +430,7 @@ def list_ucf101(raw_dir: str) -> Listing:
 
 
 def _list_class_folders(index: _VideoIndex, note: str) -> Listing:
-  paths = sorted(index.by_name.values())
+  paths = sorted(index.paths)
   class_names = sorted({os.path.basename(os.path.dirname(p)) for p in paths})
   entries = [VideoEntry(name=index.relative(p), path=p, label=class_names.index(os.path.basename(os.path.dirname(p))))
              for p in paths]
@@ -403,7 +452,7 @@ def _split_name(text: str, default: str = 'train') -> str:
 
 def _looks_like_list_file(path: str) -> bool:
   lines = _read_lines(path)[:3]
-  return bool(lines) and all(line.split()[0].lower().endswith(video_io.VIDEO_EXTENSIONS) for line in lines)
+  return bool(lines) and all(_LISTED_VIDEO.match(line) for line in lines)
 
 
 def list_k600(raw_dir: str) -> Listing:
@@ -417,7 +466,7 @@ def list_k600(raw_dir: str) -> Listing:
   rows: list[tuple[str, str, str | None, str]] = []  # (split, name, path, label text)
   problems = []
   for path in csvs:
-    with open(path, encoding='utf-8', errors='replace', newline='') as f:
+    with open(path, encoding='utf-8-sig', errors='replace', newline='') as f:
       reader = csv.DictReader(f)
       if 'youtube_id' not in (reader.fieldnames or []):
         continue  # some other CSV
@@ -438,14 +487,13 @@ def list_k600(raw_dir: str) -> Listing:
   for path in lists:
     split = _split_name(os.path.basename(path))
     for line in _read_lines(path):
-      parts = line.split(maxsplit=1)
-      relative = parts[0]
+      relative, label = _split_list_line(line)
       beside_list = os.path.join(os.path.dirname(path), relative)
       found = beside_list if os.path.isfile(beside_list) else index.find(relative)
       name = index.relative(found) if found else relative
       if found is None:
         problems.append((split, relative, f'listed in {os.path.basename(path)} but not found below data.raw_dir'))
-      rows.append((split, name, found, parts[1].strip() if len(parts) > 1 else ''))
+      rows.append((split, name, found, label))
 
   labels = {label for *_, label in rows if label}
   numeric = all(re.fullmatch(r'-?\d+', label) for label in labels)

@@ -149,15 +149,23 @@ def missing_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]
 
 def _require_the_datasets_classes(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A class-conditional model has one embedding per class of its dataset: refuses a dataset whose class count
-  differs from data.num_classes (its labels past the last embedding would be clamped to it, silently)."""
+  differs from data.num_classes, or whose training clips lack labels (-1), which the embedding's gather would clamp
+  to its last class, silently."""
   location = builder.video_location(config, workdir)
   if config.nbp.condition != 'class' or not location.exists():
     return
-  classes = builder.load_info(location).metadata.get('class_names') or []
+  metadata = builder.load_info(location).metadata
+  classes = metadata.get('class_names') or []
   if classes and len(classes) != config.data.num_classes:
     raise config_lib.ConfigError(
         f'data.num_classes={config.data.num_classes} but the dataset at {location.path} has {len(classes)} classes; '
         f'set --config.data.num_classes={len(classes)}.')
+  unlabeled = (metadata.get('unlabeled_videos') or {}).get('train', 0)
+  if not classes or unlabeled:
+    which = f'{unlabeled} of its training videos have' if classes else 'its videos have'
+    raise config_lib.ConfigError(
+        f'a class-conditional model needs a label for every training clip, but {which} no class (the dataset at '
+        f'{location.path}); label them in the data folder, or train without classes: --config.nbp.condition=none.')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:

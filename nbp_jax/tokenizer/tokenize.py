@@ -158,8 +158,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   ft, fs = spec.temporal_factor, spec.spatial_factor
   grid = (1 + (config.data.num_frames - 1) // ft, config.data.resolution // fs, config.data.resolution // fs)
   dtype = codes_dtype(spec.fsq_levels)
+  video_location = builder.video_location(config, workdir)
+  # Which preparation of the clips: a dataset deleted and prepared again (from another folder) is another one.
+  clips_id = builder.load_info(video_location).metadata.get('dataset_id') if video_location.exists() else None
   metadata = {'tokenizer': tdir, 'tokenizer_step': int(step), 'source': builder.video_dataset_name(config),
-              'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels), 'codes_dtype': dtype.name}
+              'source_id': clips_id, 'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels),
+              'codes_dtype': dtype.name}
   if location.exists():
     old = dict(builder.load_info(location).metadata)
     if {k: old.get(k) for k in ('tokenizer', 'tokenizer_step')} != {k: metadata[k] for k in ('tokenizer',
@@ -167,11 +171,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
       raise errors.UserError(
           f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
           f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.')
+    if clips_id and old.get('source_id') and old['source_id'] != clips_id:
+      raise errors.UserError(
+          f'The codes at {location.path} are of clips prepared before the ones now at {video_location.path} (that '
+          'dataset was prepared again); delete the codes folder to re-tokenize.')
     if parallel.is_primary():
       print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
     return location
 
-  video_location = builder.video_location(config, workdir)
   splits = sorted(builder.load_info(video_location).splits)
   batch_size = int(config.tokenizer.tokenize_batch_size)
   work = os.path.join(location.data_dir, WORK_SUBDIR, location.name)
