@@ -15,6 +15,7 @@ A checkpoint of another config is refused naming the config fields that differ.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import errno
 import json
 import logging as std_logging
@@ -63,6 +64,10 @@ STRUCTURE_FIELDS = (
     'tokenizer.kernel_size', 'tokenizer.temporal_downsample', 'tokenizer.fsq_levels',
     'tokenizer.discriminator_channels', 'tokenizer.discriminator_layers', 'optim.grad_clip', 'optim.weight_decay',
     'optim.grad_accum_steps')
+# Fields that change what the transformer's params compute without changing their shapes: a config that differs
+# from the checkpoint's in one of them is refused even though the params load (nbp.block_shape may differ: the
+# same params sample with other blocks).
+FUNCTION_FIELDS = ('model.num_heads', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout')
 
 # errno values of a storage that failed to answer, as opposed to a file whose content is wrong.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,
@@ -386,11 +391,13 @@ class Checkpointer:
 
   # ------------------------------------------------------------------------------------------------------------
   def naming_config_fields(self, error: CheckpointMismatchError, step: int, config: ml_collections.ConfigDict | None,
-                           verb: str, alternative: str = '') -> CheckpointMismatchError:
-    """`error` naming the STRUCTURE_FIELDS where `config` differs from the config saved with checkpoint `step`, and
-    ending '<verb> the config it was trained with (... or the --config overrides)<alternative>.'; `error` itself when
-    none differ or there is no config to compare."""
+                           verb: str, alternative: str = '', only: Sequence[str] | None = None
+                           ) -> CheckpointMismatchError:
+    """`error` naming the STRUCTURE_FIELDS (or those of them in `only`) where `config` differs from the config saved
+    with checkpoint `step`, and ending '<verb> the config it was trained with (... or the --config
+    overrides)<alternative>.'; `error` itself when none differ or there is no config to compare."""
     fields = config_differences(self.saved_config(step) or {}, config) if config is not None else []
+    fields = [f for f in fields if only is None or f[0] in only]
     if not fields:
       return error
     config_json = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
@@ -400,6 +407,15 @@ class Checkpointer:
         f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(error, "detail", error)}) {verb} the config '
         f'it was trained with ({config_json}, or {" ".join(f"--config.{k}={b!r}" for k, _, b in fields)})'
         f'{alternative}.')
+
+  def refuse_another_function(self, step: int, config: ml_collections.ConfigDict | None, fields: Sequence[str],
+                              verb: str, alternative: str = '') -> None:
+    """Raises CheckpointMismatchError when `config` differs from checkpoint `step`'s in one of `fields`: params that
+    load (the same shapes) but would compute another function."""
+    same_shapes = CheckpointMismatchError('the same parameter shapes, computing another function')
+    error = self.naming_config_fields(same_shapes, step, config, verb, alternative, only=fields)
+    if fields and error is not same_shapes:
+      raise error
 
   def storage_error(self, step: int, error: Exception) -> CheckpointReadError:
     """The refusal for a checkpoint the storage failed to read (is_transient_io_error): left where it is."""
@@ -437,7 +453,8 @@ class Checkpointer:
       check_shapes(ts.tree, abstract_train_state, 'optimizer-state entry', where)
 
   def restore(self, abstract_params: PyTree, abstract_train_state: PyTree, data_iter: Any = None,
-              config: ml_collections.ConfigDict | None = None) -> tuple[int, PyTree, PyTree] | None:
+              config: ml_collections.ConfigDict | None = None, function_fields: Sequence[str] = ()
+              ) -> tuple[int, PyTree, PyTree] | None:
     """Restores the latest readable checkpoint onto the shardings in the abstract trees.
 
     Args:
@@ -445,6 +462,7 @@ class Checkpointer:
         checkpoint written on 8 devices restores onto 1).
       data_iter: if given, its state is set to the state saved with the checkpoint.
       config: this run's config; a refusal then names the config fields that differ from the checkpoint's.
+      function_fields: fields of `config` that must equal the checkpoint's even where the shapes match.
     Returns:
       (step, params, train_state), or None when there is no checkpoint (a fresh run).
     Raises:
@@ -452,6 +470,7 @@ class Checkpointer:
       CheckpointReadError: the storage failed to read it (left in place: rerun when the storage answers).
     """
     for step in sorted(self.all_steps(), reverse=True):
+      self.refuse_another_function(step, config, function_fields, 'Resume with', ' or start a fresh --workdir')
       try:
         self._check_step(step, abstract_params, abstract_train_state)
         items = dict(params=ocp.args.StandardRestore(abstract_params),
@@ -525,7 +544,9 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
       raise errors.MissingError(f'No checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}.')
     try:
       tree = ckpt.params_metadata(step)
-      if expected is not None and {'generator', 'discriminator'} <= set(tree) and 'generator' not in expected:
+      # A trained tokenizer's params ({generator, discriminator}) or an imported one's (its encoder layers).
+      tokenizer = 'generator' in tree or any(str(k).startswith('encoder_layers_') for k in tree)
+      if expected is not None and tokenizer and 'generator' not in expected:
         raise errors.MissingError(
             f'{workdir} holds a tokenizer (--mode=train_tokenizer), not a transformer: pass the transformer\'s workdir '
             f'({os.path.dirname(os.path.abspath(workdir))} after --mode=train, its nbp/ or ntp/ after a pipeline).')
@@ -534,6 +555,7 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
           check_shapes(tree, expected, 'parameter', f'checkpoint {ckpt.step_dir(step)}')
         except CheckpointMismatchError as e:
           raise ckpt.naming_config_fields(e, step, config, 'Use') from e
+        ckpt.refuse_another_function(step, config, FUNCTION_FIELDS, 'Use')
       return _restore_params_of(ckpt, step, tree, shardings, mesh), step
     except errors.UserError:
       raise

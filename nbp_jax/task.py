@@ -36,6 +36,8 @@ class Task:
     prepare_batch: optional jittable map from the data pipeline's batch to the loss's batch (e.g. encode
       video to codes on the fly); identity when None.
     write_samples: optional host-side callback (params, step, workdir) that writes sample videos/grids.
+    function_fields: config fields that change what the params compute without changing their shapes: a resume
+      whose config differs from the checkpoint's in one of them is refused (checkpoint.FUNCTION_FIELDS).
   """
   name: str
   init_params: Callable[[jax.Array], PyTree]
@@ -45,3 +47,4 @@ class Task:
   tokens_per_example: int = 0
   prepare_batch: Callable[[Batch], Batch] | None = None
   write_samples: Callable[[PyTree, int, str], None] | None = None
+  function_fields: tuple[str, ...] = ()

@@ -498,7 +498,7 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, task: Task
   a = setup.abstract_state
   try:
     restored = ckpt.restore(a.params, {'opt_state': a.opt_state, 'step': a.step, 'rng': a.rng},
-                            data_iter=train_iter, config=config)
+                            data_iter=train_iter, config=config, function_fields=task.function_fields)
   except BaseException:
     ckpt.close()
     raise

@@ -156,6 +156,18 @@ def test_bfloat16_export_builds(tmp_path):
   assert os.path.getsize(written['params']) == 8 + header_len + 2 * num_params
   gen = stablehlo.build(config, reader, batch_size=2, context_frames=1)
   assert gen.inputs[2]['name'] == 'context_codes' and gen.inputs[3]['dtype'] == 'bfloat16'
+  # A refused export leaves the earlier one as it was; the next one replaces it whole (no earlier file stays).
+  export_dir = os.path.dirname(written['params'])
+  open(os.path.join(export_dir, 'context_3.mp4'), 'w').close()  # as from an earlier export of a larger batch
+  config.export.update(dtype='float32', stablehlo=True, context_frames=5)  # the whole clip given: nothing to make
+  with pytest.raises(ValueError, match='context tokens'):
+    bundle.run(config, workdir)
+  assert safetensors_io.Reader(written['params'])['head/kernel'].dtype.name == 'bfloat16'
+  assert sorted(os.listdir(os.path.dirname(export_dir))).count('export.partial') == 0
+  config.export.update(stablehlo=False, context_frames=-1)
+  bundle.run(config, workdir)
+  assert os.listdir(export_dir) == ['params.safetensors']
+  assert safetensors_io.Reader(written['params'])['head/kernel'].dtype.name == 'float32'
 
 
 def test_export_for_accelerators_from_a_cpu_machine_resolves_auto_for_them(tmp_path):
@@ -220,6 +232,10 @@ def test_pipeline_workdir_exports_each_model(tmp_path, capsys):
   assert 'holds 2 models (nbp, ntp)' in capsys.readouterr().out
   with pytest.raises(bundle.errors.MissingError, match='not a training workdir'):
     bundle.run(config, str(tmp_path / 'empty'))
+  tokenizer_dir = os.path.join(_workdir(tmp_path, config), 'tokenizer')  # its own config.json and checkpoints/
+  with pytest.raises(bundle.errors.MissingError, match=r'holds a tokenizer .*, not a transformer'):
+    bundle.run(config, tokenizer_dir)
+  assert sorted(os.listdir(tokenizer_dir)) == ['checkpoints', 'config.json']  # no export folder left behind
 
 
 def test_cli_logs_are_quiet_unless_verbosity(tmp_path):

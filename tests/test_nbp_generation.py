@@ -494,6 +494,12 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r'this config has model\.num_layers=3, the checkpoint model\.num_layers=2 \(parameter '):
     generator_lib.Generator.load(workdir, deeper)
+  # An override that keeps every shape but changes the function (the heads' split) is refused too.
+  heads = micro.config.copy_and_resolve_references()
+  heads.model.num_heads = 1
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r'model\.num_heads=1, the checkpoint model\.num_heads=2 \(the same parameter shapes'):
+    generator_lib.Generator.load(workdir, heads)
   # A folder above the run (a pipeline's workdir) names the runs below it.
   with pytest.raises(errors.MissingError, match=r'its sub-folders hold runs: .*/run; pass one of them as --workdir'):
     generator_lib.Generator.load(str(tmp_path), micro.config)

@@ -44,6 +44,7 @@ from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
+from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import load as tokenizer_load
 
@@ -90,17 +91,42 @@ def compute_platform(platforms: Sequence[str]) -> str | None:
 
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """Exports the one training run in `workdir`; returns {what: path} of the files written."""
+  """Exports the one training run in `workdir` to WORKDIR/export; returns {what: path} of the files written.
+
+  The files are written to WORKDIR/export.partial, which replaces WORKDIR/export as a whole at the end: an earlier
+  export's files never mix with this one's, and a refused or failed export leaves the earlier one as it was.
+  """
   ex = config.export
   run_config = checkpoint_lib.load_config(workdir)
   platform = compute_platform(tuple(ex.platforms))
-  params, step = checkpoint_lib.restore_params(workdir, ex.get('checkpoint', 'latest'))
+  spec = spec_from_config(run_config, dtype=config_lib.resolve_dtype(run_config.model.dtype, platform))
+  params, step = checkpoint_lib.restore_params(workdir, ex.get('checkpoint', 'latest'),
+                                               expected=nbp_train.abstract_params(spec), config=run_config)
   out = os.path.join(workdir, EXPORT_SUBDIR)
-  written = {}
+  staging = out + '.partial'
+  shutil.rmtree(staging, ignore_errors=True)  # a killed export's
+  os.makedirs(staging)
+  try:
+    written, command = _write_export(ex, run_config, workdir, spec, params, step, platform, staging, out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  print('Exported:\n' + '\n'.join(f'  {k:10s} {v}' for k, v in written.items()), flush=True)
+  if command:
+    print(f'Run it with JAX alone: {command}', flush=True)
+  return written
 
+
+def _write_export(ex: ml_collections.ConfigDict, run_config: ml_collections.ConfigDict, workdir: str, spec,
+                  params: Any, step: int, platform: str | None, staging: str, out: str
+                  ) -> tuple[dict[str, str], str | None]:
+  """Writes the export's files into `staging`; returns ({what: its path once `staging` is `out`}, the command that
+  runs the export there)."""
+  written = {}
   meta = {'config': json.dumps(checkpoint_lib.config_to_dict(run_config)), 'step': str(step),
           'what': 'nbp transformer'}
-  written['params'] = os.path.join(out, stablehlo.PARAMS_FILE)
+  written['params'] = os.path.join(staging, stablehlo.PARAMS_FILE)
   safetensors_io.save(params, written['params'], dtype=ex.dtype, metadata=meta)
   del params
 
@@ -113,36 +139,32 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   if tok is not None:
     _, tparams, _ = tok
     tok_config = tokenizer_load.tokenizer_config(run_config, workdir)  # the architecture the weights have
-    written['tokenizer'] = os.path.join(out, stablehlo.TOKENIZER_FILE)
+    written['tokenizer'] = os.path.join(staging, stablehlo.TOKENIZER_FILE)
     safetensors_io.save(tparams, written['tokenizer'], dtype=ex.dtype, scanned=(),
                         metadata={'tokenizer': json.dumps(tok_config.to_dict()), 'what': 'nbp tokenizer'})
     del tparams
 
-  command = None
+  command, example = None, {}
   if ex.stablehlo:
     batch = int(ex.batch_size) or int(run_config.sample.batch_size)
     context = int(ex.context_frames) if int(ex.context_frames) >= 0 else int(run_config.nbp.context_frames)
     # The function takes exactly the tensors of the files just written (memory-mapped, in their dtype).
     weights = safetensors_io.Reader(written['params'])
     tok_weights = None if tok is None else (tok[0], safetensors_io.Reader(written['tokenizer']))
-    spec = spec_from_config(run_config, dtype=config_lib.resolve_dtype(run_config.model.dtype, platform))
     gen = stablehlo.build(run_config, weights, tokenizer=tok_weights, batch_size=batch, context_frames=context,
                           embed_params=bool(ex.embed_params), spec=spec)
-    written['program'], written['signature'] = stablehlo.export(gen, out, tuple(ex.platforms))
-    written['runner'] = os.path.join(out, 'run_generate.py')
+    written['program'], written['signature'] = stablehlo.export(gen, staging, tuple(ex.platforms))
+    written['runner'] = os.path.join(staging, 'run_generate.py')
     shutil.copyfile(os.path.join(os.path.dirname(__file__), 'run_generate.py'), written['runner'])
-    example, command = example_command(run_config, workdir, gen, written['runner'])
-    written.update(example)
-
-  print('Exported:\n' + '\n'.join(f'  {k:10s} {v}' for k, v in written.items()), flush=True)
-  if command:
-    print(f'Run it with JAX alone: {command}', flush=True)
-  return written
+    example, command = example_command(run_config, workdir, gen, written['runner'], final_dir=out)
+  written = {what: os.path.join(out, os.path.relpath(path, staging)) for what, path in written.items()}
+  return {**written, **example}, command
 
 
 def example_command(run_config: ml_collections.ConfigDict, workdir: str, gen: stablehlo.Generation,
-                    runner: str) -> tuple[dict[str, str], str]:
-  """({what: path} of the example inputs written beside the runner, a command that runs the export as it is).
+                    runner: str, final_dir: str | None = None) -> tuple[dict[str, str], str]:
+  """({what: path} of the example inputs written beside the runner, a command that runs the export as it is once
+  the runner's folder is `final_dir` (default where it is)).
 
   Frame prediction needs context clips: the first held-out clips of the run's prepared data when they are there,
   else synthetic clips of the same size, written as mp4 (or .npy codes for an export without tokenizer).
@@ -151,7 +173,8 @@ def example_command(run_config: ml_collections.ConfigDict, workdir: str, gen: st
   batch = int(gen.info['batch_size'])
   n = min(batch, 4)
   out_dir = os.path.dirname(os.path.abspath(runner))
-  written, args = {}, ['python', os.path.abspath(runner), '--seed=0']
+  final_dir = os.path.abspath(final_dir or out_dir)
+  written, args = {}, ['python', os.path.join(final_dir, os.path.basename(runner)), '--seed=0']
   labels = np.arange(n) % max(int(gen.info['num_classes']), 1)
   if 'context_video' in inputs:
     _, frames, res, _, _ = inputs['context_video']['shape']
@@ -159,17 +182,15 @@ def example_command(run_config: ml_collections.ConfigDict, workdir: str, gen: st
     if clip_labels is not None:
       labels = clip_labels
     from nbp_jax.data import video_io  # pylint: disable=g-import-not-at-top
-    paths = []
     for i, clip in enumerate(clips):
-      paths.append(os.path.join(out_dir, f'context_{i}.mp4'))
-      video_io.write_mp4(paths[-1], clip[:frames], float(run_config.data.fps))
-    written['context'] = ','.join(paths)
+      video_io.write_mp4(os.path.join(out_dir, f'context_{i}.mp4'), clip[:frames], float(run_config.data.fps))
+    written['context'] = ','.join(os.path.join(final_dir, f'context_{i}.mp4') for i in range(len(clips)))
     args.append(f'--context={written["context"]}')
   elif 'context_codes' in inputs:
     shape = [n] + list(inputs['context_codes']['shape'][1:])
     codes = np.random.default_rng(0).integers(0, _codebook_size(run_config), shape).astype(np.int32)
-    written['context'] = os.path.join(out_dir, 'context_codes.npy')
-    np.save(written['context'], codes)  # placeholder codes: pass the codes of your own clips instead
+    np.save(os.path.join(out_dir, 'context_codes.npy'), codes)  # placeholder codes: pass your own clips' instead
+    written['context'] = os.path.join(final_dir, 'context_codes.npy')
     args.append(f'--context={written["context"]}')
   if 'labels' in inputs:
     args.append('--labels=' + ','.join(str(int(x)) for x in labels[:n]))

@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -44,12 +43,6 @@ from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
 _SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p', 'cfg_scale', 'greedy')
-
-
-def _abstract_params(spec: Spec):
-  """The params' abstract tree (shapes and dtypes) that `spec` builds."""
-  from nbp_jax.nbp import train  # pylint: disable=g-import-not-at-top  (nbp.train imports this module)
-  return nn.unbox(jax.eval_shape(lambda r: train.init_params(spec, r), jax.random.key(0)))
 
 
 @dataclasses.dataclass
@@ -101,7 +94,8 @@ class Generator:
     spec = spec_from_config(config)
     # An architecture override of the run's config (or another run's checkpoint) is refused before the read.
     step = config.sample.get('checkpoint', 'latest') if step is None else step
-    params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh, expected=_abstract_params(spec),
+    from nbp_jax.nbp import train  # pylint: disable=g-import-not-at-top  (nbp.train imports this module)
+    params, step = checkpoint_lib.restore_params(workdir, step, mesh=mesh, expected=train.abstract_params(spec),
                                                  config=config)
     # Once here rather than in every generate call: generation runs its own layout (transformer.decode_params).
     params = transformer_lib.decode_params(params)

@@ -48,6 +48,11 @@ def init_params(spec: Spec, rng: jax.Array):
   return params
 
 
+def abstract_params(spec: Spec):
+  """The params' abstract tree (shapes and dtypes, unboxed) that `spec` builds, without computing them."""
+  return nn.unbox(jax.eval_shape(lambda rng: init_params(spec, rng), jax.random.key(0)))
+
+
 def logits_fn(spec: Spec, params, batch, rng: jax.Array | None = None, train: bool = False,
               cond_drop_prob: float = 0.0):
   """Teacher-forced logits of the scored positions.
@@ -116,7 +121,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     return loss_fn(spec, params, batch, rng, train, drop if train else 0.0)
 
   return Task(name='nbp', init_params=lambda rng: init_params(spec, rng), loss_fn=task_loss,
-              flops_per_example=flops_per_example(spec), tokens_per_example=spec.layout.num_targets)
+              flops_per_example=flops_per_example(spec), tokens_per_example=spec.layout.num_targets,
+              function_fields=checkpoint_lib.FUNCTION_FIELDS)
 
 
 def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok_params):
