@@ -22,6 +22,9 @@ MODES = ('train', 'train_tokenizer', 'prepare_data', 'tokenize', 'sample', 'eval
          'study')
 ATTENTION_IMPLS = ('xla', 'cudnn', 'splash')  # model.attention
 FIRST_BLOCK_MODES = ('bov', 'hybrid', 'none')  # nbp.first_block
+# sample.temperature's floor: logits / T stays finite in float32 (below it, use sample.greedy for the likeliest code).
+MIN_TEMPERATURE = 1e-6
+EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # export.platforms: jax.export's lowering targets
 
 # Transformer sizes. The paper's three (docs/design.md) plus small ones for CPU tests, demo and benchmarks.
 MODEL_SIZES = {
@@ -639,8 +642,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f"nbp.first_block={nbp.first_block!r} must be one of {', '.join(map(repr, FIRST_BLOCK_MODES))}.")
   _require(0.0 <= nbp.cond_drop_prob < 1.0, f'nbp.cond_drop_prob={nbp.cond_drop_prob} must be in [0, 1).')
   sample = config.sample
-  _require(sample.temperature > 0, f'sample.temperature={sample.temperature} must be > 0 (1 = the model\'s '
-           'distribution; for the likeliest code use --config.sample.greedy=True).')
+  _require(sample.temperature >= MIN_TEMPERATURE,
+           f'sample.temperature={sample.temperature} must be >= {MIN_TEMPERATURE} (1 = the model\'s distribution; '
+           'for the likeliest code use --config.sample.greedy=True).')
   _require(0 < sample.top_p <= 1, f'sample.top_p={sample.top_p} must be in (0, 1] (1 = off).')
   _require(sample.top_k >= 0, f'sample.top_k={sample.top_k} must be >= 0 (0 = off).')
   _require(sample.cfg_scale >= 0, f'sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance).')
@@ -649,6 +653,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
     which = str(config[section].get(name, 'latest'))
     _require(which in ('latest', 'best') or which.isdigit(),
              f"{field}={which!r} is unknown; pick 'latest', 'best' (the lowest validation loss) or a step number.")
+  export = config.export
+  _require(int(export.batch_size) >= 0, f'export.batch_size={export.batch_size} must be >= 0 (0 = sample.batch_size).')
+  unknown = [p for p in export.platforms if p not in EXPORT_PLATFORMS]
+  if unknown:
+    hint = " (jax's name for NVIDIA GPUs is 'cuda')" if 'gpu' in unknown else ''
+    raise ConfigError(f'export.platforms has {unknown[0]!r}{hint}; pick from {", ".join(EXPORT_PLATFORMS)}.')
   _require(sample.num_samples >= 1 and sample.batch_size >= 1,
            f'sample.num_samples={sample.num_samples} and sample.batch_size={sample.batch_size} must be >= 1.')
   _require(not sample.get('context_videos', '') or nbp.context_frames > 0,
@@ -663,7 +673,15 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f'(grid has {grid[0]}); use fewer context frames.')
   _require(ctx % block[0] == 0, f'nbp.context_frames={nbp.context_frames} covers {ctx} latent frames, '
            f'not a whole number of blocks of nbp.block_shape[0]={block[0]}; change one of them.')
+  _require(nbp.context_frames <= 0 or (nbp.context_frames - 1) % ft == 0,
+           f'nbp.context_frames={nbp.context_frames} is not 1 + a multiple of {ft}: the tokenizer encodes the first '
+           f'frame alone, then {ft} at a time, so the frames past the last whole latent frame would not be given but '
+           f'generated; use {context_video_frames(config) or 1}' + (
+               f' or {context_video_frames(config) + ft}.' if context_video_frames(config) else '.'))
   frames = rollout_frames(config)
+  _require(frames >= d.num_frames, f'sample.num_frames={config.sample.num_frames} is shorter than a clip '
+           f'(data.num_frames={d.num_frames}): sampling makes whole clips, or rollouts longer than one; use 0 (one '
+           'clip) or more frames.')
   _require(frames >= 1 and (frames - 1) % ft == 0,
            f'sample.num_frames={config.sample.num_frames} is not 1 + a multiple of {ft} (the tokenizer makes one '
            f'latent frame of the first frame, then one of every {ft}); use e.g. {1 + ft * 16} (0 = one clip).')
@@ -673,11 +691,13 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              f'sample.window_context_frames={window} leaves no room to generate in a window of {grid[0]} latent '
              f'frames (or is not a multiple of nbp.block_shape[0]={block[0]}); keep between {block[0]} and '
              f'{grid[0] - block[0]} latent frames as context.')
-  num_tokens = math.prod(grid)
-  # Prefix + at most one extra block for the first block's start; the exact count is the layout's.
-  _require(num_tokens + math.prod(block) + 16 <= m.max_positions,
-           f'{num_tokens} tokens per clip do not fit model.max_positions={m.max_positions}; '
-           'raise it or use shorter/smaller clips.')
+  if mode != 'import':  # the import writes the class prompts that the official UCF-101 vocabulary is built from
+    from nbp_jax.nbp import spec as spec_lib  # pylint: disable=g-import-not-at-top  (spec imports this module)
+    # The layouts' exact input lengths against model.max_positions (and the id layout's needs).
+    for shape in config.study.block_shapes if mode == 'study' else [block]:
+      trained = config.copy_and_resolve_references()
+      trained.nbp.block_shape = tuple(shape)
+      spec_lib.spec_from_config(trained)
   if mode == 'train' and d.source != 'synthetic' and d.dir:
     _require(os.path.isdir(d.dir), f'data.dir={d.dir!r} does not exist; run --mode=prepare_data first or fix the path.')
 

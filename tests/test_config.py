@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from conftest import REPO
 from conftest import run_main
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax.nbp.spec import spec_from_config
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 
@@ -74,14 +76,29 @@ def _demo():
     ('model.pos_emb_init', 'sincos', 'model.pos_emb_init'),
     ('sample.checkpoint', 'newest', "sample.checkpoint='newest' is unknown"),
     ('synthetic.num_classes', 5, 'data.num_classes=4 but the synthetic videos have data.synthetic.num_classes=5'),
+    ('nbp.context_frames', 8, 'nbp.context_frames=8 is not 1 + a multiple of 4'),  # frames 6-8 would be generated
+    ('sample.num_frames', 9, 'sample.num_frames=9 is shorter than a clip (data.num_frames=17)'),
+    ('sample.temperature', 1e-38, 'sample.temperature=1e-38 must be >= 1e-06'),  # logits / T overflows
+    ('export.batch_size', -1, 'export.batch_size=-1 must be >= 0'),
+    ('export.platforms', ('cpu', 'gpu'), "export.platforms has 'gpu' (jax's name for NVIDIA GPUs is 'cuda')"),
 ])
 def test_bad_field_names_the_field(field, value, expected):
   c = _demo()
   section, name = field.split('.')
   (c.data if section == 'synthetic' else c)[section][name] = value
-  with pytest.raises(config_lib.ConfigError, match=expected.replace('.', r'\.')) as info:
+  with pytest.raises(config_lib.ConfigError, match=re.escape(expected)) as info:
     config_lib.validate(c, 'train')
   assert '\n' not in str(info.value)
+
+
+def test_max_positions_is_checked_against_the_layout_s_exact_input_length():
+  c = _demo()
+  seq_len = spec_from_config(c).layout.seq_len
+  c.model.max_positions = seq_len
+  config_lib.validate(c, 'train')
+  c.model.max_positions = seq_len - 1
+  with pytest.raises(config_lib.ConfigError, match=f'{seq_len} input positions do not fit model.max_positions='):
+    config_lib.validate(c, 'train')
 
 
 def test_context_videos_need_a_frame_prediction_model_and_old_runs_read_back_with_the_field(tmp_path):

@@ -20,6 +20,7 @@ from scipy.special import erf
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax.interop import official
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import spec_from_config
@@ -255,6 +256,11 @@ def test_class_ids_files(tmp_path):
   by_name = tmp_path / 'by_name.json'
   by_name.write_text(json.dumps({'Archery': [3] * 8, 'ApplyEyeMakeup': [1] * 8, 'ApplyLipstick': [2] * 8}))
   assert official.read_class_ids(str(by_name), names) == [[1] * 8, [2] * 8, [3] * 8]
+  with pytest.raises(errors.MissingError, match=r'import_\.class_ids=.*nope\.json.* does not exist'):
+    official.read_class_ids(str(tmp_path / 'nope.json'))
+  (tmp_path / 'weights.ckpt').write_bytes(b'\x80\x02 not json')
+  with pytest.raises(official.OfficialImportError, match=r'weights\.ckpt.* is not JSON'):
+    official.read_class_ids(str(tmp_path / 'weights.ckpt'))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -343,8 +343,15 @@ def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layo
 def read_class_ids(path: str, class_names: Sequence[str] | None = None) -> list[list[int]]:
   """A JSON of prompt ids: a list of rows in label order, {'class_prefix_ids': rows} (as written to
   WORKDIR/class_prompts.json), or {class folder name: row} (ordered by `class_names`)."""
-  with open(path) as f:
-    data = json.load(f)
+  if not os.path.isfile(path):
+    raise errors.MissingError(f'import_.class_ids={path!r} does not exist; pass the JSON of class prompt ids (e.g. '
+                              'an earlier import\'s WORKDIR/class_prompts.json).')
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise OfficialImportError(f'import_.class_ids={path!r} is not JSON ({e}); pass the JSON of class prompt ids.'
+                              ) from None
   if isinstance(data, dict) and 'class_prefix_ids' in data:
     data = data['class_prefix_ids']
   if isinstance(data, dict):

@@ -214,9 +214,10 @@ class Generator:
       raise ValueError(f'num_frames={num_frames} is not 1 + a multiple of {ft} (sample.num_frames).')
     total, window = 1 + (num_frames - 1) // ft, self.spec.layout.latent_shape[0]
     keep = window_context or config_lib.window_context_frames(self.config)
-    if not 0 < keep < window:
-      raise ValueError(f'window_context={keep} latent frames leaves no room in a window of {window} '
-                       '(sample.window_context_frames).')
+    depth = self.spec.layout.block_shape[0]
+    if not 0 < keep < window or keep % depth:
+      raise ValueError(f'window_context={keep} latent frames (sample.window_context_frames) must leave room in a '
+                       f'window of {window} and be whole blocks of block_shape[0]={depth}.')
     pieces = [self.codes(jax.random.fold_in(rng, 0), labels=labels, context_codes=context_codes,
                          batch_size=batch_size, sampling=sampling)]
     have = window
