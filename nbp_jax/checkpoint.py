@@ -40,6 +40,9 @@ PyTree = Any
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
+# A run's folders that are not runs of their own: the tokenizer it trained or imported, its --mode=export files.
+TOKENIZER_SUBDIR = 'tokenizer'
+EXPORT_SUBDIR = 'export'
 BEST_METRIC = 'val_loss'
 
 
@@ -179,8 +182,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   replaced by the folder of that name beside `workdir` (WORKDIR/../tokenizer, ../data, ../tokens) where there is one."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise errors.MissingError(f'{path} does not exist: {workdir!r} is not a training workdir '
-                              '(train first with --mode=train, or pass --config).')
+    raise not_a_run(workdir, f'{path} does not exist: {workdir!r} is not a training workdir (train first with '
+                             '--mode=train, or pass --config).')
   with open(path) as f:
     try:
       config = config_lib.with_new_runtime_fields(config_from_dict(json.load(f)))
@@ -194,6 +197,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if saved and not os.path.exists(saved) and os.path.exists(here):
       config[section][name] = here
   return config
+
+
+def training_workdirs(workdir: str) -> list[str]:
+  """WORKDIR when it holds a run (config.json and checkpoints/), else its sub-folders that do (a pipeline's nbp/,
+  ntp/; not a tokenizer/ or export/ folder)."""
+  def is_run(folder):
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE)) and os.path.isdir(os.path.join(folder, CHECKPOINT_DIR))
+  if is_run(workdir):
+    return [workdir]
+  if not os.path.isdir(workdir):
+    return []
+  subs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir) if d not in (TOKENIZER_SUBDIR, EXPORT_SUBDIR))
+  return [d for d in subs if is_run(d)]
+
+
+def not_a_run(workdir: str, otherwise: str) -> errors.MissingError:
+  """The refusal of a --workdir that holds no run, saying which folder to pass where it can tell: a path that does
+  not exist, a run's export/ or tokenizer/ folder, a folder whose sub-folders hold runs; else `otherwise`."""
+  parent = os.path.dirname(os.path.abspath(workdir))
+  if not os.path.isdir(workdir):
+    return errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '
+                               f'(--mode=train --workdir={workdir}).')
+  if os.path.basename(os.path.abspath(workdir)) == EXPORT_SUBDIR and training_workdirs(parent) == [parent]:
+    return errors.MissingError(f'{workdir} holds the --mode=export files of the run in {parent} (they run with its '
+                               f'run_generate.py, without nbp-jax); to sample or export again pass --workdir={parent}.')
+  runs = training_workdirs(workdir)
+  if runs:  # e.g. a --mode=pipeline workdir: its models are in nbp/ and ntp/
+    return errors.MissingError(f'{workdir} holds no run itself, but its sub-folders do: {", ".join(runs)}; pass one '
+                               'of them as --workdir.')
+  return errors.MissingError(otherwise)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -518,17 +551,9 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
     expected: the params' abstract tree as a config builds them; checked against the checkpoint's metadata before
       anything is read (CheckpointMismatchError naming the fields where `config` and the checkpoint's differ).
   """
-  if not os.path.isdir(workdir):
-    raise errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '
-                              f'(--mode=train --workdir={workdir}).')
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-    runs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
-                  if os.path.isdir(os.path.join(workdir, d, CHECKPOINT_DIR)))
-    if runs:  # e.g. a --mode=pipeline workdir: its models are in nbp/ and ntp/
-      raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}, but its sub-folders hold '
-                                f'runs: {", ".join(runs)}; pass one of them as --workdir.')
-    raise errors.MissingError(f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: train first '
-                              f'(--mode=train --workdir={workdir}).')
+    raise not_a_run(workdir, f'No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: train first '
+                             f'(--mode=train --workdir={workdir}).')
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     if step == 'best':

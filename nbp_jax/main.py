@@ -162,6 +162,10 @@ def main(argv: list[str]) -> None:
         raise config_lib.ConfigError(
             f'--mode=export takes only --config.export.* fields; {", ".join("--config." + k for k in ignored)} '
             "would be ignored (the model, sampling and sizes are the run's, from its config.json): drop them.")
+      if flags.FLAGS['config'].present:
+        given = config_flags.get_config_filename(flags.FLAGS['config'])
+        print(f'Note: --mode=export rebuilds each run from its own config.json; of --config={given} only the '
+              'export section is used.', flush=True)
   except errors.UserError as e:
     _fail(e)
   workdir = os.path.join('workdirs', config.name) if _WORKDIR.value is None else _WORKDIR.value

@@ -230,7 +230,7 @@ def test_pipeline_workdir_exports_each_model(tmp_path, capsys):
   for name in ('nbp', 'ntp'):
     assert os.path.isfile(pipeline_dir / name / 'export' / 'params.safetensors')
   assert 'holds 2 models (nbp, ntp)' in capsys.readouterr().out
-  with pytest.raises(bundle.errors.MissingError, match='not a training workdir'):
+  with pytest.raises(bundle.errors.MissingError, match='empty does not exist: check the path'):
     bundle.run(config, str(tmp_path / 'empty'))
   tokenizer_dir = os.path.join(_workdir(tmp_path, config), 'tokenizer')  # its own config.json and checkpoints/
   with pytest.raises(bundle.errors.MissingError, match=r'holds a tokenizer .*, not a transformer'):
@@ -244,8 +244,8 @@ def test_cli_logs_are_quiet_unless_verbosity(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def export(*flags):
-    proc = subprocess.run([sys.executable, '-m', 'nbp_jax.main', '--mode=export', f'--workdir={workdir}',
-                           '--config.export.stablehlo=False', *flags], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, '-m', 'nbp_jax.main', '--mode=export', f'--workdir={workdir}', *flags,
+                           '--config.export.stablehlo=False'], capture_output=True, text=True, timeout=300,
                           cwd=repo, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -253,5 +253,7 @@ def test_cli_logs_are_quiet_unless_verbosity(tmp_path):
   quiet = export()
   assert 'params.safetensors' in quiet.stdout
   assert not re.findall(r'^[IW]\d{4} .*', quiet.stderr, re.M), quiet.stderr[-3000:]
-  loud = export('--verbosity=0')
+  loud = export('--verbosity=0', '--config=configs/k600_3b.py')
   assert re.search(r'^I\d{4} .*checkpoint_manager', loud.stderr, re.M), loud.stderr[-3000:]
+  # Another run's config file: its model is not what is exported, and the run says so.
+  assert 'of --config=configs/k600_3b.py only the export section is used' in loud.stdout

@@ -478,8 +478,8 @@ def test_generation_speed_counts_generated_frames_and_tokens():
 
 
 def test_generator_load_says_what_to_run_first(tmp_path):
-  with pytest.raises(errors.MissingError, match='train first'):
-    generator_lib.Generator.load(str(tmp_path / 'missing'))  # no config.json
+  with pytest.raises(errors.MissingError, match='missing does not exist: check the path'):
+    generator_lib.Generator.load(str(tmp_path / 'missing'))  # no folder
   with pytest.raises(errors.MissingError, match='train first'):
     generator_lib.Generator.load(str(tmp_path), config_lib.task_config('demo', 'tiny'))  # no checkpoints/
 
@@ -501,8 +501,13 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
                      match=r'model\.num_heads=1, the checkpoint model\.num_heads=2 \(the same parameter shapes'):
     generator_lib.Generator.load(workdir, heads)
   # A folder above the run (a pipeline's workdir) names the runs below it.
-  with pytest.raises(errors.MissingError, match=r'its sub-folders hold runs: .*/run; pass one of them as --workdir'):
-    generator_lib.Generator.load(str(tmp_path), micro.config)
+  for config in (micro.config, None):  # without a config: the one saved there is missing first
+    with pytest.raises(errors.MissingError, match=r'holds no run itself, but its sub-folders do: .*/run; pass one'):
+      generator_lib.Generator.load(str(tmp_path), config)
+  # A run's export folder (or a sub-folder named like one) is not taken for a run: the run is named.
+  os.makedirs(os.path.join(workdir, 'export'))
+  with pytest.raises(errors.MissingError, match=r'export files of the run in .*/run .* pass --workdir=.*/run\.'):
+    generator_lib.Generator.load(os.path.join(workdir, 'export'))
   # sample.checkpoint: a step the run does not have, and the best of a run that never measured a validation loss.
   other = micro.config.copy_and_resolve_references()
   other.sample.checkpoint = '5'

@@ -48,32 +48,16 @@ from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.tokenizer import load as tokenizer_load
 
-EXPORT_SUBDIR = 'export'
-
-
-def training_workdirs(workdir: str) -> list[str]:
-  """WORKDIR when it holds a run (config.json + checkpoints/), else its sub-folders that do (a pipeline's nbp/,
-  ntp/)."""
-  def is_run(d):
-    return (os.path.isfile(os.path.join(d, checkpoint_lib.CONFIG_FILE)) and
-            os.path.isdir(os.path.join(d, checkpoint_lib.CHECKPOINT_DIR)))
-  if is_run(workdir):
-    return [workdir]
-  if not os.path.isdir(workdir):
-    return []
-  skip = (tokenizer_load.TOKENIZER_SUBDIR, EXPORT_SUBDIR)
-  subs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir) if d not in skip)
-  return [d for d in subs if is_run(d)]
-
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=export (see the module docstring). Returns {what: path} of the files written ({model: that} for a
   pipeline workdir)."""
-  runs = training_workdirs(workdir)
+  runs = checkpoint_lib.training_workdirs(workdir)
   if not runs:
-    raise errors.MissingError(
-        f'{workdir!r} is not a training workdir: neither it nor a sub-folder holds {checkpoint_lib.CONFIG_FILE} and '
-        f'{checkpoint_lib.CHECKPOINT_DIR}/ (train first with --mode=train, --mode=pipeline or --mode=import).')
+    raise checkpoint_lib.not_a_run(
+        workdir, f'{workdir!r} is not a training workdir: neither it nor a sub-folder holds '
+        f'{checkpoint_lib.CONFIG_FILE} and {checkpoint_lib.CHECKPOINT_DIR}/ (train first with --mode=train, '
+        '--mode=pipeline or --mode=import).')
   if runs == [workdir]:
     return export_workdir(config, workdir)
   names = [os.path.basename(r) for r in runs]
@@ -102,7 +86,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   spec = spec_from_config(run_config, dtype=config_lib.resolve_dtype(run_config.model.dtype, platform))
   params, step = checkpoint_lib.restore_params(workdir, ex.get('checkpoint', 'latest'),
                                                expected=nbp_train.abstract_params(spec), config=run_config)
-  out = os.path.join(workdir, EXPORT_SUBDIR)
+  out = os.path.join(workdir, checkpoint_lib.EXPORT_SUBDIR)
   staging = out + '.partial'
   shutil.rmtree(staging, ignore_errors=True)  # a killed export's
   os.makedirs(staging)

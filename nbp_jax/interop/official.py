@@ -50,7 +50,6 @@ from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.nbp.transformer import official_name
-from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 
 PyTree = Any
@@ -469,7 +468,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   written = []
   if tok_params is not None:
-    tdir = os.path.join(workdir, tokenizer_load.TOKENIZER_SUBDIR)
+    tdir = os.path.join(workdir, checkpoint_lib.TOKENIZER_SUBDIR)
     save_workdir(tdir, tok_params, config)
     written.append(f'tokenizer   {tdir}')
     del tok_params

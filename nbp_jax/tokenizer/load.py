@@ -19,12 +19,11 @@ from nbp_jax.tokenizer import model as tokenizer_model
 # aside: loading never builds it).
 ARCHITECTURE_FIELDS = tuple(f.split('.', 1)[1] for f in checkpoint_lib.STRUCTURE_FIELDS
                              if f.startswith('tokenizer.') and 'discriminator' not in f)
-TOKENIZER_SUBDIR = 'tokenizer'  # WORKDIR/tokenizer: where train_tokenizer and import write, sample/eval/export look
 
 
 def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.tokenizer.checkpoint if set, else WORKDIR/tokenizer (where --mode=train_tokenizer writes)."""
-  return config.tokenizer.get('checkpoint', '') or os.path.join(workdir, TOKENIZER_SUBDIR)
+  return config.tokenizer.get('checkpoint', '') or os.path.join(workdir, checkpoint_lib.TOKENIZER_SUBDIR)
 
 
 def tokenizer_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
