@@ -185,6 +185,10 @@ def main(argv: list[str]) -> None:
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
       _fail(errors.UserError(f'{e.strerror}: {e.filename or workdir} (--workdir={workdir}); free space or give a '
                              'folder this user can write.'))
+    if isinstance(e, KeyboardInterrupt) and not _verbose():  # training saves and stops by itself; the rest stops here
+      print(f'Interrupted (--mode={mode}); the same command starts it again (reusing what earlier runs finished).',
+            file=sys.stderr, flush=True)
+      sys.exit(130)
     raise
 
 

@@ -22,6 +22,7 @@ import time
 import ml_collections
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import parallel
 from nbp_jax.data import prepare
 from nbp_jax.evaluation import protocols
@@ -102,7 +103,7 @@ def time_decoding(generator: generator_lib.Generator, inputs: dict, repeats: int
 # summary.md's columns: (summary.json's key, heading, decimals), in the README's order; keys not named here follow
 # under their own names, so that nothing measured is left out of the table.
 _SUMMARY_COLUMNS = (
-    ('decode_steps', 'decode steps (frame pred.)', 0), ('frames_per_s', 'frames/s, one clip', 1),
+    ('decode_steps', 'decode steps ({timed})', 0), ('frames_per_s', 'frames/s, one clip', 1),
     ('batch_frames_per_s', 'frames/s, {batch} clips', 1), ('class/class_acc', 'class acc.', 3),
     ('class/fvd', 'class FVD', 1), ('frame_prediction/psnr', 'frame-pred. PSNR', 2),
     ('frame_prediction/copy_last_psnr', 'copy-last PSNR', 2), ('frame_prediction/ssim', 'frame-pred. SSIM', 3),
@@ -113,10 +114,12 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _summary_table(rows: dict[str, dict], blocks: dict[str, str], batch_size: int) -> str:
-  """Markdown: a row per model ('nbp (1x1x8)'), the README's readable headings, '-' where a model has no value."""
+def _summary_table(rows: dict[str, dict], blocks: dict[str, str], batch_size: int, frame_prediction: bool) -> str:
+  """Markdown: a row per model ('nbp (1x1x8)'), the README's readable headings, '-' where a model has no value.
+  The decoding was timed on frame prediction (`frame_prediction`: its given frames not decoded) or whole clips."""
   present = {k for r in rows.values() for k in r} - {'seconds_per_clip'}
-  columns = [(k, head.format(batch=batch_size), dec) for k, head, dec in _SUMMARY_COLUMNS if k in present]
+  timed = 'frame pred.' if frame_prediction else 'whole clip'
+  columns = [(k, head.format(batch=batch_size, timed=timed), dec) for k, head, dec in _SUMMARY_COLUMNS if k in present]
   columns += [(k, k, 3) for k in sorted(present - {c[0] for c in _SUMMARY_COLUMNS})]
   cell = lambda v, dec: f'{v:.{dec}f}' if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
   lines = ['| model | ' + ' | '.join(head for _, head, _ in columns) + ' |', '|' + '---|' * (len(columns) + 1)]
@@ -177,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if reuse:
     summary['last_rerun_stage_seconds'] = clock.seconds
   table = _summary_table(rows, {n: 'x'.join(map(str, c.nbp.block_shape)) for n, c in variants.items()},
-                         config.sample.batch_size)
+                         config.sample.batch_size, config_lib.context_latent_frames(config) > 0)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
     ratio = f'{speedup:.1f}x faster' if speedup >= 1 else f'{1 / speedup:.1f}x slower'

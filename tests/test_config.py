@@ -268,6 +268,22 @@ def test_cli_wrong_flags_and_workdirs_are_one_line(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
 
 
+def test_ctrl_c_in_a_stage_that_does_not_handle_it_stops_in_one_line(tmp_path):
+  script = """import sys
+from nbp_jax import main
+main.parse_flags(sys.argv)
+def interrupted(config, workdir):
+  raise KeyboardInterrupt
+main.resolve_stage = lambda mode: interrupted
+main.main(sys.argv[:1])"""
+  out = subprocess.run([sys.executable, '-c', script, '--config=configs/demo.py', f'--workdir={tmp_path / "w"}',
+                        '--mode=prepare_data'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 130 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip() == ('Interrupted (--mode=prepare_data); the same command starts it again (reusing what '
+                                'earlier runs finished).')
+  assert not (tmp_path / 'w').exists()  # the folder it created, empty, is gone
+
+
 # The config main.py builds from its flags (its own parsing and overrides), printed without running a stage.
 _PRINT_CONFIG = """import json, sys
 from nbp_jax import main

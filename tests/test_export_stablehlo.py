@@ -24,6 +24,7 @@ from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax.data import video_io
 from nbp_jax.export import bundle
+from nbp_jax.export import run_generate
 from nbp_jax.export import safetensors_io
 from nbp_jax.export import stablehlo
 from nbp_jax.interop import official
@@ -257,3 +258,17 @@ def test_cli_logs_are_quiet_unless_verbosity(tmp_path):
   assert re.search(r'^I\d{4} .*checkpoint_manager', loud.stderr, re.M), loud.stderr[-3000:]
   # Another run's config file: its model is not what is exported, and the run says so.
   assert 'of --config=configs/k600_3b.py only the export section is used' in loud.stdout
+
+
+def test_the_runner_refuses_inputs_it_would_misread(tmp_path):
+  sig = {'batch_size': 2, 'num_classes': 3, 'inputs': [
+      {'name': 'key', 'shape': [2], 'dtype': 'uint32'},
+      {'name': 'context_video', 'shape': [2, 1, 4, 4, 3], 'dtype': 'uint8'}]}
+  frames = np.full((2, 1, 4, 4, 3), 0.5)
+  with pytest.raises(SystemExit, match=r'uint8 in 0\.\.255; got float64 \(frames in \[0, 1\]: multiply by 255'):
+    run_generate.make_inputs(sig, 0, context=frames)  # cast, they would all be 0: black frames
+  _, n = run_generate.make_inputs(sig, 0, context=(255 * frames).astype(np.uint8))
+  assert n == 2
+  (tmp_path / 'generate.json').write_text(json.dumps(sig))
+  with pytest.raises(SystemExit, match='--labels=a must be comma-separated class ids'):
+    run_generate.main(['--dir', str(tmp_path), '--labels=a'])

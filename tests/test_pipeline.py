@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import TINY_PIPELINE_FLAGS
 from conftest import run_main
+from nbp_jax import pipeline
 from nbp_jax.image_metrics import PSNR_MAX_DB
 
 
@@ -69,3 +70,10 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tm
   assert sample.returncode == 0, sample.stderr[-3000:]
   grids = list((workdir / 'nbp' / 'samples').glob('step_*/sample_grid.png'))
   assert grids, sample.stdout
+
+
+def test_the_summary_names_what_its_decoding_timed():
+  rows = {'nbp': {'decode_steps': 20, 'frames_per_s': 3.0}, 'ntp': {'decode_steps': 80}}
+  table = pipeline._summary_table(rows, {'nbp': '1x1x4', 'ntp': '1x1x1'}, 8, frame_prediction=False).splitlines()
+  assert table[0] == '| model | decode steps (whole clip) | frames/s, one clip |'
+  assert table[2:] == ['| nbp (1x1x4) | 20 | 3.0 |', '| ntp (1x1x1) | 80 | - |']

@@ -150,6 +150,11 @@ def make_inputs(sig: dict, seed: int, labels=None, context=None) -> tuple[list, 
         kind = 'a video file (.mp4) or a .npy of uint8 frames' if name == 'context_video' else 'a .npy of int32 codes'
         raise SystemExit(f'this export predicts frames: pass --context with {kind}, clips of {list(shape[1:])}.')
       x = pad(context)
+      if name == 'context_video' and x.dtype != np.uint8:
+        raise SystemExit(f'context frames must be uint8 in 0..255; got {x.dtype} (frames in [0, 1]: multiply by 255, '
+                         'round and cast to uint8).')
+      if name == 'context_codes' and x.dtype.kind not in 'iu':
+        raise SystemExit(f'context codes must be integers; got {x.dtype}.')
     else:
       raise SystemExit(f'unknown input {name!r} in generate.json.')
     if tuple(x.shape) != shape:
@@ -178,7 +183,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   with open(os.path.join(args.dir, 'generate.json')) as f:
     sig = json.load(f)
-  labels = None if args.labels is None else [int(x) for x in args.labels.split(',')]
+  try:
+    labels = None if args.labels is None else [int(x) for x in args.labels.split(',')]
+  except ValueError:
+    raise SystemExit(f'--labels={args.labels} must be comma-separated class ids, e.g. --labels=0,1,2.') from None
   context = None
   if args.context is not None:
     spec = [s for s in sig['inputs'] if s['name'].startswith('context')]

@@ -60,7 +60,8 @@ class Generator:
     spec: the transformer's static description (spec_from_config(config), or another block shape).
     params: the transformer's params, of the training layout or generation's (Generator.load converts them once:
       transformer.decode_params).
-    tokenizer: the video tokenizer (None: codes only; encode/decode then fail).
+    tokenizer: the video tokenizer (None: codes only, encode/decode then fail; Generator.load always loads the run's,
+      so build Generator(config, spec, params) for a transformer without one).
     tokenizer_params: its params.
     step: the checkpoint step the params come from.
     mesh: with a mesh, every batch (labels, context, videos) is split over its batch axes on the way in; the params
