@@ -691,13 +691,6 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              f'sample.window_context_frames={window} leaves no room to generate in a window of {grid[0]} latent '
              f'frames (or is not a multiple of nbp.block_shape[0]={block[0]}); keep between {block[0]} and '
              f'{grid[0] - block[0]} latent frames as context.')
-  if mode != 'import':  # the import writes the class prompts that the official UCF-101 vocabulary is built from
-    from nbp_jax.nbp import spec as spec_lib  # pylint: disable=g-import-not-at-top  (spec imports this module)
-    # The layouts' exact input lengths against model.max_positions (and the id layout's needs).
-    for shape in config.study.block_shapes if mode == 'study' else [block]:
-      trained = config.copy_and_resolve_references()
-      trained.nbp.block_shape = tuple(shape)
-      spec_lib.spec_from_config(trained)
   if mode == 'train' and d.source != 'synthetic' and d.dir:
     _require(os.path.isdir(d.dir), f'data.dir={d.dir!r} does not exist; run --mode=prepare_data first or fix the path.')
 

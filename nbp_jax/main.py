@@ -156,6 +156,8 @@ def main(argv: list[str]) -> None:
   try:
     config = config_from_flags(mode, _WORKDIR.value)
     config_lib.validate(config, mode)
+    from nbp_jax.nbp import spec as spec_lib  # pylint: disable=g-import-not-at-top  (jax, after quiet_logs)
+    spec_lib.check_layouts(config, mode)
     if mode == 'export':  # it rebuilds the run from its own config.json: any other override would be ignored
       ignored = [k for k in config_flags.get_override_values(flags.FLAGS['config']) if not k.startswith('export.')]
       if ignored:

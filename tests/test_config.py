@@ -13,6 +13,7 @@ from conftest import REPO
 from conftest import run_main
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax.nbp import spec as spec_lib
 from nbp_jax.nbp.spec import spec_from_config
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -91,14 +92,22 @@ def test_bad_field_names_the_field(field, value, expected):
   assert '\n' not in str(info.value)
 
 
-def test_max_positions_is_checked_against_the_layout_s_exact_input_length():
+def test_max_positions_is_checked_against_the_exact_input_length_of_each_layout_a_mode_builds():
   c = _demo()
+  c.nbp.first_block = 'none'  # K600's start: the first block is given, never predicted, so shorter blocks see more
   seq_len = spec_from_config(c).layout.seq_len
+  ntp = c.copy_and_resolve_references()
+  ntp.nbp.block_shape = (1, 1, 1)
+  ntp_len = spec_from_config(ntp).layout.seq_len
+  assert ntp_len > seq_len
   c.model.max_positions = seq_len
-  config_lib.validate(c, 'train')
+  spec_lib.check_layouts(c, 'train')
+  with pytest.raises(config_lib.ConfigError, match=f'{ntp_len} input positions do not fit model.max_positions='):
+    spec_lib.check_layouts(c, 'pipeline')  # the pipeline trains the next-token model beside it
   c.model.max_positions = seq_len - 1
   with pytest.raises(config_lib.ConfigError, match=f'{seq_len} input positions do not fit model.max_positions='):
-    config_lib.validate(c, 'train')
+    spec_lib.check_layouts(c, 'train')
+  spec_lib.check_layouts(c, 'prepare_data')  # a mode that builds no transformer does not ask
 
 
 def test_context_videos_need_a_frame_prediction_model_and_old_runs_read_back_with_the_field(tmp_path):

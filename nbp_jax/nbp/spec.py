@@ -35,6 +35,21 @@ class Spec:
     return m.num_layers * per_layer + 2 * m.vocab_size * d + m.max_positions * d + 2 * d + m.prefix_len * d
 
 
+def check_layouts(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Builds the specs `mode` trains or samples (the pipeline's next-token model and the study's block shapes too),
+  so that a layout longer than model.max_positions, or an id layout's unmet needs, stop before any stage runs
+  (ConfigError naming the fix); config_lib.validate checks what it can without building layouts."""
+  if mode not in config_lib.TRANSFORMER_MODES or mode == 'import':  # the import writes what the UCF vocabulary needs
+    return
+  shapes = {tuple(s) for s in config.study.block_shapes} if mode == 'study' else {tuple(config.nbp.block_shape)}
+  if mode == 'pipeline':
+    shapes.add((1, 1, 1))
+  for shape in sorted(shapes):
+    trained = config.copy_and_resolve_references()
+    trained.nbp.block_shape = shape
+    spec_from_config(trained)
+
+
 def spec_from_config(config: ml_collections.ConfigDict, *, dtype: str | None = None) -> Spec:
   """Builds the Spec of `config` (model.*, nbp.*, data.*, tokenizer.fsq_levels); errors name the field. The same
   model decoding other blocks: `Spec.with_block_shape` (it keeps the vocabulary, so the params still fit)."""
