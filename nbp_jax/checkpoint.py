@@ -214,7 +214,7 @@ def training_workdirs(workdir: str) -> list[str]:
 
 def not_a_run(workdir: str, otherwise: str) -> errors.MissingError:
   """The refusal of a --workdir that holds no run, saying which folder to pass where it can tell: a path that does
-  not exist, a run's export/ or tokenizer/ folder, a folder whose sub-folders hold runs; else `otherwise`."""
+  not exist, a run's export/ folder, a folder whose sub-folders hold runs; else `otherwise`."""
   parent = os.path.dirname(os.path.abspath(workdir))
   if not os.path.isdir(workdir):
     return errors.MissingError(f'--workdir={workdir} does not exist: check the path (a typo?), or train there first '

@@ -16,6 +16,8 @@ WORKDIR/<model>/export/.
   WORKDIR/export/context_<i>.mp4        example context clips (frame prediction exports; held-out clips, else
                                         synthetic ones), so that the printed command runs as it is
 
+The files are written to WORKDIR/export.partial/ first, which then replaces WORKDIR/export/ whole.
+
 The model, sampling settings and sizes come from WORKDIR/config.json (the run's own config); only the `export`
 section is taken from the command line. The run's 'auto' compute settings (model.dtype, tokenizer.dtype,
 tokenizer.conv_impl) resolve for the platforms exported for: bfloat16 and 3D convolutions when `export.platforms`
