@@ -665,6 +665,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f'sample.context_videos={sample.get("context_videos")!r} gives frames to continue, but this model '
            'predicts no frames from given ones (nbp.context_frames=0): it generates from its class or from nothing; '
            'drop sample.context_videos.')
+  if mode in ('eval', 'pipeline', 'study'):
+    ev = config.eval
+    _require(ev.batch_size >= 1, f'eval.batch_size={ev.batch_size} must be >= 1.')
+    _require(ev.num_samples >= 2 or not ev.get('fvd_protocols', 'all'),
+             f'eval.num_samples={ev.num_samples}: an FVD needs at least 2 clips a set (thousands to compare with '
+             "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")
   if mode in ('train', 'pipeline', 'study'):
     _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
     _require(config.train.num_steps >= 1, f'train.num_steps={config.train.num_steps} must be >= 1.')

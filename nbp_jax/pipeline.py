@@ -240,18 +240,15 @@ def _load_json(path: str) -> dict:
 
 
 def _finished_eval(config, vdir: str, step: int, names: tuple[str, ...]):
-  """The saved results of an earlier run at the same checkpoint step, sample count and (when `names` has it)
-  frame-prediction decoding, or None."""
+  """The saved results of an earlier run at the same checkpoint step with the same settings
+  (protocols.evaluation_settings: sampling, sample count, FVD settings, dataset, ...), or None."""
   path = os.path.join(vdir, 'eval', f'results_step{step}.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
     report = json.load(f)
   done = report.get('protocols', {})
-  # Results from before `decoding` was recorded were sampled.
-  same_decoding = ('frame_prediction' not in names or done.get('frame_prediction', {}).get('decoding', 'sampled')
-                   == protocols.frame_prediction_decoding(config))
-  if all(n in done for n in names) and report.get('num_samples_requested') == config.eval.num_samples and same_decoding:
+  if all(n in done for n in names) and report.get('settings') == protocols.evaluation_settings(config, vdir):
     return {**report, 'protocols': {n: done[n] for n in names}}
   return None
 

@@ -81,6 +81,8 @@ def _demo():
     ('sample.num_frames', 9, 'sample.num_frames=9 is shorter than a clip (data.num_frames=17)'),
     ('sample.temperature', 1e-38, 'sample.temperature=1e-38 must be >= 1e-06'),  # logits / T overflows
     ('export.batch_size', -1, 'export.batch_size=-1 must be >= 0'),
+    ('eval.num_samples', 1, 'eval.num_samples=1: an FVD needs at least 2 clips a set'),
+    ('eval.batch_size', 0, 'eval.batch_size=0 must be >= 1'),
     ('export.platforms', ('cpu', 'gpu'), "export.platforms has 'gpu' (jax's name for NVIDIA GPUs is 'cuda')"),
 ])
 def test_bad_field_names_the_field(field, value, expected):
@@ -88,7 +90,7 @@ def test_bad_field_names_the_field(field, value, expected):
   section, name = field.split('.')
   (c.data if section == 'synthetic' else c)[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=re.escape(expected)) as info:
-    config_lib.validate(c, 'train')
+    config_lib.validate(c, 'eval' if section == 'eval' else 'train')
   assert '\n' not in str(info.value)
 
 

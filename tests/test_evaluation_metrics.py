@@ -1,12 +1,21 @@
 """FVD against independent references (scipy's sqrtm, recorded I3D values); PSNR/SSIM/LPIPS: test_image_metrics."""
 
+import json
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 import scipy.linalg
 
+from nbp_jax import config_lib
+from nbp_jax import pipeline
+from nbp_jax.data import builder
+from nbp_jax.data import prepare
 from nbp_jax.data import synthetic
 from nbp_jax.evaluation import fvd
+from nbp_jax.evaluation import protocols
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -93,3 +102,39 @@ def test_stats_cache_round_trip(tmp_path):
   np.testing.assert_array_equal(first['sigma'], second['sigma'])
   other = fvd.stats_cache_path(str(tmp_path), dataset='synthetic', split='train', resolution=64, frames=16)
   assert other != path
+
+
+def test_cached_real_statistics_and_finished_evaluations_follow_the_dataset_and_the_settings(tmp_path):
+  config = config_lib.task_config('demo', 'micro')
+  config.data.update(num_frames=5, resolution=16, num_classes=2)
+  config.data.synthetic.update(num_train=4, num_val=2, num_classes=2)
+  config.eval.update(num_samples=4, batch_size=2)
+  workdir, location = str(tmp_path), builder.video_location(config, str(tmp_path))
+  prepare.prepare_synthetic(config, location)
+  batches = []
+
+  def features(videos):  # a stand-in for I3D: counts what it is asked to score
+    batches.append(len(videos))
+    return videos.reshape(len(videos), -1)[:, :6].astype(np.float32)
+
+  first = protocols.real_stats(config, workdir, 'train', features)
+  assert batches == [2, 2]
+  protocols.real_stats(config, workdir, 'train', features)
+  assert batches == [2, 2]  # cached
+  settings = protocols.evaluation_settings(config, workdir)
+  os.makedirs(os.path.join(workdir, 'eval'))
+  with open(os.path.join(workdir, 'eval', 'results_step3.json'), 'w') as f:
+    json.dump({'settings': settings, 'protocols': {'class': {'fvd': 1.0}}}, f)
+  assert pipeline._finished_eval(config, workdir, 3, ('class',))['protocols'] == {'class': {'fvd': 1.0}}
+  for field, value in (('sample.top_k', 7), ('sample.temperature', 0.5), ('eval.fvd_resize', 8), ('seed', 1)):
+    changed = config.copy_and_resolve_references()
+    section, _, name = field.rpartition('.')
+    (changed[section] if section else changed)[name] = value
+    assert pipeline._finished_eval(changed, workdir, 3, ('class',)) is None, field  # evaluated again
+  # The same dataset prepared again: its statistics are computed again, and a finished evaluation is not reused.
+  shutil.rmtree(location.path)
+  prepare.prepare_synthetic(config, location)
+  again = protocols.real_stats(config, workdir, 'train', features)
+  assert batches == [2, 2, 2, 2]
+  np.testing.assert_allclose(again['mu'], first['mu'])  # the same clips (synthetic), but computed, not read
+  assert pipeline._finished_eval(config, workdir, 3, ('class',)) is None

@@ -161,6 +161,12 @@ def load_info(location: Location) -> tfds.core.DatasetInfo:
   return tfds.builder_from_directory(location.path).info
 
 
+def dataset_id(location: Location) -> str | None:
+  """The id prepare_data gives each preparation of a dataset (a new one every time it is prepared: what is computed
+  from its clips, codes, statistics, a classifier, records it); None for one prepared before ids were written."""
+  return load_info(location).metadata.get('dataset_id')
+
+
 def data_source(location: Location, split: str):
   """Random-access source over one split (`tfds.data_source`): len() and [i] -> dict of numpy features."""
   require_prepared(location)

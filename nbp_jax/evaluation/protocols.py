@@ -23,8 +23,11 @@ i with the key fold_in(rng, i)) and their results gathered, so the scores are th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
+import json
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -40,6 +43,7 @@ from nbp_jax.data import pipeline
 from nbp_jax.evaluation import classifier as classifier_lib
 from nbp_jax.evaluation import fvd
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp.sampling import Sampling
 
 PROTOCOLS = ('class', 'frame_prediction', 'reconstruction')
 
@@ -70,6 +74,25 @@ def _shared_real_batches(config, workdir: str, split: str, num: int, batch_size:
   return zip(mine, tqdm(_real_batches(config, workdir, split, num, batch_size, mine), desc=desc, total=len(mine)))
 
 
+def _dataset_key(config, workdir: str) -> dict[str, str | None]:
+  """Which clips the cached real statistics and classifier were computed from: the dataset's name and the id of its
+  preparation (a dataset deleted and prepared again, maybe from another folder, has another)."""
+  return {'dataset': builder.video_dataset_name(config),
+          'dataset_id': builder.dataset_id(builder.video_location(config, workdir))}
+
+
+def evaluation_settings(config, workdir: str) -> dict[str, Any]:
+  """What an evaluation's numbers depend on besides the checkpoint (recorded in its report; a finished evaluation
+  is reused only where they are the same)."""
+  ev = config.eval
+  settings = {'sampling': dataclasses.asdict(Sampling.from_config(config.sample)), 'seed': config.seed,
+              'block_shape': list(config.nbp.block_shape), 'num_samples': ev.num_samples,
+              'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize,
+              'fvd_protocols': list(fvd_protocols(config)), 'frame_prediction': frame_prediction_decoding(config),
+              'classifier_steps': ev.classifier_steps, **_dataset_key(config, workdir)}
+  return json.loads(json.dumps(settings, default=float))  # as read back from the report
+
+
 def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | None = None
                ) -> dict[str, np.ndarray] | None:
   """I3D statistics of the first eval.num_samples clips of `split`, cached in STATS_DIR (default WORKDIR)/fvd_stats
@@ -77,7 +100,7 @@ def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | No
   if feature_fn is None:
     return None
   ev = config.eval
-  path = fvd.stats_cache_path(stats_dir or workdir, dataset=builder.video_dataset_name(config), split=split,
+  path = fvd.stats_cache_path(stats_dir or workdir, **_dataset_key(config, workdir), split=split,
                               resolution=config.data.resolution, frames=ev.fvd_num_frames, resize=ev.fvd_resize,
                               num=ev.num_samples, seed=config.seed)
 
@@ -148,7 +171,7 @@ def eval_classifier(config, workdir: str, stats_dir: str | None = None):
     batches = list(_real_batches(config, workdir, split, num, config.eval.batch_size))
     return (np.concatenate([b['video'] for b in batches]), np.concatenate([b['label'] for b in batches]))
 
-  key = {'dataset': builder.video_dataset_name(config), 'split': split, 'num_clips': num, 'seed': config.seed}
+  key = {**_dataset_key(config, workdir), 'split': split, 'num_clips': num, 'seed': config.seed}
   return classifier_lib.cached_classifier(stats_dir or workdir, key, train_clips, config.data.num_classes,
                                           config.data.num_frames, config.eval.classifier_steps)
 
@@ -309,7 +332,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   report = {
       'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
       'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'num_samples_requested': ev.num_samples,
-      'protocols': results, 'grids': files,
+      'settings': evaluation_settings(config, workdir), 'protocols': results, 'grids': files,
   }
   path = os.path.join(out_dir, f'results_{tag}.json')
   if parallel.is_primary():

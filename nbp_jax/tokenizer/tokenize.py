@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   dtype = codes_dtype(spec.fsq_levels)
   video_location = builder.video_location(config, workdir)
   # Which preparation of the clips: a dataset deleted and prepared again (from another folder) is another one.
-  clips_id = builder.load_info(video_location).metadata.get('dataset_id') if video_location.exists() else None
+  clips_id = builder.dataset_id(video_location) if video_location.exists() else None
   metadata = {'tokenizer': tdir, 'tokenizer_step': int(step), 'source': builder.video_dataset_name(config),
               'source_id': clips_id, 'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels),
               'codes_dtype': dtype.name}
