@@ -508,11 +508,17 @@ class Checkpointer:
         self._check_step(step, abstract_params, abstract_train_state)
         items = dict(params=ocp.args.StandardRestore(abstract_params),
                      train_state=ocp.args.StandardRestore(abstract_train_state))
-        has_data = os.path.isdir(os.path.join(self.step_dir(step), 'data'))
+        data_dir = os.path.join(self.step_dir(step), 'data')
+        # grain writes one state file per process, named by the process count of the run that saved it.
+        state_file = os.path.join(data_dir, f'process_{jax.process_index()}-of-{jax.process_count()}.json')
         snap = _IteratorState()
         if data_iter is not None and is_checkpointable(data_iter):
-          if has_data:
+          if os.path.isfile(state_file):
             items['data'] = grain.checkpoint.CheckpointRestore(snap)
+          elif os.path.isdir(data_dir) and parallel.is_primary():
+            print(f'Note: checkpoint {self.step_dir(step)} was saved by another number of processes than this run\'s '
+                  f'{jax.process_count()}: the params and optimizer state are restored, the data pipeline starts '
+                  'from its beginning.', flush=True)
           else:
             logging.warning('Checkpoint %s has no data-iterator state; the data pipeline starts from the '
                             'beginning.', self.step_dir(step))

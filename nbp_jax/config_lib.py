@@ -197,7 +197,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 10_000
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
-  c.optim.weight_decay = 0.01  # on matrices only
+  c.optim.weight_decay = 0.01  # on the weights of linear maps only (trainer.weight_decay_mask)
   c.optim.grad_clip = 1.0
   c.optim.grad_accum_steps = 1
 
@@ -614,6 +614,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f"model.pos_emb_init={m.get('pos_emb_init')!r} is unknown; pick 'zeros' (the release) or 'grid'.")
   _require(m.dtype in ('auto', 'float32', 'bfloat16'),
            f"model.dtype={m.dtype!r} is unknown; pick 'auto', 'float32' or 'bfloat16'.")
+  _require(m.param_dtype in ('float32', 'bfloat16'),
+           f"model.param_dtype={m.param_dtype!r} is unknown; pick 'float32' (the optimizer's state too) or 'bfloat16'.")
   grid = latent_shape(config)
   block = tuple(nbp.block_shape)
   _require(len(block) == 3 and all(b > 0 for b in block),
@@ -673,6 +675,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")
   if mode in ('train', 'pipeline', 'study'):
     _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
+    _require(int(config.optim.grad_accum_steps) >= 1,
+             f'optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1 (1 = no accumulation).')
     _require(config.train.num_steps >= 1, f'train.num_steps={config.train.num_steps} must be >= 1.')
   ctx = context_latent_frames(config)
   _require(ctx < grid[0], f'nbp.context_frames={nbp.context_frames} leaves no latent frame to generate '

@@ -19,10 +19,11 @@ from nbp_jax import parallel
 
 METRICS_FILE = 'metrics.jsonl'
 
-# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets; TPU per chip).
+# Dense bf16 peak FLOP/s per JAX device, by `jax.Device.device_kind` prefix (vendor data sheets; a TPU chip is one
+# device, except v2 and v3, whose two TensorCores are a device each: half the chip's 45 and 123 TFLOP/s).
 PEAK_FLOPS = (
-    ('TPU v2', 45e12),
-    ('TPU v3', 123e12),
+    ('TPU v2', 22.5e12),
+    ('TPU v3', 61.5e12),
     ('TPU v4', 275e12),
     ('TPU v5 lite', 197e12),
     ('TPU v5e', 197e12),

@@ -4,8 +4,8 @@ r"""The training loop shared by every stage: trains any `nbp_jax.task.Task` on a
 
 One jitted step (explicit in/out shardings, donated state): gradients accumulated over
 `config.optim.grad_accum_steps` micro-batches by a `lax.scan`, then one optax update (clip by global norm, AdamW
-with weight decay on matrices only, linear warmup from 0 then cosine to 0). Parameters and optimizer state are
-created already sharded (`jax.eval_shape(init)` -> logical axis names -> mesh shardings -> `jax.jit(init,
+with weight decay on linear maps' weights only, linear warmup from 0 then cosine to 0). Parameters and optimizer
+state are created already sharded (`jax.eval_shape(init)` -> logical axis names -> mesh shardings -> `jax.jit(init,
 out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard (with the config as text and the samples' PNGs
 as images), WORKDIR/metrics.jsonl and a progress bar; checkpoints (with the data-iterator state) to
 WORKDIR/checkpoints; `train.profile_steps` > 0 traces that many steps with jax.profiler into WORKDIR/profile. A
@@ -87,8 +87,13 @@ def learning_rate_schedule(peak: float, warmup_steps: int, num_steps: int) -> op
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """True for matrices (ndim >= 2: dense/conv kernels, embeddings); False for biases and norm scales."""
-  return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+  """True for the weights of linear maps, the leaves named 'kernel' (or 'kernel_t', stored transposed): dense and
+  conv kernels, the output head; False for embeddings, biases and norm scales. By name, not rank: the release decays
+  "Linear weights only", and scanned layers stack biases and scales into matrices."""
+  def is_kernel(path, _):
+    names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in ('kernel', 'kernel_t')
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict,

@@ -196,6 +196,25 @@ def test_checkpoint_of_another_config_is_refused_by_parameter_name(reference, tm
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12'))  # a mismatch is not mistaken for corruption
 
 
+def test_a_checkpoint_of_another_process_count_restores_without_its_data_state(reference, tmp_path, capsys):
+  """grain names its state files by the saving run's process count; a run on another count is not a corrupt
+  checkpoint (they were all moved aside and training started over): params and optimizer state are restored."""
+  ref_dir, _, ref_params = reference
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(ref_dir, workdir)
+  for data_dir in glob.glob(os.path.join(workdir, 'checkpoints', '*', 'data')):
+    state = os.path.join(data_dir, 'process_0-of-1.json')
+    for i in range(2):  # as written by two processes
+      shutil.copyfile(state, os.path.join(data_dir, f'process_{i}-of-2.json'))
+    os.remove(state)
+  capsys.readouterr()
+  state = _train(workdir)
+  assert 'was saved by another number of processes' in capsys.readouterr().out
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*corrupt*'))
+  assert int(state.step) == 12
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), ref_params)
+
+
 def test_restore_onto_one_device_and_best_checkpoint(reference, tmp_path):
   ref_dir, ref_losses, ref_params = reference
   params, step = checkpoint.restore_params(ref_dir)

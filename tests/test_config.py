@@ -83,6 +83,8 @@ def _demo():
     ('export.batch_size', -1, 'export.batch_size=-1 must be >= 0'),
     ('eval.num_samples', 1, 'eval.num_samples=1: an FVD needs at least 2 clips a set'),
     ('eval.batch_size', 0, 'eval.batch_size=0 must be >= 1'),
+    ('optim.grad_accum_steps', 0, 'optim.grad_accum_steps=0 must be >= 1'),
+    ('model.param_dtype', 'fp32', "model.param_dtype='fp32' is unknown"),
     ('export.platforms', ('cpu', 'gpu'), "export.platforms has 'gpu' (jax's name for NVIDIA GPUs is 'cuda')"),
 ])
 def test_bad_field_names_the_field(field, value, expected):

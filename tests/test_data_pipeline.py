@@ -126,6 +126,15 @@ def test_host_shards_are_disjoint_and_cover_the_data(workdir, split, num_epochs)
   assert first | second == set(records)
 
 
+def test_one_pass_gives_every_host_as_many_batches(workdir):
+  """A collective per batch (the trainer's evaluation) needs as many batches on every host: 10 held-out clips over
+  3 hosts are 3 + 3 + 3 in batches of 1 (host 0 had a fourth), 1 + 1 + 1 in batches of 2 (host 0 had two)."""
+  for per_host, want in ((1, 3), (2, 1)):
+    counts = [len(pipeline.make_dataset(_config(), workdir, 'validation', seed=0, shard_index=i, shard_count=3,
+                                        batch_size=3 * per_host)) for i in range(3)]
+    assert counts == [want] * 3, (per_host, counts)
+
+
 def test_generic_features_for_pre_tokenized_datasets(tmp_path):
   """The same pipeline reads a dataset of other features (the tokenizer stage's codes)."""
   location = builder.Location(str(tmp_path / 'tokens'), 'codes_test')

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import flax
 from flax import linen as nn
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax.bench import train as trainer_bench
 from nbp_jax.nbp import train as nbp_train
+from nbp_jax.nbp.spec import spec_from_config
 from nbp_jax.parallel import sharding as sharding_lib
 import numerics
 from test_metric_logger import read_events
@@ -49,11 +51,19 @@ def test_warmup_cosine_schedule_matches_the_formula():
   assert float(trainer.learning_rate_schedule(3e-4, 500, 100)(50)) == pytest.approx(3e-4 * 50 / 100, rel=1e-5)
 
 
-def test_weight_decay_only_on_matrices():
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_weight_decay_only_on_the_weights_of_linear_maps(scan_layers):
+  """As the release: "Linear weights only", in either layer layout (scanned layers stack biases and scales)."""
+  config = config_lib.task_config('ucf101', 'micro')  # class-conditional: an unconditional embedding too
+  config.model.scan_layers = scan_layers
+  params = nn.unbox(nbp_train.abstract_params(spec_from_config(config)))
+  mask = flax.traverse_util.flatten_dict(trainer.weight_decay_mask(params), sep='/')
+  decayed = sorted(name for name, on in mask.items() if on)
+  assert decayed and all(name.rsplit('/', 1)[-1] in ('kernel', 'kernel_t') for name in decayed), decayed
+  assert sum(1 for name in decayed if name.startswith('head/')) == 1
+  assert not any(mask[name] for name in ('tok_emb/embedding', 'pos_emb', 'uncond_embedding'))
+  assert not any(on for name, on in mask.items() if name.endswith(('bias', 'scale')))
   params = jax.eval_shape(toy.make_task().init_params, jax.random.PRNGKey(0))
-  mask = trainer.weight_decay_mask(nn.unbox(params))['params']
-  assert mask['mlp_in']['kernel'] and mask['head']['kernel'] and mask['embed_in']['kernel']
-  assert not mask['mlp_in']['bias'] and not mask['norm']['scale'] and not mask['norm']['bias']
   # And AdamW really leaves them alone: with zero gradients only decayed leaves move.
   cfg = toy.config()
   cfg.optim.grad_clip = 0.0

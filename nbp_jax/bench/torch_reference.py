@@ -140,11 +140,14 @@ class TorchReference:
 
   def train_step(self, optim: ml_collections.ConfigDict, attention: str = 'explicit'):
     """-> step(batch) -> loss: forward, backward, gradient clipping (optim.grad_clip) and AdamW (optim's betas and
-    decay, matrices only, as nbp-jax's; a constant learning rate) on this model's weights, in place."""
+    decay on the linear maps' weights only, as nbp-jax's; a constant learning rate) on this model's weights, in
+    place."""
     torch = self.torch
     params = [t.requires_grad_() for t in self.parameters()]
-    groups = [{'params': [t for t in params if t.ndim >= 2], 'weight_decay': float(optim.weight_decay)},
-              {'params': [t for t in params if t.ndim < 2], 'weight_decay': 0.0}]
+    embeddings = [self.tok_emb, self.pos_emb] + ([self.uncond] if self.uncond is not None else [])
+    decayed = [t for t in params if t.ndim >= 2 and not any(t is e for e in embeddings)]
+    groups = [{'params': decayed, 'weight_decay': float(optim.weight_decay)},
+              {'params': [t for t in params if not any(t is d for d in decayed)], 'weight_decay': 0.0}]
     opt = torch.optim.AdamW(groups, lr=float(optim.lr), betas=(float(optim.b1), float(optim.b2)))
 
     def step(batch):

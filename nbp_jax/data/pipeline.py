@@ -122,6 +122,9 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     ds = ds.shuffle(seed=seed % 2**32)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  elif drop_remainder and shard_count > 1:
+    # One pass over whole batches: every host gets as many (a collective per batch waits for all of them).
+    ds = ds[:len(ds) // batch_size * batch_size]
   ds = ds[shard_index::shard_count]
   if len(ds) < sys.maxsize and len(ds) < per_host and drop_remainder:
     raise ValueError(f'Split {split!r} has {len(ds)} examples on this host, fewer than one batch of {per_host}; '
