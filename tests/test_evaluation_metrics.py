@@ -33,6 +33,19 @@ def test_frechet_distance_matches_scipy_sqrtm():
   np.testing.assert_allclose(got, want, rtol=1e-8)
 
 
+def test_feature_statistics_are_stylegan_v_s():
+  """StyleGAN-V's FeatureStats (the release's FVD): sums of x and x x^T in float64, then mean = sum / N and
+  covariance = sum(x x^T) / N - mean mean^T (over N, not N - 1)."""
+  x = np.random.RandomState(2).randn(7, 5).astype(np.float32) * 3 + 1
+  x64 = x.astype(np.float64)
+  mean = x64.sum(0) / len(x)
+  cov = x64.T @ x64 / len(x) - np.outer(mean, mean)
+  stats = fvd.feature_stats(x)
+  np.testing.assert_allclose(stats['mu'], mean, rtol=1e-12)
+  np.testing.assert_allclose(stats['sigma'], cov, rtol=1e-10, atol=1e-12)
+  assert int(stats['count']) == 7
+
+
 def test_frechet_distance_rank_deficient_is_finite_self_zero_and_symmetric():
   rng = np.random.RandomState(1)
   a, b = rng.randn(10, 400), rng.randn(10, 400) * 2 + 1  # 10 samples in 400 dims: rank-deficient covariances

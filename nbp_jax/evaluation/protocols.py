@@ -87,7 +87,7 @@ def evaluation_settings(config, workdir: str) -> dict[str, Any]:
   ev = config.eval
   settings = {'sampling': dataclasses.asdict(Sampling.from_config(config.sample)), 'seed': config.seed,
               'block_shape': list(config.nbp.block_shape), 'num_samples': ev.num_samples,
-              'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize,
+              'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'fvd_stats': fvd.STATS_VERSION,
               'fvd_protocols': list(fvd_protocols(config)), 'frame_prediction': frame_prediction_decoding(config),
               'classifier_steps': ev.classifier_steps, **_dataset_key(config, workdir)}
   return json.loads(json.dumps(settings, default=float))  # as read back from the report
@@ -102,7 +102,7 @@ def real_stats(config, workdir: str, split: str, feature_fn, stats_dir: str | No
   ev = config.eval
   path = fvd.stats_cache_path(stats_dir or workdir, **_dataset_key(config, workdir), split=split,
                               resolution=config.data.resolution, frames=ev.fvd_num_frames, resize=ev.fvd_resize,
-                              num=ev.num_samples, seed=config.seed)
+                              num=ev.num_samples, seed=config.seed, version=fvd.STATS_VERSION)
 
   def compute():
     real = _Collector(feature_fn, ev.batch_size)
