@@ -444,10 +444,12 @@ class Checkpointer:
   def refuse_another_function(self, step: int, config: ml_collections.ConfigDict | None, fields: Sequence[str],
                               verb: str, alternative: str = '') -> None:
     """Raises CheckpointMismatchError when `config` differs from checkpoint `step`'s in one of `fields`: params that
-    load (the same shapes) but would compute another function."""
+    load (the same shapes) but would compute another function. No fields (a tokenizer's resume): nothing is read."""
+    if not fields:
+      return
     same_shapes = CheckpointMismatchError('the same parameter shapes, computing another function')
     error = self.naming_config_fields(same_shapes, step, config, verb, alternative, only=fields)
-    if fields and error is not same_shapes:
+    if error is not same_shapes:
       raise error
 
   def storage_error(self, step: int, error: Exception) -> CheckpointReadError:

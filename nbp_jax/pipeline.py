@@ -152,10 +152,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = StageClock()
   shared_stages(config, workdir, clock)
   variants = variant_configs(config, workdir)
+  blocks = {name: 'x'.join(map(str, c.nbp.block_shape)) for name, c in variants.items()}  # '1x8x8'
   rows, grids = {}, []
   for name, c in variants.items():
     vdir = os.path.join(workdir, name)
-    clock.start(f'train_{name}', f'4/5 train {name} (block {"x".join(map(str, c.nbp.block_shape))})')
+    clock.start(f'train_{name}', f'4/5 train {name} (block {blocks[name]})')
     nbp_train.run(c, vdir)
   summary_path = os.path.join(workdir, 'summary.json')
   previous = _load_json(summary_path)
@@ -171,16 +172,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vdir = os.path.join(workdir, name)
     rows[name], report = evaluate_model(c, vdir, names, stats_dir=workdir,
                                         recorded=previous.get('models', {}).get(name) if reuse else None)
-    block = 'x'.join(map(str, c.nbp.block_shape))
-    grids.extend((f'{name} ({block} blocks): {_grid_title(c, vdir, protocol, report["protocols"][protocol])}', path)
+    grids.extend((f'{name} ({blocks[name]} blocks): {_grid_title(c, vdir, protocol, report["protocols"][protocol])}',
+                  path)
                  for protocol, path in report['grids'].items())
   clock.stop()
   summary = {'config': config.name, 'models': rows, 'train_steps': train_steps,
              'stage_seconds': previous.get('stage_seconds', clock.seconds) if reuse else clock.seconds}
   if reuse:
     summary['last_rerun_stage_seconds'] = clock.seconds
-  table = _summary_table(rows, {n: 'x'.join(map(str, c.nbp.block_shape)) for n, c in variants.items()},
-                         config.sample.batch_size, config_lib.context_latent_frames(config) > 0)
+  table = _summary_table(rows, blocks, config.sample.batch_size, config_lib.context_latent_frames(config) > 0)
   if 'ntp' in rows and 'nbp' in rows:
     speedup = rows['nbp']['frames_per_s'] / rows['ntp']['frames_per_s']
     ratio = f'{speedup:.1f}x faster' if speedup >= 1 else f'{1 / speedup:.1f}x slower'

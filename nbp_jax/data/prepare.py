@@ -121,8 +121,9 @@ def class_names(config, workdir: str | None = None) -> list[str]:
   n = config.data.num_classes
 
   def candidates():
-    if workdir is not None and builder.video_location(config, workdir).exists():
-      yield builder.load_info(builder.video_location(config, workdir)).metadata.get('class_names')
+    location = builder.video_location(config, workdir) if workdir is not None else None
+    if location is not None and location.exists():
+      yield builder.load_info(location).metadata.get('class_names')
     if config.data.source == 'synthetic':
       yield [synthetic.motion_name(label) for label in range(n)]
     path = (config.import_.class_names if 'import_' in config else '') or (
