@@ -337,66 +337,60 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     # the sharpness the adversarial loss buys late in a long run.
     c.tokenizer.discriminator_start_step = 10**9  # never
     c.tokenizer.perceptual_weight = 0.0
-    c.nbp.block_shape = (1, 1, 8)  # one latent row: 40 steps per clip instead of 320 (the demo: frames)
+    # One latent row: 40 steps per clip instead of 320. The demo uses frames (below); the study its own shapes.
+    c.nbp.block_shape = (1, 1, 8)
     c.nbp.condition = 'class'
     c.nbp.first_block = 'bov'
     c.nbp.context_frames = 5
     c.nbp.cond_drop_prob = 0.1
     c.model.dropout = 0.0
-    c.optim.lr = 1e-3
+    # The transformer's recipe, the demo's and the study's alike. Measured on this CPU (README, the demo's
+    # settings): at a fixed ~7 minutes per model, 2000 steps of 4 clips at lr 3e-3 on 4096 clips beat 500 of 16 at
+    # 1e-3 on 1024 (NBP val loss 3.48 vs 4.21, frame-prediction PSNR 17.8 vs 17.2): the model is far from its
+    # critical batch, and 1024 clips overfit.
+    c.data.synthetic.num_train = 4096
+    c.data.batch_size = 4
+    c.optim.lr = 3e-3
     c.optim.warmup_steps = 50
-    c.train.num_steps = 500
+    # Session 14 (docs/demo_transformer_settings.md): the position embeddings start as sinusoids of each
+    # position's latent (t, h, w) instead of zeros (val loss 3.92 -> 3.77 at 2000 steps, frame prediction
+    # +0.4 dB, class accuracy 0.45 -> 0.55), and unrolled layers with 512 positions (the clip needs 385) make a
+    # step 0.143 -> 0.116 s, which pays for 2500 steps (frame prediction 19.27 dB, class accuracy 0.63). 3000
+    # steps score a little higher (19.50, 0.73) but the whole demo then took 19.1 min on a slow day of this CPU.
+    c.model.pos_emb_init = 'grid'
+    c.model.scan_layers = False
+    c.model.max_positions = 512
+    c.train.num_steps = 2500
     c.train.log_every = 20
-    c.train.eval_every = 250
+    c.train.eval_every = 1000
     c.train.num_eval_batches = 2
-    c.train.checkpoint_every = 250
+    c.train.checkpoint_every = 1000
     c.train.sample_every = 0
     c.sample.num_samples = 8
     c.sample.batch_size = 8
     c.sample.top_k = 0
     c.sample.top_p = 0.9
-    c.eval.num_samples = 32
+    # PSNR/SSIM score one continuation against the truth: greedy decoding gives the likeliest (19.5 vs 18.9 dB
+    # sampled at top-p 0.9, same model); class samples keep sampling.
+    c.eval.frame_prediction_greedy = True
+    # Class accuracy over 32 samples has a standard error of ~0.09 (steps of 0.03); 64 halve its variance for
+    # about a minute more of evaluation per model.
+    c.eval.num_samples = 64
     c.eval.batch_size = 8
     # The demo's table needs the class-conditional FVD only; I3D on the predicted and reconstructed clips as well
     # would add about 2.5 of its 20 minutes. The study keeps the frame-prediction FVD of its table.
     c.eval.fvd_protocols = 'class' if task == 'demo' else 'class,frame_prediction'
     if task == 'demo':
-      # Measured on this CPU (README, the demo's settings): at a fixed ~7 minutes per model, 2000 steps of 4 clips
-      # at lr 3e-3 on 4096 clips beat 500 of 16 at 1e-3 on 1024 (NBP val loss 3.48 vs 4.21, frame-prediction PSNR
-      # 17.8 vs 17.2): the model is far from its critical batch, and 1024 clips overfit. 2000 steps (2500 since
-      # session 14, below) keep the demo within 20 minutes.
-      c.data.synthetic.num_train = 4096
       # Frame blocks (one latent frame, 64 tokens): 3 decode steps per predicted clip instead of 24 for rows. In
       # session 13's demo run they beat the row 1x1x8 on class accuracy (0.58 vs 0.44), frame prediction (18.2 vs
       # 17.4 dB) and one-clip decode speed-up over NTP (2.2x vs 1.1x), as the block-size study (docs/study.md) found
       # at its budget; class FVD is worse (1528 vs 1393). Each token predicts the one at its place a latent frame on,
       # so "the previous frame's code" is the model's easiest guess.
       c.nbp.block_shape = (1, 8, 8)
-      c.data.batch_size = 4
-      c.optim.lr = 3e-3
-      # Session 14 (docs/demo_transformer_settings.md): the position embeddings start as sinusoids of each
-      # position's latent (t, h, w) instead of zeros (val loss 3.92 -> 3.77 at 2000 steps, frame prediction
-      # +0.4 dB, class accuracy 0.45 -> 0.55), and unrolled layers with 512 positions (the clip needs 385) make a
-      # step 0.143 -> 0.116 s, which pays for 2500 steps (frame prediction 19.27 dB, class accuracy 0.63). 3000
-      # steps score a little higher (19.50, 0.73) but the whole demo then took 19.1 min on a slow day of this CPU.
-      c.model.pos_emb_init = 'grid'
-      c.model.scan_layers = False
-      c.model.max_positions = 512
-      c.train.num_steps = 2500
-      c.train.eval_every = 1000
-      c.train.checkpoint_every = 1000
-      # PSNR/SSIM score one continuation against the truth: greedy decoding gives the likeliest (19.5 vs 18.9 dB
-      # sampled at top-p 0.9, same model); class samples keep sampling.
-      c.eval.frame_prediction_greedy = True
-      # Class accuracy over 32 samples has a standard error of ~0.09 (steps of 0.03); 64 halve its variance for
-      # about a minute more of evaluation per model.
-      c.eval.num_samples = 64
     if task == 'study':
-      # --mode=study (nbp_jax/study.py): the demo's data, tokenizer and transformer, one run per block shape and
-      # seed. The latent grid is 5x8x8, so blocks with t > 1 other than whole clips cannot tile it: the non-row
+      # --mode=study (nbp_jax/study.py): the demo's data, tokenizer and transformer recipe, one run per block shape
+      # and seed. The latent grid is 5x8x8, so blocks with t > 1 other than whole clips cannot tile it: the non-row
       # shapes are 1x2x4 (vs the row 1x1x8) and 1x4x4 (vs two rows, 1x2x8).
-      # Twice the demo's training clips (codes are cheap to make; each run sees every clip about 4 times).
-      c.data.synthetic.num_train = 2048
       c.study = ml_collections.ConfigDict()
       c.study.block_shapes = ((1, 1, 1), (1, 1, 4), (1, 1, 8), (1, 2, 4), (1, 2, 8), (1, 4, 4), (1, 8, 8))
       c.study.seeds = (0, 1)
