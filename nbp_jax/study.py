@@ -192,7 +192,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   study = config.study
   clock = pipeline.StageClock()
   pipeline.shared_stages(config, workdir, clock, total=4)
-  todo = [(tuple(b), int(s)) for b in study.block_shapes for s in study.seeds]
+  # Seed-major: a study stopped early has every block shape at the first seeds.
+  todo = [(tuple(b), int(s)) for s in study.seeds for b in study.block_shapes]
   runs = []
   clock.start('runs', f'4/4 train and evaluate {len(todo)} runs ({len(study.block_shapes)} block shapes x '
               f'{len(study.seeds)} seeds)')
