@@ -2,7 +2,9 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,6 +36,27 @@ def test_rules_from_json_and_uneven_dims():
   # 3 input channels cannot be split 8 ways: that dimension is replicated instead of failing.
   spec = sharding_lib.fit_spec(jax.sharding.PartitionSpec('fsdp', None), (3, 16), mesh)
   assert spec == jax.sharding.PartitionSpec(None, None)
+
+
+def test_params_left_unsplit_by_odd_dimensions_are_warned_about_once(caplog):
+  mesh = parallel.create_mesh((1, 8, 1))
+  rules = (('embed', 'fsdp'), ('mlp', None))
+
+  def leaf(shape, names):
+    return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+
+  # A 3-channel input (odd, 1% of the bytes) beside weights that split: no warning.
+  small = {'conv_in': leaf((3, 64), ('embed', 'mlp')), 'dense': leaf((64, 4096), ('embed', 'mlp'))}
+  with caplog.at_level('WARNING'):
+    sharding_lib.logical_shardings(small, mesh, rules)
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']
+  # An embedding width of 60 over 8 FSDP shards: most bytes stay whole on every device, one warning names them.
+  odd = {'conv_in': leaf((3, 64), ('embed', 'mlp')), 'dense': leaf((60, 4096), ('embed', 'mlp'))}
+  with caplog.at_level('WARNING'):
+    shardings = sharding_lib.logical_shardings(odd, mesh, rules)
+  assert shardings['dense'].spec == jax.sharding.PartitionSpec(None, None)
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warning.startswith('2 of the params') and "['dense'] (60, 4096)" in warning and 'mesh.shape' in warning
 
 
 def _two_steps(mesh, batches, **task_kw):

@@ -67,21 +67,49 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh, name: str =
   return P(*out)
 
 
+# logical_shardings warns when at least this share of the params' bytes lose a mesh axis to an odd dimension:
+# every device then holds those whole, which at scale is the difference between fitting in memory and not.
+UNSHARDED_WARNING_SHARE = 0.05
+
+
 def logical_shardings(abstract: PyTree, mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]) -> PyTree:
   """NamedShardings for the *unboxed* version of `abstract`, a tree whose leaves may be `nn.LogicallyPartitioned`.
 
-  Unnamed leaves are replicated. `abstract` holds ShapeDtypeStructs (from `jax.eval_shape`) or arrays.
+  Unnamed leaves are replicated. `abstract` holds ShapeDtypeStructs (from `jax.eval_shape`) or arrays. Where mesh
+  axes do not divide a dimension (fit_spec) and the leaves concerned are UNSHARDED_WARNING_SHARE or more of all
+  bytes, one warning names the largest and the mesh axes to change.
   """
   rules = normalize_rules(rules)
   specs = nn.get_partition_spec(abstract)  # logical names per leaf; P() for unboxed leaves
   values = nn.unbox(abstract)
+  total_bytes, unsplit = 0, []  # unsplit: (bytes, name, shape, wanted spec) of leaves fit_spec changed
 
   def one(path, spec, value):
+    nonlocal total_bytes
     mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
-    return NamedSharding(mesh, fit_spec(mesh_spec, value.shape, mesh, jax.tree_util.keystr(path)))
+    fitted = fit_spec(mesh_spec, value.shape, mesh, jax.tree_util.keystr(path))
+    size = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+    total_bytes += size
+    if _mesh_ways(mesh, fitted) < _mesh_ways(mesh, mesh_spec):
+      unsplit.append((size, jax.tree_util.keystr(path), tuple(value.shape), mesh_spec))
+    return NamedSharding(mesh, fitted)
 
-  return jax.tree_util.tree_map_with_path(
+  out = jax.tree_util.tree_map_with_path(
       lambda path, spec, value: one(path, spec, value), specs, values, is_leaf=lambda x: isinstance(x, P))
+  unsplit_bytes = sum(u[0] for u in unsplit)
+  if total_bytes and unsplit_bytes >= UNSHARDED_WARNING_SHARE * total_bytes:
+    size, name, shape, spec = max(unsplit)
+    logging.warning(
+        '%d of the params (%.0f%% of their %.1f MiB) are split over fewer devices than mesh.axis_rules ask, because '
+        'the mesh axes do not divide their dimensions; the largest is %s %s (wanted %s on mesh %s). Pick mesh.shape '
+        'sizes that divide the model dimensions (heads, embed, mlp, vocab) to shard them.', len(unsplit),
+        100 * unsplit_bytes / total_bytes, total_bytes / 2**20, name, shape, spec, dict(mesh.shape))
+  return out
+
+
+def _mesh_ways(mesh: jax.sharding.Mesh, spec: P) -> int:
+  """Over how many devices a PartitionSpec splits an array on `mesh`."""
+  return math.prod(_axis_size(mesh, axes) for axes in spec)
 
 
 def match_shardings(tree: PyTree, params: PyTree, param_shardings: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
