@@ -254,20 +254,24 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
           if hasattr(x, 'shape')}
 
 
-def check_shapes(saved: PyTree, wanted: PyTree, what: str, where: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter whose shape (or presence) differs."""
+def shape_mismatch(saved: PyTree, wanted: PyTree, what: str, source: str = 'the checkpoint') -> str | None:
+  """The first {what} whose shape (or presence) differs between `saved` (found in `source`) and `wanted` (this
+  config's), said in a sentence; None when they match."""
   s, w = _shapes(saved), _shapes(wanted)
-  detail = None
   for name in sorted(w):
     if name not in s:
-      detail = f'{what} {name!r} (shape {w[name]}) is missing from the checkpoint.'
-    elif s[name] != w[name]:
-      detail = f'{what} {name!r} has shape {s[name]} in the checkpoint but {w[name]} in this config.'
-    if detail:
-      break
+      return f'{what} {name!r} (shape {w[name]}) is missing from {source}.'
+    if s[name] != w[name]:
+      return f'{what} {name!r} has shape {s[name]} in {source} but {w[name]} in this config.'
   extra = sorted(set(s) - set(w))
-  if detail is None and extra:
-    detail = f'the checkpoint has {what} {extra[0]!r} (shape {s[extra[0]]}) that this config does not have.'
+  if extra:
+    return f'{source} has {what} {extra[0]!r} (shape {s[extra[0]]}) that this config does not have.'
+  return None
+
+
+def check_shapes(saved: PyTree, wanted: PyTree, what: str, where: str) -> None:
+  """Raises CheckpointMismatchError naming the first parameter whose shape (or presence) differs."""
+  detail = shape_mismatch(saved, wanted, what)
   if detail is not None:
     error = CheckpointMismatchError(f'{where}: {detail} It was written by another config: resume with the config it '
                                     'was trained with (WORKDIR/config.json) or start a fresh --workdir.')

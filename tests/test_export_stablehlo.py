@@ -157,6 +157,12 @@ def test_bfloat16_export_builds(tmp_path):
   assert os.path.getsize(written['params']) == 8 + header_len + 2 * num_params
   gen = stablehlo.build(config, reader, batch_size=2, context_frames=1)
   assert gen.inputs[2]['name'] == 'context_codes' and gen.inputs[3]['dtype'] == 'bfloat16'
+  # Weights of another config are named before anything is traced, in both layer layouts.
+  for scan in (True, False):
+    other = _config()
+    other.model.update(mlp_ratio=2 * config.model.mlp_ratio, scan_layers=scan)
+    with pytest.raises(stablehlo.ExportError, match=r"weight 'blocks.*/mlp/fc1/.*' has shape .* in the weights but"):
+      stablehlo.build(other, reader, batch_size=2, context_frames=1)
   # A refused export leaves the earlier one as it was; the next one replaces it whole (no earlier file stays).
   export_dir = os.path.dirname(written['params'])
   open(os.path.join(export_dir, 'context_3.mp4'), 'w').close()  # as from an earlier export of a larger batch

@@ -37,6 +37,7 @@ from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.export import safetensors_io
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import train as nbp_train
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec
 from nbp_jax.nbp.spec import spec_from_config
@@ -118,6 +119,7 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
   t_names = sorted(params)
   k_names = sorted(tokenizer[1]) if tokenizer is not None else []
   t_arrays = [np.asarray(params[n]) for n in t_names]
+  _check_weights(dict(zip(t_names, t_arrays)), spec)
   k_arrays = [np.asarray(tokenizer[1][n]) for n in k_names] if tokenizer is not None else []
   if not embed_params:
     inputs += [_spec_entry(f'params/{n}', a.shape, a.dtype, file=PARAMS_FILE, tensor=n)
@@ -167,6 +169,18 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
                                                             conv_impl=tokenizer[0].conv_impl))
   return Generation(fn=fn, inputs=inputs, outputs=outputs, weights=[] if embed_params else t_arrays + k_arrays,
                     info=info)
+
+
+def _check_weights(weights: Mapping[str, np.ndarray], spec: Spec) -> None:
+  """Raises ExportError naming the first weight whose name or shape is not what `spec`'s model has (tracing the
+  generator with them would fail deep inside a layer instead)."""
+  shapes = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in weights.items()}
+  stack = lambda layers: jax.ShapeDtypeStruct((len(layers),) + layers[0].shape, layers[0].dtype)
+  given = safetensors_io.unflatten(shapes, scan_layers=spec.model.scan_layers, stack=stack)
+  detail = checkpoint_lib.shape_mismatch(given, nbp_train.abstract_params(spec), 'weight', 'the weights')
+  if detail is not None:
+    raise ExportError(f'{detail} The weights were made by another config: build with the config they were trained '
+                      'with (WORKDIR/config.json, or the export\'s config.json).')
 
 
 def export(gen: Generation, out_dir: str, platforms: Sequence[str] = ()) -> tuple[str, str]:
