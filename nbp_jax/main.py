@@ -184,6 +184,8 @@ def main(argv: list[str]) -> None:
       _remove_empty_dirs(first_new)  # a failed command leaves no empty new folders behind
     if isinstance(e, errors.UserError):
       _fail(e)
+    if isinstance(e, errors.Preempted):  # the trainer said where it saved
+      sys.exit(e.exit_status)
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
       _fail(errors.UserError(f'{e.strerror}: {e.filename or workdir} (--workdir={workdir}); free space or give a '
                              'folder this user can write.'))

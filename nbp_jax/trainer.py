@@ -10,7 +10,8 @@ out_shardings=...)`); FSDP shards both. Metrics go to TensorBoard (with the conf
 as images), WORKDIR/metrics.jsonl and a progress bar; checkpoints (with the data-iterator state) to
 WORKDIR/checkpoints; `train.profile_steps` > 0 traces that many steps with jax.profiler into WORKDIR/profile. A
 killed run resumes from the latest complete checkpoint and repeats the same loss sequence; SIGTERM or Ctrl-C saves at
-the next step boundary and returns; a non-finite loss stops training without saving the bad state.
+the next step boundary and raises errors.Preempted (nothing after training runs); a non-finite loss stops training
+without saving the bad state.
 
 Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
 config.data.batch_size / jax.process_count()): a grain DatasetIterator / DataLoaderIterator (its state is
@@ -569,7 +570,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
           *, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """Trains `task` for config.train.num_steps steps, resuming from WORKDIR/checkpoints if there are any.
 
-  Returns the final state (sharded over the mesh). Raises NonFiniteLossError on a NaN/Inf loss or gradient.
+  Returns the final state (sharded over the mesh). Raises NonFiniteLossError on a NaN/Inf loss or gradient, and
+  errors.Preempted once a SIGTERM or Ctrl-C has been answered by a checkpoint.
   """
   tc = config.train
   num_steps = int(tc.num_steps)
@@ -632,7 +634,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
         logging.warning(msg)
         if primary:
           print(msg, flush=True)
-        break
+        raise errors.Preempted(msg, preemption.reason)
     logger.flush()
   finally:
     profiler.stop()

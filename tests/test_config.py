@@ -281,17 +281,27 @@ def test_cli_wrong_flags_and_workdirs_are_one_line(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
 
 
-def test_ctrl_c_in_a_stage_that_does_not_handle_it_stops_in_one_line(tmp_path):
+def test_ctrl_c_in_a_stage_that_does_not_handle_it_stops_in_one_line_and_a_preempted_one_exits_as_the_signal(
+    tmp_path):
   script = """import sys
-from nbp_jax import main
+from nbp_jax import errors, main
 main.parse_flags(sys.argv)
 def interrupted(config, workdir):
   raise KeyboardInterrupt
-main.resolve_stage = lambda mode: interrupted
-main.main(sys.argv[:1])"""
+def preempted(config, workdir):
+  raise errors.Preempted('Preempted (SIGTERM): saved W/checkpoints/7', 'SIGTERM')
+for stage in (interrupted, preempted):
+  main.resolve_stage = lambda mode: stage
+  try:
+    main.main(sys.argv[:1])
+  except SystemExit as e:
+    print('exit', e.code, flush=True)"""
   out = subprocess.run([sys.executable, '-c', script, '--config=configs/demo.py', f'--workdir={tmp_path / "w"}',
                         '--mode=prepare_data'], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 130 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  # Training answers SIGTERM / Ctrl-C with a checkpoint and a line of its own, then raises Preempted: main exits as
+  # the signal would (143 = 128 + SIGTERM), so that neither later stages nor a scheduler take the run as finished.
+  assert out.stdout.split() == ['exit', '130', 'exit', '143'], out.stdout
   assert out.stderr.strip() == ('Interrupted (--mode=prepare_data); the same command starts it again (reusing what '
                                 'earlier runs finished).')
   assert not (tmp_path / 'w').exists()  # the folder it created, empty, is gone

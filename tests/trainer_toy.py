@@ -117,6 +117,10 @@ if __name__ == '__main__':
   # python tests/trainer_toy.py WORKDIR DELAY_S: the run that tests/test_checkpoint.py kills or preempts.
   import sys  # pylint: disable=g-import-not-at-top
 
+  from nbp_jax import errors  # pylint: disable=g-import-not-at-top
   from nbp_jax import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train(reference_config(), sys.argv[1], make_task(), dataset(16, delay_s=float(sys.argv[2])),
-                eval_data=lambda: iter(dataset(16, seed=1)))
+  try:
+    trainer.train(reference_config(), sys.argv[1], make_task(), dataset(16, delay_s=float(sys.argv[2])),
+                  eval_data=lambda: iter(dataset(16, seed=1)))
+  except errors.Preempted as e:  # as nbp_jax.main ends a preempted stage
+    sys.exit(e.exit_status)

@@ -126,8 +126,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   eval_data = pipeline.make_dataset(tconfig, workdir, 'eval', seed=0)  # re-iterated from the start at every eval
   state = trainer.train(tconfig, tdir, task, train_data, eval_data)
   step = int(jax.device_get(state.step))
-  if step < tconfig.train.num_steps:  # preempted: the checkpoint is saved; leave at once
-    return {'step': step}
   eval_path = os.path.join(tdir, 'eval.json')
   num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
   eval_clips = num_clips - num_clips % tconfig.data.batch_size
