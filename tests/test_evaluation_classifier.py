@@ -53,7 +53,8 @@ def _clips(count, seed0, num_classes=4):
 def test_classifier_separates_the_synthetic_classes_and_shuffled_labels_fall_to_chance():
   train_videos, train_labels = _clips(128, 0)
   test_videos, test_labels = _clips(32, 10_000)
-  params = classifier.train(train_videos, train_labels, 4, steps=100, batch_size=16, progress=False)
+  params = classifier.train(classifier.Clips.from_arrays(train_videos, train_labels), 4, steps=100, batch_size=16,
+                            progress=False)
   predict = classifier.make_predict_fn(params, 4)
   predicted = predict(test_videos)
   assert predicted.shape == (32,) and predicted.dtype == np.int32
@@ -63,16 +64,23 @@ def test_classifier_separates_the_synthetic_classes_and_shuffled_labels_fall_to_
   assert classifier.accuracy(predict(test_videos), (test_labels + 1) % 4) <= 0.1
 
 
-def test_cached_classifier_trains_once(tmp_path):
-  videos, labels = _clips(16, 0)
-  calls = []
+def test_cached_classifier_trains_once_reading_only_the_batches_it_draws(tmp_path):
+  videos, labels = _clips(48, 0)
+  calls, read = [], []
 
-  def videos_fn():
+  def clips_fn():
     calls.append(1)
-    return videos, labels
+
+    def reader(indices):
+      read.extend(indices.tolist())
+      return videos[indices], labels[indices]
+
+    return classifier.Clips(len(labels), reader)
 
   key = {'dataset': 'synthetic_test', 'split': 'train'}
-  first = classifier.cached_classifier(str(tmp_path), key, videos_fn, 4, 9, steps=5)
-  second = classifier.cached_classifier(str(tmp_path), key, videos_fn, 4, 9, steps=5)
+  first = classifier.cached_classifier(str(tmp_path), key, clips_fn, 4, 9, steps=5)
+  second = classifier.cached_classifier(str(tmp_path), key, clips_fn, 4, 9, steps=5)
   assert len(calls) == 1
   np.testing.assert_array_equal(first(videos), second(videos))
+  # One clip for the shapes, then 5 steps of 32 distinct clips of the 48: only what a step draws is read.
+  assert len(read) == 1 + 5 * 32 and all(len(set(read[1 + 32 * i:33 + 32 * i])) == 32 for i in range(5))

@@ -15,6 +15,7 @@ classes and steps), so every model evaluated on the same data is scored by the s
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,14 +66,33 @@ class VideoClassifier(nn.Module):
     return nn.Dense(self.num_classes, name='head')(jnp.mean(x, axis=(1, 2)))
 
 
-def train(videos: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int, batch_size: int = 32,
-          lr: float = 5e-3, seed: int = 0, progress: bool = True):
-  """Trains a VideoClassifier on uint8 clips [N, T, H, W, 3] with int labels [N]; returns its params."""
-  videos, labels = np.asarray(videos), np.asarray(labels, np.int32)
-  if len(videos) != len(labels) or not len(labels):
-    raise ValueError(f'classifier.train needs as many labels as clips; got {len(videos)} clips, {len(labels)} labels.')
+@dataclasses.dataclass(frozen=True)
+class Clips:
+  """Labelled clips read a batch at a time, so that training never holds a whole split (UCF-101's is ~8 GB).
+
+  count: how many clips; read: indices [n] int -> (uint8 clips [n, T, H, W, 3], int labels [n]).
+  """
+  count: int
+  read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+  @classmethod
+  def from_arrays(cls, videos: np.ndarray, labels: np.ndarray) -> Clips:
+    videos, labels = np.asarray(videos), np.asarray(labels, np.int32)
+    if len(videos) != len(labels):
+      raise ValueError(f'classifier clips need as many labels as clips; got {len(videos)} clips, {len(labels)} '
+                       'labels.')
+    return cls(len(labels), lambda idx: (videos[idx], labels[idx]))
+
+
+def train(clips: Clips, num_classes: int, *, steps: int, batch_size: int = 32, lr: float = 5e-3, seed: int = 0,
+          progress: bool = True):
+  """Trains a VideoClassifier on `clips` (batches drawn without replacement, each step on its own); returns its
+  params."""
+  if not clips.count:
+    raise ValueError('classifier.train needs at least one clip.')
   model = VideoClassifier(num_classes)
-  dummy = jnp.zeros((1,) + videos.shape[1:], jnp.float32)
+  first, _ = clips.read(np.zeros((1,), np.int64))
+  dummy = jnp.zeros(first.shape, jnp.float32)
   params = trainer.jit_init(lambda r: model.init(r, dummy)['params'], jax.random.key(seed))
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2)),
                     weight_decay=1e-4)
@@ -88,10 +108,10 @@ def train(videos: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: in
     return optax.apply_updates(params, updates), opt_state, loss
 
   order = np.random.default_rng(seed)
-  batch_size = min(batch_size, len(labels))
+  batch_size = min(batch_size, clips.count)
   for _ in tqdm(range(steps), desc='eval classifier', leave=False, disable=not progress):
-    idx = order.choice(len(labels), batch_size, replace=False)
-    params, opt_state, _ = step(params, opt_state, jnp.asarray(videos[idx]), jnp.asarray(labels[idx]))
+    videos, labels = clips.read(order.choice(clips.count, batch_size, replace=False))
+    params, opt_state, _ = step(params, opt_state, jnp.asarray(videos), jnp.asarray(labels, jnp.int32))
   return params
 
 
@@ -109,12 +129,12 @@ def make_predict_fn(params, num_classes: int, batch_size: int = 64) -> Callable[
   return predict
 
 
-def cached_classifier(cache_dir: str, key: dict, videos_fn: Callable[[], tuple[np.ndarray, np.ndarray]],
-                      num_classes: int, num_frames: int, steps: int) -> Callable[[np.ndarray], np.ndarray]:
-  """The predict function of the classifier described by `key`, trained on `videos_fn()` once and cached.
+def cached_classifier(cache_dir: str, key: dict, clips_fn: Callable[[], Clips], num_classes: int, num_frames: int,
+                      steps: int) -> Callable[[np.ndarray], np.ndarray]:
+  """The predict function of the classifier described by `key`, trained on `clips_fn()` once and cached.
 
   key: what identifies the training data (dataset name, split, clip count); classes, frames and steps are added.
-  videos_fn: () -> (uint8 clips [N, num_frames, H, W, 3], labels [N]); called only when nothing is cached.
+  clips_fn: () -> the training Clips (of num_frames frames); called only when nothing is cached.
   """
   key = {**key, 'num_classes': int(num_classes), 'num_frames': int(num_frames), 'steps': int(steps)}
   digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -126,8 +146,7 @@ def cached_classifier(cache_dir: str, key: dict, videos_fn: Callable[[], tuple[n
     with open(path, 'rb') as f:
       params = flax.serialization.from_bytes(template['params'], f.read())
   else:
-    videos, labels = videos_fn()
-    params = train(videos, labels, num_classes, steps=steps)
+    params = train(clips_fn(), num_classes, steps=steps)
     if parallel.is_primary():
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tmp = path + '.tmp'

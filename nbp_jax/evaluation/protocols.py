@@ -163,13 +163,21 @@ def _num_batches(num: int, batch_size: int) -> int:
 
 
 def eval_classifier(config, workdir: str, stats_dir: str | None = None):
-  """The class-accuracy classifier of config's dataset (trained on every train clip once, cached in STATS_DIR)."""
+  """The class-accuracy classifier of config's dataset (trained on batches drawn from its train split, cached in
+  STATS_DIR)."""
   split = 'train'
   num = pipeline.num_examples(config, workdir, split)
 
   def train_clips():
-    batches = list(_real_batches(config, workdir, split, num, config.eval.batch_size))
-    return (np.concatenate([b['video'] for b in batches]), np.concatenate([b['label'] for b in batches]))
+    # Every clip of the split in _real_batches' order (config.seed's permutation), read where a step needs it.
+    ds = pipeline.make_dataset(config, workdir, split, seed=config.seed, shard_index=0, shard_count=1, batch_size=1,
+                               shuffle=True, num_epochs=1, drop_remainder=False)
+
+    def read(indices):
+      clips = [ds[int(i)] for i in indices]
+      return np.concatenate([c['video'] for c in clips]), np.concatenate([c['label'] for c in clips])
+
+    return classifier_lib.Clips(len(ds), read)
 
   key = {**_dataset_key(config, workdir), 'split': split, 'num_clips': num, 'seed': config.seed}
   return classifier_lib.cached_classifier(stats_dir or workdir, key, train_clips, config.data.num_classes,
