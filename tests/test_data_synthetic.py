@@ -1,5 +1,7 @@
 """Synthetic videos (deterministic, distinct motion per class) and video file I/O."""
 
+import subprocess
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -113,6 +115,11 @@ def test_unreadable_files_raise_naming_the_file(tmp_path):
     video_io.read_video(str(garbage))
   with pytest.raises(video_io.VideoReadError, match='no such file'):
     video_io.read_video(str(tmp_path / 'missing.mp4'))
+  # A file with sound only (an .m4a renamed, a music track) says so, not an ffmpeg option error.
+  audio = tmp_path / 'song.mp4'
+  subprocess.run([video_io.ffmpeg_exe(), '-v', 'error', '-f', 'lavfi', '-i', 'sine=d=0.2', str(audio)], check=True)
+  with pytest.raises(video_io.VideoReadError, match=r'song.mp4: no video stream: the file holds audio only'):
+    video_io.read_video(str(audio))
 
 
 def test_truncated_file_is_rejected(tmp_path):

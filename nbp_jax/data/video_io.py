@@ -113,6 +113,10 @@ def read_video(path: str, *, fps: float | None = None, resolution: int | None = 
     raise VideoReadError(path, f'decoding took longer than {timeout:g} s.') from e
   log = proc.stderr.decode('utf-8', errors='replace')
   if proc.returncode != 0:
+    if "Stream map '0:v:0' matches no streams" in log:
+      kinds = sorted(set(re.findall(r'Stream #\S+.*?: (\w+):', log.partition('Output #0')[0])))
+      raise VideoReadError(path, f'no video stream: the file holds {" and ".join(kinds).lower() or "no streams"} '
+                           'only; give a video file.')
     raise VideoReadError(path, f'ffmpeg could not decode it ({_last_error(log)}).')
   info = _parse_ffmpeg_log(log)
   size = info.output_size or ((resolution, resolution) if resolution else None)
