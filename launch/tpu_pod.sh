@@ -7,8 +7,10 @@
 #     launch/tpu_pod.sh all configs/k600_3b.py --config.optim.lr=2e-4
 #
 # Steps (run one at a time, or `all` = create + setup + train):
-#   create   create the slice if it does not exist (ACCELERATOR, RUNTIME; SPOT=1 for spot capacity)
+#   create   create the slice if it does not exist (ACCELERATOR; RUNTIME, default the one Google lists for its
+#            generation; SPOT=1 for spot capacity)
 #   setup    copy this checkout (git archive of HEAD) to every worker and install it (jax[tpu] + requirements.txt)
+#            into a virtual environment of PYTHON (default python3.11, installed with apt where missing)
 #   train    start training on every worker in the background; logs in ~/nbp-jax/train.log on each worker
 #            (MODE=eval, sample, pipeline, ...: that mode instead; every mode but import/export runs on all hosts)
 #   logs     follow worker 0's log
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -33,7 +35,16 @@ shift
 : "${ZONE:?set ZONE (e.g. us-east5-a)}"
 PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
 ACCELERATOR="${ACCELERATOR:-v5p-8}"
-RUNTIME="${RUNTIME:-v2-alpha-tpuv5}"
+# The TPU software version Google lists for JAX on each generation (cloud.google.com/tpu/docs/runtimes).
+case "$ACCELERATOR" in
+  v6e*) default_runtime=v2-alpha-tpuv6e ;;
+  v5p*) default_runtime=v2-alpha-tpuv5 ;;
+  v5litepod* | v5e*) default_runtime=v2-alpha-tpuv5-lite ;;
+  *) default_runtime=tpu-ubuntu2204-base ;;
+esac
+RUNTIME="${RUNTIME:-$default_runtime}"
+# The project needs Python >= 3.11; these images are Ubuntu 22.04, whose python3 is 3.10 (setup installs 3.11).
+PYTHON="${PYTHON:-python3.11}"
 REMOTE_DIR="${REMOTE_DIR:-nbp-jax}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,7 +76,10 @@ setup() {
   gc scp "$tarball" "$TPU_NAME:~/nbp-jax.tar.gz" --worker=all
   rm -f "$tarball"
   on_all_workers "set -e; rm -rf ~/$REMOTE_DIR; mkdir -p ~/$REMOTE_DIR; tar -xzf ~/nbp-jax.tar.gz -C ~/$REMOTE_DIR; \
-    cd ~/$REMOTE_DIR; python3 -m venv .venv; .venv/bin/pip install -q --upgrade pip; \
+    cd ~/$REMOTE_DIR; \
+    command -v $PYTHON >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $PYTHON $PYTHON-venv; }; \
+    $PYTHON -c 'import sys; assert sys.version_info >= (3, 11), \"nbp-jax needs Python >= 3.11, $PYTHON is \" + sys.version'; \
+    $PYTHON -m venv .venv; .venv/bin/pip install -q --upgrade pip; \
     .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==$JAX_VERSION' \
       -f https://storage.googleapis.com/jax-releases/libtpu_releases.html; \
     .venv/bin/pip install -q --no-deps -e ."

@@ -147,7 +147,10 @@ def main(argv: list[str]) -> None:
                            '--workdir=W, --config=FILE, --config.section.field=value (see --help).'))
   quiet_logs()
   from nbp_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  multi_process = distributed.initialize_distributed()  # multi-host: before any other JAX use (a no-op on one host)
+  try:
+    multi_process = distributed.initialize_distributed()  # multi-host: before any other JAX use (no-op on one host)
+  except errors.UserError as e:
+    _fail(e)
   mode = _MODE.value
   if multi_process and mode in _SINGLE_PROCESS_MODES:
     _fail(errors.UserError(f'--mode={mode} converts files on one process, and this is one of several '

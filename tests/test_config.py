@@ -232,8 +232,11 @@ def test_cli_expected_errors_are_one_line_and_leave_no_empty_workdir(tmp_path):
   assert 'No checkpoint in' in line and 'train first (--mode=train' in line
   workdir.rmdir()
   line = _one_line_error(run_main('--config=configs/demo.py', f'--workdir={workdir}', '--mode=train'))
-  assert '--mode=prepare_data, then --mode=train_tokenizer, then --mode=tokenize' in line, line
+  assert '--mode=prepare_data, then --mode=train_tokenizer, then --mode=tokenize (or --mode=pipeline' in line, line
   assert not workdir.exists()
+  # A paper preset is not offered the pipeline (it would train and evaluate an NTP model beside it, for days).
+  line = _one_line_error(run_main('--config=configs/k600_700m.py', f'--workdir={workdir}', '--mode=train'))
+  assert line.endswith('then --mode=tokenize. Or encode clips on the fly with --config.data.use_tokenized=False.')
   line = _one_line_error(run_main('--config=configs/k600_700m.py', f'--workdir={workdir}', '--mode=import',
                               f'--config.import_.checkpoint={tmp_path}/missing.ckpt'))
   assert 'missing.ckpt does not exist' in line

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax.parallel import distributed
@@ -143,3 +144,13 @@ def test_distributed_detection_from_environment():
   assert want({'NBP_DISTRIBUTED': '0', 'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}) is None
   assert not parallel.initialize_distributed({})  # single process: nothing to do
   assert parallel.is_primary()
+
+
+def test_a_failed_distributed_start_is_a_user_error_naming_the_way_out(monkeypatch):
+  def unreachable(**kwargs):
+    raise RuntimeError(f'DEADLINE_EXCEEDED: no coordinator at {kwargs["coordinator_address"]}')
+
+  monkeypatch.setattr(jax.distributed, 'initialize', unreachable)
+  with pytest.raises(errors.UserError, match=r'no coordinator at 10.0.0.1:1234.*or set NBP_DISTRIBUTED=0'):
+    parallel.initialize_distributed({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '2',
+                                     'JAX_PROCESS_ID': '1'})

@@ -187,7 +187,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
              tokenizer_load.tokenizer_workdir(config, workdir))
     raise errors.MissingError(
         f'Nothing to train on yet ({where} does not exist). Run first, in order, with the same --config and '
-        f'--workdir: {", then ".join(f"--mode={m}" for m in missing)} (or --mode=pipeline, which runs every stage).'
+        f'--workdir: {", then ".join(f"--mode={m}" for m in missing)}'
+        # The pipeline also trains and evaluates an NTP model beside this one: a toy's minutes, a paper preset's days.
+        + (' (or --mode=pipeline, which runs every stage).' if config.data.source == 'synthetic' else '.')
         + (' Or encode clips on the fly with --config.data.use_tokenized=False.' if config.data.use_tokenized else ''))
   try:
     tok_model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)

@@ -51,6 +51,10 @@ def _wants_distributed(env: Mapping[str, str]) -> str | None:
   return None
 
 
+class DistributedInitError(errors.UserError, RuntimeError):
+  """jax.distributed could not start (a wrong coordinator address, a process that never came)."""
+
+
 def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
   """Joins the distributed run if the environment asks for one; returns True if this is a multi-process run.
 
@@ -73,7 +77,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(
+    raise DistributedInitError(
         f'jax.distributed.initialize failed ({reason}): {e}. Check that every process sees the same '
         'coordinator address and port, or set NBP_DISTRIBUTED=0 for a single-process run.') from e
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
