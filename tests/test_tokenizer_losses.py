@@ -187,3 +187,25 @@ def test_hinge_and_lecam_values():
   # relu(real + 0.5) = (2.5, 1, 0); relu(0.25 - fake) = (2.25, 0.25, 0).
   np.testing.assert_allclose(float(losses.lecam_loss(real, fake, 0.25, -0.5)),
                              (2.5 ** 2 + 1.0) / 3 + (2.25 ** 2 + 0.25 ** 2) / 3, rtol=1e-6)
+
+
+def test_the_discriminator_optimizer_starts_with_the_gan_as_a_fresh_adam():
+  """No discriminator updates before tokenizer.discriminator_start_step; the first one after is a first Adam step
+  (bias-corrected moments of one gradient: lr * g / |g| per weight, plus decay), not one whose bias correction
+  was spent counting idle steps."""
+  start, lr, decay = 20, 1e-2, 1e-4
+  config = _config(discriminator_start_step=start, warmup_steps=0, discriminator_lr=lr, weight_decay=decay,
+                   grad_clip=1e9, b1=0.5, b2=0.9)
+  optimizer, _ = T.make_optimizer_fn(config)()
+  update = jax.jit(optimizer.update)
+  params = {'generator': {'kernel': jnp.ones((3,))}, 'discriminator': {'kernel': jnp.ones((3,))}}
+  grads = {'generator': {'kernel': jnp.zeros((3,))}, 'discriminator': {'kernel': jnp.asarray([0.5, -2.0, 0.25])}}
+  state = optimizer.init(params)
+  for step in range(start):
+    idle = {'generator': grads['generator'], 'discriminator': {'kernel': jnp.zeros((3,))}}  # the loss's gate
+    updates, state = update(idle, state, params)
+    assert _norm(updates['discriminator']) == 0.0, step
+  updates, state = update(grads, state, params)
+  g = np.asarray(grads['discriminator']['kernel'])
+  first_adam = -lr * (g / (np.abs(g) + 1e-8) + decay * 1.0)  # cosine at its step 0: the full lr
+  np.testing.assert_allclose(np.asarray(updates['discriminator']['kernel']), first_adam, rtol=1e-5)

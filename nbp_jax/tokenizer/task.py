@@ -135,7 +135,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
 
 def make_optimizer_fn(config: ml_collections.ConfigDict):
   """() -> (optax.multi_transform, the generator's schedule): AdamW per network (own lr, warmup + cosine, clipping;
-  weight decay on kernels as the trainer's), SGD for the LeCam EMAs."""
+  weight decay on kernels as the trainer's; the discriminator's from tokenizer.discriminator_start_step on), SGD for
+  the LeCam EMAs."""
   tok = config.tokenizer
 
   def chain(schedule):
@@ -146,10 +147,17 @@ def make_optimizer_fn(config: ml_collections.ConfigDict):
   def make():
     g_schedule = trainer.learning_rate_schedule(tok.lr, tok.warmup_steps, tok.num_steps)
     start = max(int(tok.discriminator_start_step), 0)
-    d_after = trainer.learning_rate_schedule(tok.discriminator_lr, tok.warmup_steps, max(tok.num_steps - start, 1))
-    # Zero learning rate (so no weight decay either) until the discriminator starts.
-    d_schedule = optax.join_schedules([optax.constant_schedule(0.0), d_after], [start]) if start else d_after
-    transforms = {'generator': chain(g_schedule), 'discriminator': chain(d_schedule)}
+    if start >= tok.num_steps:  # the GAN never starts: no discriminator updates (no weight decay either)
+      discriminator = chain(optax.constant_schedule(0.0))
+    else:
+      discriminator = chain(trainer.learning_rate_schedule(tok.discriminator_lr, tok.warmup_steps,
+                                                           max(tok.num_steps - start, 1)))
+    if 0 < start < tok.num_steps:
+      # Zero updates until the GAN starts, and Adam's moments, bias correction and schedule counted from there,
+      # as an optimizer created at the start step: stepping it through the idle steps on zero gradients left the
+      # bias correction spent, and the first real updates were (1 - b1) / sqrt(1 - b2) times Adam's.
+      discriminator = optax.transforms.conditionally_mask(discriminator, lambda count: count >= start)
+    transforms = {'generator': chain(g_schedule), 'discriminator': discriminator}
     if tok.lecam_weight > 0:
       transforms['lecam'] = optax.sgd(1.0 - tok.lecam_decay)
     # Labels as a prefix tree ({'generator': 'generator', ...}): works for boxed and unboxed parameters alike.
