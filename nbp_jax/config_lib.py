@@ -144,6 +144,7 @@ def tokenizer_config(size: str) -> ml_collections.ConfigDict:
   c.warmup_steps = 1000
   c.num_steps = 100_000
   c.batch_size = 64
+  c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size must be a multiple)
   c.num_samples = 4  # held-out clips reconstructed side by side (mp4 + PNG grid) at train.sample_every and the end
   c.tokenize_batch_size = 16  # --mode=tokenize: clips encoded at once per host
   return c
@@ -592,6 +593,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
     _require(tok.get('norm', 'group') != 'group' or (tok.channels * mult) % tok.num_groups == 0,
              f'tokenizer.num_groups={tok.num_groups} does not divide stage {i} width {tok.channels * mult}; '
              'change tokenizer.num_groups or tokenizer.channels.')
+  if mode in ('train_tokenizer', 'pipeline', 'study'):
+    accum = int(tok.get('grad_accum_steps', 1))
+    _require(accum >= 1, f'tokenizer.grad_accum_steps={accum} must be >= 1 (1 = no accumulation).')
+    _require(tok.batch_size >= 1 and tok.batch_size % accum == 0,
+             f'tokenizer.batch_size={tok.batch_size} must be a positive multiple of tokenizer.grad_accum_steps={accum} '
+             '(each optimizer step averages that many equal micro-batches).')
   mesh = tuple(config.mesh.shape)
   _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1,
            f'mesh.shape={mesh} must give 3 sizes for {MESH_AXES} with at most one -1.')

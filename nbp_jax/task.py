@@ -38,6 +38,8 @@ class Task:
     write_samples: optional host-side callback (params, step, workdir) that writes sample videos/grids.
     function_fields: config fields that change what the params compute without changing their shapes: a resume
       whose config differs from the checkpoint's in one of them is refused (checkpoint.FUNCTION_FIELDS).
+    batch_fields: the config fields of the global batch and its accumulation, as the trainer's errors name them.
+    stability_fields: what to change after a non-finite loss, as the trainer's error says it.
   """
   name: str
   init_params: Callable[[jax.Array], PyTree]
@@ -48,3 +50,5 @@ class Task:
   prepare_batch: Callable[[Batch], Batch] | None = None
   write_samples: Callable[[PyTree, int, str], None] | None = None
   function_fields: tuple[str, ...] = ()
+  batch_fields: tuple[str, str] = ('data.batch_size', 'optim.grad_accum_steps')
+  stability_fields: str = 'lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip'

@@ -300,8 +300,8 @@ def _as_iterator(data: Any) -> Iterator:
   return iter(data)
 
 
-def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int) -> int:
-  """Returns the global batch size; errors name data.batch_size and the mesh when it cannot be split."""
+def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int, task: Task) -> int:
+  """Returns the global batch size; errors name the task's batch fields and the mesh when it cannot be split."""
   sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch)}
   if len(sizes) != 1:
     raise ValueError(f'batch leaves disagree on the batch size: {sorted(sizes)}.')
@@ -309,9 +309,9 @@ def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int) -> int:
   shards = sharding_lib.num_batch_shards(setup.mesh, setup.rules)
   if global_batch % (shards * grad_accum_steps):
     raise ValueError(
-        f'global batch {global_batch} (data.batch_size) is not divisible by the {shards} batch shards of the mesh '
-        f'(mesh.shape={tuple(setup.mesh.shape.values())}, batch over {sharding_lib.batch_axes(setup.rules)}) x '
-        f'optim.grad_accum_steps={grad_accum_steps}; change one of them.')
+        f'global batch {global_batch} ({task.batch_fields[0]}) is not divisible by the {shards} batch shards of the '
+        f'mesh (mesh.shape={tuple(setup.mesh.shape.values())}, batch over {sharding_lib.batch_axes(setup.rules)}) '
+        f'x {task.batch_fields[1]}={grad_accum_steps}; change one of them.')
   return global_batch
 
 
@@ -467,7 +467,7 @@ class _StepLogger:
         f'loss={m["loss"]} grad_norm={m["grad_norm"]} at step {step}: training stopped and this state was not '
         f'saved. The last good checkpoint is ' +
         (f'{self.ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
-        '. Lower optim.lr, raise optim.warmup_steps or lower optim.grad_clip, check the data, then rerun with '
+        f'. To go on: {self.task.stability_fields}, check the data, then rerun with '
         'the same --workdir to resume from it.')
 
 
@@ -603,7 +603,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
       local = _next_batch(train_iter, step, num_steps)
       first = step == start
       if first:
-        logger.global_batch = _check_batch(local, setup, accum)
+        logger.global_batch = _check_batch(local, setup, accum, task)
         t0 = time.perf_counter()
         _say(primary, f'{label}: compiling the train step ...')
       profiler.before_step(step)

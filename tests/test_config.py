@@ -84,6 +84,8 @@ def _demo():
     ('eval.num_samples', 1, 'eval.num_samples=1: an FVD needs at least 2 clips a set'),
     ('eval.batch_size', 0, 'eval.batch_size=0 must be >= 1'),
     ('optim.grad_accum_steps', 0, 'optim.grad_accum_steps=0 must be >= 1'),
+    ('tokenizer.grad_accum_steps', 3, 'tokenizer.batch_size=8 must be a positive multiple of '
+                                      'tokenizer.grad_accum_steps=3'),
     ('model.param_dtype', 'fp32', "model.param_dtype='fp32' is unknown"),
     ('export.platforms', ('cpu', 'gpu'), "export.platforms has 'gpu' (jax's name for NVIDIA GPUs is 'cuda')"),
 ])
@@ -92,7 +94,7 @@ def test_bad_field_names_the_field(field, value, expected):
   section, name = field.split('.')
   (c.data if section == 'synthetic' else c)[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=re.escape(expected)) as info:
-    config_lib.validate(c, 'eval' if section == 'eval' else 'train')
+    config_lib.validate(c, {'eval': 'eval', 'tokenizer': 'train_tokenizer'}.get(section, 'train'))
   assert '\n' not in str(info.value)
 
 

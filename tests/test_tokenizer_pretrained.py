@@ -33,12 +33,20 @@ def test_bundled_tokenizer_installs_and_reconstructs_fresh_clips(tmp_path):
   assert psnr(recon) > psnr(mean_colour) + 5.0, (psnr(recon), psnr(mean_colour))
 
 
-def test_bundled_tokenizer_is_refused_for_other_settings(tmp_path):
+def test_bundled_tokenizer_is_refused_for_another_architecture_or_recipe(tmp_path):
+  # The architecture, and the training recipe too: a config asking for a GAN phase, another loss, learning rate
+  # or accumulation would otherwise get the bundled tokenizer under its name, with its own recipe recorded.
+  for field, value in (('channels', 8), ('discriminator_start_step', 2000), ('recon_loss', 'l1'), ('lr', 3e-4),
+                       ('grad_accum_steps', 2)):
+    config = config_lib.task_config('demo', 'tiny')
+    config.tokenizer[field] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"tokenizer\.{field}.*pretrained=''"):
+      tokenizer_train.install_pretrained(config, str(tmp_path / 'tokenizer'))
+    assert not (tmp_path / 'tokenizer').exists()
+  # How it is computed or logged is not its recipe.
   config = config_lib.task_config('demo', 'tiny')
-  config.tokenizer.channels = 8
-  with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.channels.*pretrained=''"):
-    tokenizer_train.install_pretrained(config, str(tmp_path / 'tokenizer'))
-  assert not (tmp_path / 'tokenizer').exists()
+  config.tokenizer.update(num_samples=2, tokenize_batch_size=4, dtype='float32', remat=True)
+  assert tokenizer_train.install_pretrained(config, str(tmp_path / 'tokenizer'))
 
 
 

@@ -64,17 +64,18 @@ def test_train_tokenizer_writes_checkpoint_metrics_and_samples(trained):
     generator_lib.Generator.load(tdir, transformer)  # sampling from the tokenizer's folder by mistake
 
 
-def test_a_rerun_reuses_only_an_evaluation_of_the_same_step_clips_and_metrics(tmp_path):
+def test_a_rerun_reuses_only_an_evaluation_of_the_same_step_clips_dataset_and_metrics(tmp_path):
   path = str(tmp_path / 'eval.json')
-  assert train.previous_evaluation(path, 2, 8) is None  # none yet
-  current = {'psnr': 20.0, 'step': 2, 'eval_clips': 8, 'metrics_version': train.EVAL_VERSION}
+  assert train.previous_evaluation(path, 2, 8, 'd1') is None  # none yet
+  current = {'psnr': 20.0, 'step': 2, 'eval_clips': 8, 'dataset_id': 'd1', 'metrics_version': train.EVAL_VERSION}
   for saved, reused in ((current, True), ({**current, 'step': 1}, False), ({**current, 'eval_clips': 16}, False),
+                        ({**current, 'dataset_id': 'd0'}, False),  # the clips were prepared again since
                         ({**current, 'metrics_version': train.EVAL_VERSION - 1}, False),
                         # written before metrics_version existed (PSNR of each clip's mean squared error)
                         ({k: v for k, v in current.items() if k != 'metrics_version'}, False)):
     with open(path, 'w') as f:
       json.dump(saved, f)
-    assert train.previous_evaluation(path, 2, 8) == (saved if reused else None), saved
+    assert train.previous_evaluation(path, 2, 8, 'd1') == (saved if reused else None), saved
 
 
 def test_tokenize_writes_the_codes_of_every_clip(trained, capsys):

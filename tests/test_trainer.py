@@ -106,7 +106,8 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   cfg = toy.config(num_steps=8, checkpoint_every=2)
-  with pytest.raises(trainer.NonFiniteLossError, match=r'loss=nan .* at step 5.*checkpoints/4'):
+  with pytest.raises(trainer.NonFiniteLossError, match=r'loss=nan .* at step 5.*checkpoints/4. To go on: lower '
+                                                       r'optim.lr'):
     trainer.train(cfg, workdir, toy.make_task(nan_at_step=5), toy.dataset(16))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.all_steps() == [2, 4]  # step 5's state was never saved
@@ -123,6 +124,10 @@ def test_batch_that_cannot_be_split_names_the_fields(tmp_path):
   cfg = toy.config(num_steps=1)
   with pytest.raises(ValueError, match='data.batch_size.*optim.grad_accum_steps'):
     trainer.train(cfg, str(tmp_path), toy.make_task(), toy.dataset(12))
+  # A task with its own fields (the tokenizer's) is told about those, not the transformer's.
+  task = dataclasses.replace(toy.make_task(), batch_fields=('tokenizer.batch_size', 'tokenizer.grad_accum_steps'))
+  with pytest.raises(ValueError, match=r'global batch 12 \(tokenizer.batch_size\).*x tokenizer.grad_accum_steps=1'):
+    trainer.train(cfg, str(tmp_path), task, toy.dataset(12))
 
 
 LAUNCHERS = sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh'))

@@ -200,7 +200,10 @@ def make_task(config: ml_collections.ConfigDict, sample_videos: np.ndarray | Non
       # Convolutions of encoder + decoder, forward and backward (x3); discriminator and LPIPS not counted.
       flops_per_example=3.0 * tokenizer_model.conv_flops(spec, num_frames, resolution),
       tokens_per_example=math.prod(config_lib.latent_shape(config)),
-      write_samples=write_samples)
+      write_samples=write_samples,
+      batch_fields=('tokenizer.batch_size', 'tokenizer.grad_accum_steps'),
+      stability_fields=('lower tokenizer.lr (and tokenizer.discriminator_lr once the GAN has started), raise '
+                        'tokenizer.warmup_steps or lower tokenizer.grad_clip'))
 
 
 def make_sample_writer(model: tokenizer_model.Tokenizer, videos: np.ndarray, fps: float):

@@ -14,8 +14,9 @@ intervals from config.train.
 
 config.tokenizer.pretrained names a finished tokenizer workdir to start from instead of training ('demo' = the one
 bundled in nbp_jax/assets/demo_tokenizer, made by this mode with configs/demo.py). It is copied into WORKDIR/tokenizer
-when that holds no checkpoint yet, only if it was trained with the same tokenizer and clip settings; the run then
-resumes at its last step (so nothing is trained) and evaluates it on this workdir's held-out clips.
+when that holds no checkpoint yet, only if it was trained with the same tokenizer recipe (architecture, losses,
+optimizers, steps, batch) and clip settings; the run then resumes at its last step (so nothing is trained) and
+evaluates it on this workdir's held-out clips.
 `--config.tokenizer.pretrained=''` trains from scratch with the same recipe.
 """
 
@@ -39,10 +40,12 @@ from nbp_jax.tokenizer import task as tokenizer_task
 
 
 def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with the trainer's step count and batch size taken from config.tokenizer."""
+  """A copy of `config` with the trainer's step count, batch size and accumulation taken from config.tokenizer (the
+  transformer's optim.grad_accum_steps is not the tokenizer's)."""
   c = config.copy_and_resolve_references()
   c.train.num_steps = int(config.tokenizer.num_steps)
   c.data.batch_size = int(config.tokenizer.batch_size)
+  c.optim.grad_accum_steps = int(config.tokenizer.get('grad_accum_steps', 1))
   return c
 
 
@@ -53,8 +56,10 @@ EVAL_VERSION = 2
 
 BUNDLED = {'demo': os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
                                  'demo_tokenizer')}
-# What a pretrained tokenizer must share with the config that uses it: its architecture and training length.
-_SAME_TOKENIZER = (*load.ARCHITECTURE_FIELDS, 'num_steps')
+# What a pretrained tokenizer may differ in from the config that uses it: where things are and how it is computed
+# or logged. Every other tokenizer field (architecture, losses, optimizers, steps, batch) is its recipe: a config
+# asking for another recipe gets it trained, not the pretrained one under its name.
+_NOT_RECIPE = ('checkpoint', 'pretrained', 'num_samples', 'tokenize_batch_size', 'dtype', 'conv_impl', 'remat')
 _SAME_DATA = ('source', 'num_frames', 'resolution')
 
 
@@ -74,8 +79,9 @@ def install_pretrained(config: ml_collections.ConfigDict, tdir: str) -> bool:
         f'tokenizer.pretrained={config.tokenizer.pretrained!r}: {source} holds no tokenizer checkpoint; point it at '
         "a finished --mode=train_tokenizer workdir, or set --config.tokenizer.pretrained='' to train one.")
   saved = checkpoint_lib.load_config(source)
-  differ = [f'tokenizer.{k}' for k in _SAME_TOKENIZER
-            if _norm(saved.tokenizer.get(k)) != _norm(config.tokenizer.get(k))]
+  # Fields newer than the saved config are not compared (they were at their defaults when it was trained).
+  differ = [f'tokenizer.{k}' for k in config.tokenizer if k not in _NOT_RECIPE and k in saved.tokenizer
+            and _norm(saved.tokenizer[k]) != _norm(config.tokenizer[k])]
   differ += [f'data.{k}' for k in _SAME_DATA if _norm(saved.data.get(k)) != _norm(config.data.get(k))]
   if differ:
     raise config_lib.ConfigError(
@@ -100,15 +106,15 @@ def _get(config, dotted: str):
   return config[section].get(field)
 
 
-def previous_evaluation(path: str, step: int, eval_clips: int) -> dict[str, float] | None:
-  """The held-out result in `path` (eval.json) if it scored this step on as many clips with these metrics
-  (EVAL_VERSION); else None (evaluate again)."""
+def previous_evaluation(path: str, step: int, eval_clips: int, dataset_id: str | None) -> dict[str, float] | None:
+  """The held-out result in `path` (eval.json) if it scored this step on as many clips of the same preparation of
+  the dataset (builder.dataset_id) with these metrics (EVAL_VERSION); else None (evaluate again)."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     result = json.load(f)
-  same = (result.get('step'), result.get('eval_clips'), result.get('metrics_version'))
-  return result if same == (step, eval_clips, EVAL_VERSION) else None
+  same = (result.get('step'), result.get('eval_clips'), result.get('dataset_id'), result.get('metrics_version'))
+  return result if same == (step, eval_clips, dataset_id, EVAL_VERSION) else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -129,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   eval_path = os.path.join(tdir, 'eval.json')
   num_clips = pipeline.num_examples(tconfig, workdir, pipeline.eval_split(tconfig, workdir))
   eval_clips = num_clips - num_clips % tconfig.data.batch_size
-  result = previous_evaluation(eval_path, step, eval_clips)
+  dataset_id = builder.dataset_id(builder.video_location(tconfig, workdir))
+  result = previous_evaluation(eval_path, step, eval_clips, dataset_id)
   if result is not None:  # a rerun of a finished tokenizer: its evaluation on these clips is done
     print(f'tokenizer at step {step}: held-out psnr={result["psnr"]:.4g} (evaluated before, {eval_path})', flush=True)
     return result
@@ -138,14 +145,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = trainer.make_setup(tconfig, task)
   metrics = trainer.evaluate(trainer.make_eval_step(task, setup), state.params, eval_data, setup, num_batches=0)
   result = {k[len('val_'):]: v for k, v in metrics.items() if k in ('val_psnr', 'val_ssim', 'val_recon_loss')}
-  result.update(step=step, eval_clips=eval_clips, metrics_version=EVAL_VERSION)
+  result.update(step=step, eval_clips=eval_clips, dataset_id=dataset_id, metrics_version=EVAL_VERSION)
   out = None
   if task.write_samples is not None:
     out = task.write_samples(state.params, step, tdir)
   if parallel.is_primary():
     checkpoint_lib.write_json(eval_path, result)
-    print(f'tokenizer at step {step}: held-out ' + ' '.join(f'{k}={v:.4g}' for k, v in result.items()
-                                                              if k not in ('step', 'metrics_version')), flush=True)
+    scores = ' '.join(f'{k}={v:.4g}' for k, v in result.items() if k not in ('step', 'dataset_id', 'metrics_version'))
+    print(f'tokenizer at step {step}: held-out {scores}', flush=True)
     if out:
       print(f'reconstructions (original | reconstruction): {out}', flush=True)
   return result
