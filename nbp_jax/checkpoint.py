@@ -65,8 +65,8 @@ STRUCTURE_FIELDS = (
     'data.num_frames', 'data.resolution', 'data.num_classes', 'tokenizer.norm', 'tokenizer.channels',
     'tokenizer.channel_multipliers', 'tokenizer.num_res_blocks', 'tokenizer.num_mid_blocks', 'tokenizer.num_groups',
     'tokenizer.kernel_size', 'tokenizer.temporal_downsample', 'tokenizer.fsq_levels',
-    'tokenizer.discriminator_channels', 'tokenizer.discriminator_layers', 'optim.grad_clip', 'optim.weight_decay',
-    'optim.grad_accum_steps')
+    'tokenizer.discriminator_channels', 'tokenizer.discriminator_layers', 'tokenizer.lecam_weight',
+    'optim.grad_clip', 'optim.weight_decay', 'optim.grad_accum_steps')
 # Fields that change what the transformer's params compute without changing their shapes: a config that differs
 # from the checkpoint's in one of them is refused even though the params load (nbp.block_shape may differ: the
 # same params sample with other blocks).

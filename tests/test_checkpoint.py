@@ -30,6 +30,7 @@ from nbp_jax.bench import train as trainer_bench
 from nbp_jax.interop import official
 from nbp_jax.nbp import generator as generator_lib
 from nbp_jax.nbp import train as nbp_train
+from nbp_jax.tokenizer import load as tokenizer_load
 from nbp_jax.tokenizer import model as tokenizer_model
 import trainer_toy as toy
 
@@ -337,3 +338,13 @@ def test_transient_read_error_does_not_quarantine(reference, tmp_path, monkeypat
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', failing_without_a_message)
   _train(workdir)
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12.corrupt'))
+
+
+def test_switching_lecam_on_is_named_when_a_tokenizer_resume_is_refused():
+  """LeCam adds two saved arrays (lecam/ema_*), so a resume that switches it on or off cannot load: the refusal
+  names tokenizer.lecam_weight (a change of weight alone changes no array and is never refused)."""
+  c = config_lib.task_config('demo', 'micro')
+  saved = c.to_dict()
+  c.tokenizer.lecam_weight = 0.3
+  assert checkpoint.config_differences(saved, c) == [('tokenizer.lecam_weight', 0.3, 0.0)]
+  assert 'lecam_weight' not in tokenizer_load.ARCHITECTURE_FIELDS  # loading a tokenizer never builds LeCam's arrays

@@ -16,9 +16,9 @@ from nbp_jax import errors
 from nbp_jax.tokenizer import model as tokenizer_model
 
 # The fields that decide the tokenizer's weights (checkpoint.STRUCTURE_FIELDS' tokenizer part, its discriminator's
-# aside: loading never builds it).
+# and LeCam's aside: loading never builds them).
 ARCHITECTURE_FIELDS = tuple(f.split('.', 1)[1] for f in checkpoint_lib.STRUCTURE_FIELDS
-                             if f.startswith('tokenizer.') and 'discriminator' not in f)
+                             if f.startswith('tokenizer.') and 'discriminator' not in f and 'lecam' not in f)
 
 
 def tokenizer_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
