@@ -310,8 +310,10 @@ def _drop_closed_loop_reports() -> None:
 
 
 def _validation_loss(metrics: dict[str, float]) -> float:
-  """The metric "best" minimises; a checkpoint saved without one never wins."""
-  return metrics.get(BEST_METRIC, math.inf)
+  """The metric "best" minimises; a checkpoint saved without one, or with a NaN / Inf one, never wins (NaN would
+  compare false both ways and make orbax keep it over the best)."""
+  value = metrics.get(BEST_METRIC, math.inf)
+  return value if math.isfinite(value) else math.inf
 
 
 class _ReadOnlyNotices(std_logging.Filter):
@@ -372,11 +374,12 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def best_step(self) -> int | None:
-    best, best_val = None, None
+    """The checkpoint with the lowest finite validation loss; None when none has one."""
+    best, best_val = None, math.inf
     for step in self.all_steps():
-      m = self._manager.metrics(step)
-      if m and BEST_METRIC in m and (best_val is None or m[BEST_METRIC] < best_val):
-        best, best_val = step, m[BEST_METRIC]
+      value = _validation_loss(self._manager.metrics(step) or {})
+      if value < best_val:
+        best, best_val = step, value
     return best
 
   def saved_config(self, step: int) -> dict | None:

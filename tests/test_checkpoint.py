@@ -253,6 +253,13 @@ def test_the_best_checkpoint_is_kept_beside_the_latest_and_loaded_by_name(tmp_pa
   ckpt.save(5, {'w': np.full((2,), 5, np.float32)}, {'step': np.int32(5)})
   ckpt.close()
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [1, 5]
+  # A NaN validation loss never becomes the best, wherever it comes (NaN compares false both ways).
+  ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=False)
+  ckpt.save(6, {'w': np.full((2,), 6, np.float32)}, {'step': np.int32(6)}, metrics={'val_loss': float('nan')})
+  ckpt.save(7, {'w': np.full((2,), 7, np.float32)}, {'step': np.int32(7)}, metrics={'val_loss': 0.7})
+  ckpt.close()
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [1, 7]
+  assert checkpoint.restore_params(workdir, 'best')[1] == 1
 
 
 def _snapshot(workdir):
