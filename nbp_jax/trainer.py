@@ -349,6 +349,10 @@ class _Preemption:
       return self._ckpt.reached_preemption(step)
     return self._event.is_set()
 
+  def signalled(self) -> bool:
+    """A signal arrived since the last step's check (single process; on several, JAX's sync point decides)."""
+    return not self._multihost and self._event.is_set()
+
   def close(self) -> None:
     for sig, old in self._old.items():
       signal.signal(sig, old)
@@ -636,6 +640,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
           print(msg, flush=True)
         raise errors.Preempted(msg, preemption.reason)
     logger.flush()
+    if preemption.signalled():  # during the last step's evaluation or save: nothing is lost, but stop here too
+      msg = (f'{preemption.reason} during the last step: training is complete and saved ({ckpt.step_dir(step)}); '
+             'rerun the same command to go on from there.')
+      if primary:
+        print(msg, flush=True)
+      raise errors.Preempted(msg, preemption.reason)
   finally:
     profiler.stop()
     logger.close()

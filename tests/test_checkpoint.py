@@ -23,6 +23,7 @@ import pytest
 from conftest import damage_checkpoint_arrays
 from nbp_jax import checkpoint
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import trainer
@@ -110,6 +111,18 @@ def test_sigterm_saves_at_the_next_step_and_stops_training(reference, tmp_path):
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 13))
   np.testing.assert_allclose([losses[s] for s in range(1, 13)], [ref_losses[s] for s in range(1, 13)], rtol=1e-6)
+
+
+def test_a_sigterm_during_the_last_steps_evaluation_still_stops_what_follows_training(tmp_path):
+  cfg = toy.config(num_steps=2, eval_every=2)
+
+  def eval_data():  # the last step's evaluation, where the loop has already looked for a signal
+    os.kill(os.getpid(), signal.SIGTERM)
+    return iter(toy.dataset(16, seed=1))
+
+  with pytest.raises(errors.Preempted, match='SIGTERM during the last step: training is complete and saved'):
+    trainer.train(cfg, str(tmp_path), toy.make_task(), toy.dataset(16), eval_data=eval_data)
+  assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 2
 
 
 def test_ctrl_c_asks_for_the_same_stop_as_sigterm_and_a_second_one_stops_at_once(tmp_path, capsys):
