@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import errno
+import glob
 import json
 import logging as std_logging
 import math
@@ -109,10 +110,15 @@ def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: Any, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """(field, value in `config`, value in `saved`) for every STRUCTURE_FIELDS entry where the two differ."""
+# Config fields that decide what a saved data-iterator state means (a position per host and worker, in batches).
+DATA_LAYOUT_FIELDS = ('data.batch_size', 'data.worker_count')
+
+
+def config_differences(saved: Any, config: ml_collections.ConfigDict, fields: Sequence[str] = STRUCTURE_FIELDS
+                       ) -> list[tuple[str, Any, Any]]:
+  """(field, value in `config`, value in `saved`) for every entry of `fields` where the two differ."""
   a, b = _flat(config), _flat(saved)
-  return [(k, a[k], b[k]) for k in STRUCTURE_FIELDS if k in a and k in b and a[k] != b[k]]
+  return [(k, a[k], b[k]) for k in fields if k in a and k in b and a[k] != b[k]]
 
 
 class _IteratorState:
@@ -522,12 +528,18 @@ class Checkpointer:
         state_file = os.path.join(data_dir, f'process_{jax.process_index()}-of-{jax.process_count()}.json')
         snap = _IteratorState()
         if data_iter is not None and is_checkpointable(data_iter):
-          if os.path.isfile(state_file):
+          # grain's state counts this host's batches, per worker: it means nothing under another batch or worker
+          # count (a KeyError, or worse, the workers' positions applied to other slices).
+          changed = config_differences(self.saved_config(step) or {}, config or {}, DATA_LAYOUT_FIELDS)
+          if os.path.isfile(state_file) and not changed:
             items['data'] = grain.checkpoint.CheckpointRestore(snap)
-          elif os.path.isdir(data_dir) and parallel.is_primary():
-            print(f'Note: checkpoint {self.step_dir(step)} was saved by another number of processes than this run\'s '
-                  f'{jax.process_count()}: the params and optimizer state are restored, the data pipeline starts '
-                  'from its beginning.', flush=True)
+          elif changed or glob.glob(os.path.join(data_dir, 'process_*-of-*.json')):
+            why = (f'with {", ".join(f"{k}={b!r}" for k, _, b in changed)} (this run: '
+                   f'{", ".join(f"{a!r}" for _, a, _ in changed)})' if changed else
+                   f'by another number of processes than this run\'s {jax.process_count()}')
+            if parallel.is_primary():
+              print(f'Note: checkpoint {self.step_dir(step)} was saved {why}: the params and optimizer state are '
+                    'restored, the data pipeline starts from its beginning.', flush=True)
           else:
             logging.warning('Checkpoint %s has no data-iterator state; the data pipeline starts from the '
                             'beginning.', self.step_dir(step))

@@ -210,7 +210,8 @@ def test_checkpoint_of_another_config_is_refused_by_parameter_name(reference, tm
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12'))  # a mismatch is not mistaken for corruption
 
 
-def test_a_checkpoint_of_another_process_count_restores_without_its_data_state(reference, tmp_path, capsys):
+def test_a_checkpoint_of_another_process_count_or_data_layout_restores_without_its_data_state(
+    reference, tmp_path, capsys):
   """grain names its state files by the saving run's process count; a run on another count is not a corrupt
   checkpoint (they were all moved aside and training started over): params and optimizer state are restored."""
   ref_dir, _, ref_params = reference
@@ -226,6 +227,15 @@ def test_a_checkpoint_of_another_process_count_restores_without_its_data_state(r
   assert 'was saved by another number of processes' in capsys.readouterr().out
   assert not glob.glob(os.path.join(workdir, 'checkpoints', '*corrupt*'))
   assert int(state.step) == 12
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), ref_params)
+  # Another batch size or worker count: grain's saved position (batches per worker) means nothing there either.
+  workdir = str(tmp_path / 'w2')
+  shutil.copytree(ref_dir, workdir)
+  cfg = toy.reference_config()
+  cfg.data.worker_count = 2
+  state = trainer.train(cfg, workdir, toy.make_task(), toy.dataset(16))
+  assert ("was saved with data.worker_count=0 (this run: 2): the params and optimizer state are restored, the data "
+          'pipeline starts from its beginning.') in capsys.readouterr().out
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), ref_params)
 
 
