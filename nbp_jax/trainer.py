@@ -462,7 +462,9 @@ class _StepLogger:
     return out
 
   def _check_finite(self, step: int, m: dict[str, float]) -> None:
-    if math.isfinite(m['loss']) and math.isfinite(m['grad_norm']):
+    # The update and the new params too: a finite loss and gradient can still step the params to Inf, and that
+    # state would be saved as the last good one.
+    if all(math.isfinite(m[k]) for k in ('loss', 'grad_norm', 'update_norm', 'param_norm') if k in m):
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()

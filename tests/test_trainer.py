@@ -16,6 +16,7 @@ import flax
 from flax import linen as nn
 import jax
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
@@ -118,6 +119,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # TensorBoard event files and the config beside the checkpoints.
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert checkpoint.load_config(workdir).train.num_steps == 8
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')  # the learning rate, on purpose
+def test_an_update_that_overflows_the_params_stops_before_it_is_saved(tmp_path):
+  cfg = toy.config(num_steps=4, checkpoint_every=1)
+  # A learning rate past float32's range: step 1's loss and gradient are finite, its update and new params are not.
+  task = dataclasses.replace(toy.make_task(), make_optimizer=lambda: (optax.sgd(1e39), None))
+  with pytest.raises(trainer.NonFiniteLossError, match=r'at step 1: training stopped and this state was not saved'):
+    trainer.train(cfg, str(tmp_path), task, toy.dataset(16))
+  assert not os.path.isdir(os.path.join(str(tmp_path), 'checkpoints', '1'))
 
 
 def test_batch_that_cannot_be_split_names_the_fields(tmp_path):
