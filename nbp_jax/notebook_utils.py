@@ -17,6 +17,7 @@ from nbp_jax import config_lib
 from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import layout as layout_lib
 
 
 def split_summary(x: jax.Array) -> str:
@@ -45,7 +46,7 @@ def describe(generator: generator_lib.Generator) -> str:
     tasks.append(f'unconditional ({layout.decode_plan(0).num_steps} steps)')
   return (f'{c.name} at step {generator.step}: {spec.num_params / 1e6:.2f}M params, {c.data.num_frames} frames at '
           f'{c.data.resolution}px -> codes {"x".join(map(str, layout.latent_shape))}, blocks '
-          f'{"x".join(map(str, layout.block_shape))}; ' + ', '.join(tasks))
+          f'{layout_lib.block_name(layout.block_shape)}; ' + ', '.join(tasks))
 
 
 def class_names(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:

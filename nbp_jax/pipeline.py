@@ -27,6 +27,7 @@ from nbp_jax import parallel
 from nbp_jax.data import prepare
 from nbp_jax.evaluation import protocols
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import train as nbp_train
 from nbp_jax.tokenizer import tokenize
 from nbp_jax.tokenizer import train as tokenizer_train
@@ -152,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = StageClock()
   shared_stages(config, workdir, clock)
   variants = variant_configs(config, workdir)
-  blocks = {name: 'x'.join(map(str, c.nbp.block_shape)) for name, c in variants.items()}  # '1x8x8'
+  blocks = {name: layout_lib.block_name(c.nbp.block_shape) for name, c in variants.items()}
   rows, grids = {}, []
   for name, c in variants.items():
     vdir = os.path.join(workdir, name)

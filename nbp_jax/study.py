@@ -32,6 +32,7 @@ from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import pipeline
 from nbp_jax.nbp import generator as generator_lib
+from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import train as nbp_train
 
 RESULT_FILE = 'study_result.json'
@@ -50,14 +51,9 @@ _COLUMNS = (
 )
 
 
-def shape_name(block_shape) -> str:
-  """(1, 1, 16) -> '1x1x16'."""
-  return 'x'.join(str(int(b)) for b in block_shape)
-
-
 def run_name(block_shape, seed: int) -> str:
   """The study's name for one run: '1x1x16_s0' (its folder and row)."""
-  return f'{shape_name(block_shape)}_s{seed}'
+  return f'{layout_lib.block_name(block_shape)}_s{seed}'
 
 
 def _val_loss(vdir: str) -> float:
@@ -120,7 +116,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
   """One entry per block shape (in first-seen order): mean and spread (half the range) of each column over seeds."""
   by_shape: dict[str, list[dict]] = {}
   for r in runs:
-    by_shape.setdefault(shape_name(r['block_shape']), []).append(r)
+    by_shape.setdefault(layout_lib.block_name(r['block_shape']), []).append(r)
   out = []
   for shape, rows in by_shape.items():
     entry = {'block_shape': shape, 'block_size': rows[0]['block_size'], 'decode_steps': rows[0]['decode_steps'],
@@ -198,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock.start('runs', f'4/4 train and evaluate {len(todo)} runs ({len(study.block_shapes)} block shapes x '
               f'{len(study.seeds)} seeds)')
   for i, (block, seed) in enumerate(tqdm(todo, desc='study', unit='run')):
-    print(f'== run {i + 1}/{len(todo)}: block {shape_name(block)}, seed {seed}', flush=True)
+    print(f'== run {i + 1}/{len(todo)}: block {layout_lib.block_name(block)}, seed {seed}', flush=True)
     runs.append(run_one(config, workdir, block, seed))
   clock.start('timing', f'timing the decoding of all {len(todo)} runs, back to back')
   timings = time_all_runs(config, workdir, todo)

@@ -464,13 +464,14 @@ class _StepLogger:
   def _check_finite(self, step: int, m: dict[str, float]) -> None:
     # The update and the new params too: a finite loss and gradient can still step the params to Inf, and that
     # state would be saved as the last good one.
-    if all(math.isfinite(m[k]) for k in ('loss', 'grad_norm', 'update_norm', 'param_norm') if k in m):
+    checked = {k: m[k] for k in ('loss', 'grad_norm', 'update_norm', 'param_norm') if k in m}
+    if all(math.isfinite(v) for v in checked.values()):
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()
     self.writer.write(step, m)
     raise NonFiniteLossError(
-        f'loss={m["loss"]} grad_norm={m["grad_norm"]} at step {step}: training stopped and this state was not '
+        f'{" ".join(f"{k}={v}" for k, v in checked.items())} at step {step}: training stopped and this state was not '
         f'saved. The last good checkpoint is ' +
         (f'{self.ckpt.step_dir(last)}' if last is not None else 'none (no checkpoint was written yet)') +
         f'. To go on: {self.task.stability_fields}, check the data, then rerun with '

@@ -40,6 +40,7 @@ from nbp_jax import timing
 from nbp_jax import trainer
 from nbp_jax.nbp import attention as attention_lib
 from nbp_jax.nbp import generation
+from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import train
 from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.spec import Spec
@@ -241,7 +242,7 @@ def run(config: ml_collections.ConfigDict, repeats: int = 2) -> dict[str, float]
                                                            context=ctx), repeats)
     steps = s.layout.decode_plan(n_ctx).num_steps
     out[f'torch_{name}_s'], out[f'jax_{name}_s'] = torch_s, jax_s
-    print(f'{name} ({"x".join(map(str, block))}, {steps} steps): PyTorch reference {torch_s:.2f} s/clip, nbp-jax '
+    print(f'{name} ({layout_lib.block_name(block)}, {steps} steps): PyTorch reference {torch_s:.2f} s/clip, nbp-jax '
           f'{jax_s:.2f} s/clip: {torch_s / jax_s:.2f}x', flush=True)
   out['nbp_ratio'] = out['torch_nbp_s'] / out['jax_nbp_s']
   out['ntp_ratio'] = out['torch_ntp_s'] / out['jax_ntp_s']

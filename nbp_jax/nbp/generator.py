@@ -34,6 +34,7 @@ from nbp_jax.data import pipeline
 from nbp_jax.data import prepare
 from nbp_jax.data import video_io
 from nbp_jax.nbp import generation
+from nbp_jax.nbp import layout as layout_lib
 from nbp_jax.nbp import transformer as transformer_lib
 from nbp_jax.nbp.sampling import Sampling
 from nbp_jax.nbp.spec import Spec
@@ -284,7 +285,7 @@ class Generator:
     rng, calls = jax.random.key(0), itertools.count()
     seconds = timing.best_of(lambda: self.codes(jax.random.fold_in(rng, next(calls)), block_shape=block_shape,
                                                **inputs), repeats)
-    return {'block': 'x'.join(map(str, spec.layout.block_shape)),
+    return {'block': layout_lib.block_name(spec.layout.block_shape),
             'steps': int(spec.layout.decode_plan(n_ctx).num_steps), 'seconds': seconds,
             'frames_per_s': batch * (self.config.data.num_frames - given) / seconds,
             'tokens_per_s': batch * (spec.layout.num_tokens - n_ctx) / seconds}

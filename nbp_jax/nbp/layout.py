@@ -49,6 +49,11 @@ class LayoutError(errors.UserError, ValueError):
   """A block or id layout does not fit; the message names the field and the fix."""
 
 
+def block_name(block_shape: Sequence[int]) -> str:
+  """(1, 1, 16) -> '1x1x16', as tables, run folders and logs name a block shape."""
+  return 'x'.join(str(int(b)) for b in block_shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vocabulary.
 
