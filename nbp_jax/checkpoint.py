@@ -615,10 +615,14 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
       if is_transient_io_error(e):
         raise ckpt.storage_error(step, e) from e
       others = [s for s in ckpt.all_steps() if s != step]
+      where = ckpt.step_dir(step)
+      # Training moves only the latest checkpoint aside (the one it resumes from); an older one (a 'best') stays.
+      way_out = ('training again (the same command with --mode=train) resumes from the last good one, which moves '
+                 'this one aside' if step == ckpt.latest_step() else
+                 f'move it aside (mv {where} {where}.corrupt) to use the others')
       raise CheckpointCorruptError(
-          f'checkpoint {ckpt.step_dir(step)} is unreadable ({_first_line(e)}): damaged, or not a transformer '
-          f'checkpoint of nbp-jax. {f"Other steps there: {others}; " if others else ""}training again (the same '
-          'command with --mode=train) resumes from the last good one, which moves this one aside.') from e
+          f'checkpoint {where} is unreadable ({_first_line(e)}): damaged, or not a transformer '
+          f'checkpoint of nbp-jax. {f"Other steps there: {others}; " if others else ""}{way_out}.') from e
   finally:
     ckpt.close()
 

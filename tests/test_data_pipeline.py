@@ -168,9 +168,16 @@ def test_eval_split_and_num_examples(workdir):
 def test_errors_name_the_fix(workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match='prepare_data'):
     pipeline.make_dataset(_config(), str(tmp_path), 'train', seed=0, shard_index=0, shard_count=1)
-  with pytest.raises(ValueError, match='data.batch_size'):
+  # Each is a UserError (one line from `nbp_jax.main`, no traceback) naming the field the batch size came from.
+  with pytest.raises(errors.UserError, match=r'data\.batch_size=\d+ is not divisible by the 3 hosts'):
     pipeline.make_dataset(_config(), workdir, 'train', seed=0, shard_index=0, shard_count=3)
-  with pytest.raises(ValueError, match="'nope'"):
+  with pytest.raises(errors.UserError, match=r'tokenizer\.batch_size=\d+ is not divisible'):
+    pipeline.make_dataset(_config(), workdir, 'train', seed=0, shard_index=0, shard_count=3,
+                          batch_field='tokenizer.batch_size')
+  with pytest.raises(errors.UserError, match=r'fewer than one batch of 64; lower tokenizer\.batch_size'):
+    pipeline.make_dataset(_config(), workdir, 'validation', seed=0, shard_index=0, shard_count=1, batch_size=64,
+                          batch_field='tokenizer.batch_size')
+  with pytest.raises(errors.UserError, match="'nope'"):
     pipeline.make_dataset(_config(), workdir, 'nope', seed=0, shard_index=0, shard_count=1)
   # A dataset without held-out clips (a folder without split lists) names the way out, which evaluates in one pass.
   config = _config()

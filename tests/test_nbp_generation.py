@@ -5,6 +5,7 @@ import functools
 import glob
 import importlib.util
 import os
+import shutil
 import time
 
 import flax.linen as nn
@@ -518,8 +519,15 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
     generator_lib.Generator.load(workdir, other)
   # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
   damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '0'))
-  with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'checkpoints/0 is unreadable'):
+  with pytest.raises(checkpoint_lib.CheckpointCorruptError,
+                     match=r'checkpoints/0 is unreadable.*training again .* moves this one aside'):
     generator_lib.Generator.load(workdir, micro.config)
+  # An older damaged step (a 'best'): training again would not touch it, so the fix is to move it by hand.
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '0'), os.path.join(workdir, 'checkpoints', '7'))
+  other.sample.checkpoint = '0'
+  with pytest.raises(checkpoint_lib.CheckpointCorruptError,
+                     match=r'checkpoints/0 is unreadable.*Other steps there: \[7\]; move it aside \(mv '):
+    generator_lib.Generator.load(workdir, other)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write('{"model": ')
   with pytest.raises(checkpoint_lib.CheckpointCorruptError, match=r'config.json is not valid JSON'):

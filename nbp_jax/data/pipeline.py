@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax.data import builder
 from nbp_jax.data import prepare
@@ -50,7 +51,8 @@ def num_examples(config, workdir: str, split: str, location: builder.Location | 
   location = location or builder.video_location(config, workdir)
   info = builder.load_info(location)
   if split not in info.splits:
-    raise ValueError(f'Split {split!r} is not in the dataset at {location.path}; it has {sorted(info.splits)}.')
+    raise config_lib.ConfigError(f'Split {split!r} is not in the dataset at {location.path}; it has '
+                                 f'{sorted(info.splits)}.')
   return info.splits[split].num_examples
 
 
@@ -67,7 +69,7 @@ class _CastToStoredDtypes(grain.transforms.Map):
 def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: int | None = None,
                  shard_count: int | None = None, batch_size: int | None = None, shuffle: bool | None = None,
                  num_epochs: int | None | str = 'auto', drop_remainder: bool = True,
-                 location: builder.Location | None = None) -> grain.MapDataset:
+                 location: builder.Location | None = None, batch_field: str = 'data.batch_size') -> grain.MapDataset:
   """Batches of one split as a grain.MapDataset.
 
   Args:
@@ -84,6 +86,7 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     drop_remainder: drop a last partial batch (keeps shapes static for jit).
     location: the dataset to read; default builder.video_location(config, workdir). Pass another location
       (e.g. the pre-tokenized codes) to read its records with the same pipeline.
+    batch_field: the config field the batch size comes from, as errors name it (the tokenizer's is its own).
 
   Returns:
     grain.MapDataset whose elements are dicts of numpy arrays with a leading batch axis, e.g.
@@ -101,8 +104,8 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     raise ValueError(f'shard_index={shard_index} must be in [0, shard_count={shard_count}).')
   batch_size = config.data.batch_size if batch_size is None else batch_size
   if batch_size % shard_count:
-    raise ValueError(f'data.batch_size={batch_size} is not divisible by the {shard_count} hosts; use a multiple of '
-                     f'{shard_count}.')
+    raise config_lib.ConfigError(f'{batch_field}={batch_size} is not divisible by the {shard_count} hosts; use a '
+                                 f'multiple of {shard_count}.')
   per_host = batch_size // shard_count
   shuffle = training if shuffle is None else shuffle
   if num_epochs == 'auto':
@@ -110,11 +113,13 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
 
   info = builder.load_info(location)
   if split not in info.splits:
-    raise ValueError(f'Split {split!r} is not in the dataset at {location.path}; it has {sorted(info.splits)}.')
+    raise config_lib.ConfigError(f'Split {split!r} is not in the dataset at {location.path}; it has '
+                                 f'{sorted(info.splits)}.')
   dtypes = {k: np.dtype(f.np_dtype) for k, f in info.features.items()}
   source = builder.data_source(location, split)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f'Split {split!r} of {location.path} is empty.')
+    raise errors.MissingError(f'Split {split!r} of {location.path} is empty: prepare the dataset again from a folder '
+                              'with clips in that split.')
 
   ds = grain.MapDataset.source(source)
   if shuffle:
@@ -127,8 +132,8 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     ds = ds[:len(ds) // batch_size * batch_size]
   ds = ds[shard_index::shard_count]
   if len(ds) < sys.maxsize and len(ds) < per_host and drop_remainder:
-    raise ValueError(f'Split {split!r} has {len(ds)} examples on this host, fewer than one batch of {per_host}; '
-                     'lower data.batch_size or prepare more clips.')
+    raise config_lib.ConfigError(f'Split {split!r} has {len(ds)} examples on this host, fewer than one batch of '
+                                 f'{per_host}; lower {batch_field} or prepare more clips.')
   ds = ds.map(_CastToStoredDtypes(dtypes))
   return ds.batch(per_host, drop_remainder=drop_remainder)
 

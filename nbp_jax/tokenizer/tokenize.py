@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import parallel
 from nbp_jax.data import builder
@@ -59,8 +60,8 @@ def _make_encoder(model: tokenizer_model.Tokenizer, params, batch_size: int):
   """A jitted encode data-parallel over this host's devices: (uint8 [B, T, H, W, 3]) -> numpy codes [B, t, h, w]."""
   devices = jax.local_devices()
   if batch_size % len(devices):
-    raise ValueError(f'tokenizer.tokenize_batch_size={batch_size} is not divisible by the {len(devices)} local '
-                     f'devices; use a multiple of {len(devices)}.')
+    raise config_lib.ConfigError(f'tokenizer.tokenize_batch_size={batch_size} is not divisible by the '
+                                 f'{len(devices)} local devices; use a multiple of {len(devices)}.')
   mesh = parallel.create_mesh((-1,), ('data',), devices=devices)
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   params = jax.device_put(params, replicated)

@@ -127,9 +127,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   samples = next(pipeline.first_clips(tconfig, workdir, num_samples))['video'] if num_samples else None
   task = tokenizer_task.make_task(tconfig, sample_videos=samples)
   train_data = pipeline.make_iterator(
-      pipeline.make_dataset(tconfig, workdir, 'train', seed=tconfig.seed),
+      pipeline.make_dataset(tconfig, workdir, 'train', seed=tconfig.seed, batch_field=task.batch_fields[0]),
       worker_count=tconfig.data.worker_count)
-  eval_data = pipeline.make_dataset(tconfig, workdir, 'eval', seed=0)  # re-iterated from the start at every eval
+  # Re-iterated from the start at every eval.
+  eval_data = pipeline.make_dataset(tconfig, workdir, 'eval', seed=0, batch_field=task.batch_fields[0])
   state = trainer.train(tconfig, tdir, task, train_data, eval_data)
   step = int(jax.device_get(state.step))
   eval_path = os.path.join(tdir, 'eval.json')
