@@ -133,6 +133,11 @@ def test_one_pass_gives_every_host_as_many_batches(workdir):
     counts = [len(pipeline.make_dataset(_config(), workdir, 'validation', seed=0, shard_index=i, shard_count=3,
                                         batch_size=3 * per_host)) for i in range(3)]
     assert counts == [want] * 3, (per_host, counts)
+  # Several passes the same way: 2 x 10 clips are 6 batches of 1 per host (host 0 had a seventh), 3 of 2 (it had 4).
+  for per_host, want in ((1, 6), (2, 3)):
+    counts = [len(pipeline.make_dataset(_config(), workdir, 'validation', seed=0, shard_index=i, shard_count=3,
+                                        batch_size=3 * per_host, num_epochs=2)) for i in range(3)]
+    assert counts == [want] * 3, (per_host, counts)
 
 
 def test_generic_features_for_pre_tokenized_datasets(tmp_path):

@@ -127,8 +127,8 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     ds = ds.shuffle(seed=seed % 2**32)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  elif drop_remainder and shard_count > 1:
-    # One pass over whole batches: every host gets as many (a collective per batch waits for all of them).
+  if num_epochs is not None and drop_remainder and shard_count > 1:
+    # Finite passes over whole global batches: every host gets as many (a collective per batch waits for all).
     ds = ds[:len(ds) // batch_size * batch_size]
   ds = ds[shard_index::shard_count]
   if len(ds) < sys.maxsize and len(ds) < per_host and drop_remainder:
