@@ -209,3 +209,30 @@ def test_the_discriminator_optimizer_starts_with_the_gan_as_a_fresh_adam():
   g = np.asarray(grads['discriminator']['kernel'])
   first_adam = -lr * (g / (np.abs(g) + 1e-8) + decay * 1.0)  # cosine at its step 0: the full lr
   np.testing.assert_allclose(np.asarray(updates['discriminator']['kernel']), first_adam, rtol=1e-5)
+
+
+def test_value_and_kept_grad_reuses_its_gradient_for_the_training_gradient():
+  rng = np.random.default_rng(0)
+  r, t = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  fn = lambda r, t: (jnp.sum(jnp.sin(r) * t) ** 2, jnp.mean(r))
+  value, aux, grad = losses.value_and_kept_grad(fn, r, t)
+  want_value, want_grad = jax.value_and_grad(lambda r: fn(r, t)[0])(r)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-6)
+  np.testing.assert_allclose(aux, jnp.mean(r), rtol=1e-6)
+
+  # As the adaptive weight uses it: the value in the loss, the gradient's norm as a constant factor.
+  def loss(r, t, kept):
+    if kept:
+      v, _, g = losses.value_and_kept_grad(fn, r, t)
+    else:  # the plain form: the value, and the gradient from a second pass
+      v, g = fn(r, t)[0], jax.lax.stop_gradient(jax.grad(lambda r: fn(r, t)[0])(r))
+    return 3.0 * v * jnp.linalg.norm(g) + jnp.sum(r ** 2)
+
+  grad_of = lambda kept: jax.grad(functools.partial(loss, kept=kept))
+  np.testing.assert_allclose(grad_of(True)(r, t), grad_of(False)(r, t), rtol=1e-5)
+  # The constants get no gradient through it.
+  assert not np.any(jax.grad(lambda t: losses.value_and_kept_grad(fn, r, t)[0])(t))
+  # One forward and one backward pass of fn: sin once, its derivative cos once (the plain form: sin 3 times).
+  count = lambda kept, op: str(jax.make_jaxpr(grad_of(kept))(r, t)).count(f' {op} ')
+  assert (count(True, 'sin'), count(True, 'cos')) == (1, 1) and count(False, 'sin') > 1

@@ -5,7 +5,8 @@ Videos are [B, T, H, W, 3] float in [0, 1] unless stated; the discriminator and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import functools
 import math
 from typing import Any
 
@@ -107,3 +108,36 @@ def adaptive_weight(grad_nll: jax.Array, grad_adv: jax.Array, max_weight: float 
   """VQGAN's generator weight ||d nll / dW|| / (||d g_loss / dW|| + 1e-4) at the last decoder layer W, no gradient."""
   w = jnp.linalg.norm(grad_nll.ravel()) / (jnp.linalg.norm(grad_adv.ravel()) + 1e-4)
   return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _value_aux_grad(fn, x, consts):
+  (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(x, *consts)
+  return value, aux, grad
+
+
+def _value_aux_grad_fwd(fn, x, consts):
+  out = _value_aux_grad(fn, x, consts)
+  return out, (out[2], consts)
+
+
+def _value_aux_grad_bwd(fn, residuals, cotangents):
+  del fn
+  grad, consts = residuals
+  return cotangents[0] * grad, jax.tree.map(jnp.zeros_like, consts)
+
+
+_value_aux_grad.defvjp(_value_aux_grad_fwd, _value_aux_grad_bwd)
+
+
+def value_and_kept_grad(fn: Callable[..., tuple[jax.Array, Any]], x: jax.Array, *consts: Any
+                        ) -> tuple[jax.Array, Any, jax.Array]:
+  """(value, aux, d value / d x) of `fn(x, *consts) -> (scalar, aux)` from one forward and one backward pass.
+
+  The adaptive GAN weight needs the gradients of nll and g_loss w.r.t. the reconstruction, and the training
+  gradient needs the same pullbacks again: differentiating `value` reuses the kept gradient (cotangent x grad)
+  instead of a second forward and backward through LPIPS or the discriminator. `consts` (targets, a frozen
+  discriminator's params) get no gradient; aux and the returned gradient carry none.
+  """
+  value, aux, grad = _value_aux_grad(fn, x, consts)
+  return value, jax.lax.stop_gradient(aux), jax.lax.stop_gradient(grad)

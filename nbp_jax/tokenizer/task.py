@@ -11,7 +11,9 @@ each top-level entry its own optax chain (`optax.multi_transform`); the LeCam EM
 (1 - lecam_decay), which makes the gradient step exactly ema <- decay * ema + (1 - decay) * mean(logits).
 
 The adaptive weight d_weight (VQGAN) = ||d nll / dW|| / ||d g_loss / dW|| at the last decoder conv kernel W is
-computed inside the loss with one vector-Jacobian product through that conv only (no second decoder pass).
+computed inside the loss with one vector-Jacobian product through that conv only (no second decoder pass); the
+gradients of nll and g_loss w.r.t. the reconstruction it pulls back are kept for the training gradient
+(losses.value_and_kept_grad: LPIPS and the discriminator run forward and backward once each, not twice).
 
 Batch contract: {'video': uint8 [B, T, H, W, 3], 'step': int32 global step (a scalar, or [B] all equal)}; the
 shared trainer adds 'step' (the 0-based optimizer step) to every training batch.
@@ -74,7 +76,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     codes, _ = fsq.quantize(z, model.spec.fsq_levels)
     features = apply(tokenizer_model.Tokenizer.decode_features, codes)
     recon = apply(tokenizer_model.Tokenizer.decode_head, features)
-    nll, (rec, per) = nll_fn(recon, x)
+    if train and tok.adaptive_weight:  # its d nll / d recon, from the pass that also serves the training gradient
+      nll, (rec, per), g_nll = losses.value_and_kept_grad(nll_fn, recon, x)
+    else:
+      nll, (rec, per) = nll_fn(recon, x)
     # PSNR/SSIM of the uint8 clip decode() returns, the one --mode=eval scores: the same numbers for the same clips.
     shown = tokenizer_model.to_uint8(recon)
     metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll,
@@ -92,18 +97,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     def gan_terms(_):
       d_params = params['discriminator']
       d_frozen = jax.lax.stop_gradient(d_params)
-      logits_gen = d_apply(d_frozen, recon)
-      g_loss = losses.hinge_g_loss(logits_gen)
       if tok.adaptive_weight:
         # Gradients of nll and g_loss w.r.t. the last conv kernel: d loss / d recon, pulled back through that conv.
-        feats, recon_sg = jax.lax.stop_gradient(features), jax.lax.stop_gradient(recon)
+        g_loss, _, g_adv = losses.value_and_kept_grad(
+            lambda r, d: (losses.hinge_g_loss(d_apply(d, r)), ()), recon, d_frozen)
+        feats = jax.lax.stop_gradient(features)
         head = lambda p_last: apply(tokenizer_model.Tokenizer.decode_head, feats, p={**gen, last: p_last})
         _, pullback = jax.vjp(head, jax.lax.stop_gradient(gen[last]))
         kernel = lambda g: nn.unbox(pullback(g)[0])['conv']['kernel']
-        g_nll = jax.grad(lambda r: nll_fn(r, x)[0])(recon_sg)
-        g_adv = jax.grad(lambda r: losses.hinge_g_loss(d_apply(d_frozen, r)))(recon_sg)
         d_weight = losses.adaptive_weight(kernel(g_nll), kernel(g_adv))
       else:
+        g_loss = losses.hinge_g_loss(d_apply(d_frozen, recon))
         d_weight = jnp.ones(())
       logits_real = d_apply(d_params, jax.lax.stop_gradient(x))
       logits_fake = d_apply(d_params, jax.lax.stop_gradient(recon))
