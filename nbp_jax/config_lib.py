@@ -560,8 +560,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   ft, fs = temporal_factor(tok), spatial_factor(tok)
   _require((d.num_frames - 1) % ft == 0,
            f'data.num_frames={d.num_frames} is not 1 + a multiple of {ft}; use e.g. {1 + ft * 4} frames.')
-  _require(d.resolution % fs == 0,
-           f'data.resolution={d.resolution} is not divisible by {fs}; use a multiple of {fs} (e.g. 128).')
+  _require(d.resolution > 0 and d.resolution % fs == 0,
+           f'data.resolution={d.resolution} is not a positive multiple of {fs}; use e.g. 128.')
+  _require(d.fps > 0, f'data.fps={d.fps} must be > 0 (the frame rate clips are cut at, e.g. 8).')
   _require(d.source in ('synthetic', 'ucf101', 'k600'),
            f"data.source={d.source!r} is unknown; pick 'synthetic', 'ucf101' or 'k600'.")
   _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
@@ -671,6 +672,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   if mode in ('eval', 'pipeline', 'study'):
     ev = config.eval
     _require(ev.batch_size >= 1, f'eval.batch_size={ev.batch_size} must be >= 1.')
+    _require(ev.fvd_num_frames <= d.num_frames,
+             f'eval.fvd_num_frames={ev.fvd_num_frames} is more than a clip has (data.num_frames={d.num_frames}); '
+             f'use --config.eval.fvd_num_frames={d.num_frames} or fewer.')
     _require(ev.num_samples >= 2 or not ev.get('fvd_protocols', 'all'),
              f'eval.num_samples={ev.num_samples}: an FVD needs at least 2 clips a set (thousands to compare with '
              "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")

@@ -57,8 +57,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
+SSIM_WINDOW = 11  # pixels: frames smaller than this have no SSIM
+
+
 @functools.partial(jax.jit, static_argnames=('window', 'sigma'))
-def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> jax.Array:
+def ssim(a: jax.Array, b: jax.Array, window: int = SSIM_WINDOW, sigma: float = 1.5) -> jax.Array:
   """SSIM per video: [..., T, H, W, 3] -> [...]; Gaussian window 11/1.5, K1 0.01, K2 0.03, data range 1, 'valid'
   filtering (as tf.image.ssim), averaged over pixels and channels of each frame, then over T."""
   _check_pair(a, b, 'ssim')

@@ -173,6 +173,31 @@ def test_listings_keep_every_video_and_its_own_class(tmp_path):
   listing = prepare.list_k600(k600)
   assert not listing.problems and listing.class_names == ['playing guitar', 'walking the dog']
   assert [(e.name, e.label) for e in listing.splits['train']] == [('clips/my dog video.mp4', 1), ('clips/b.mp4', 0)]
+  assert not listing.notes
+
+
+def test_listings_report_what_they_leave_out(tmp_path):
+  """A video no list names is noted; a list's class number beyond classInd.txt is a problem, not a label; a link
+  to a folder above is walked once."""
+  ucf = str(tmp_path / 'ucf')
+  _touch(ucf, 'Apply/v_Apply_g01_c01.avi', 'Apply/v_Apply_g02_c01.avi', 'Zumba/v_Zumba_g01_c01.avi')
+  with open(os.path.join(ucf, 'classInd.txt'), 'w') as f:
+    f.write('1 Apply\n2 Brush\n')
+  with open(os.path.join(ucf, 'trainlist01.txt'), 'w') as f:
+    f.write('Apply/v_Apply_g01_c01.avi 1\nZumba/v_Zumba_g01_c01.avi 7\n')
+  os.symlink('..', os.path.join(ucf, 'Apply', 'up'))
+  listing = prepare.list_ucf101(ucf)
+  assert [(e.name, e.label) for e in listing.splits['train']] == [('Apply/v_Apply_g01_c01.avi', 0)]
+  assert listing.problems == [('train', 'Zumba/v_Zumba_g01_c01.avi', "class of 'Zumba/v_Zumba_g01_c01.avi' not in "
+                                                                     'classInd.txt')]
+  # Zumba's video is listed (with a bad class), so only g02 is unlisted.
+  (note,) = [n for n in listing.notes if 'no split list' in n]
+  assert note.startswith('1 video(s) below data.raw_dir are in no split list') and 'Apply/v_Apply_g02_c01.avi' in note
+
+  folders = str(tmp_path / 'folders')
+  _touch(folders, 'A/clip.avi')
+  os.symlink('..', os.path.join(folders, 'A', 'up'))
+  assert [e.name for e in prepare.list_ucf101(folders).splits['train']] == ['A/clip.avi']
 
 
 def test_class_names_sources_in_order(ucf_run, tmp_path):

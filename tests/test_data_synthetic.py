@@ -130,3 +130,17 @@ def test_truncated_file_is_rejected(tmp_path):
   cut.write_bytes(data[:len(data) // 2])
   with pytest.raises(video_io.VideoReadError, match='cut.mp4'):
     video_io.read_video(str(cut))
+  # strict=False keeps what decodes (read_clips' first frames of a damaged file).
+  frames, _ = video_io.read_video(str(cut), strict=False)
+  assert 0 < len(frames) < 60
+
+
+def test_a_soundtrack_longer_than_the_picture_is_not_a_truncation(tmp_path):
+  # 2.4 s of picture and 5 s of sound: the container's duration (5 s) is the sound's.
+  silent, path = str(tmp_path / 'silent.mp4'), str(tmp_path / 'with_sound.mp4')
+  video = synthetic.generate_video(0, 0, 60, 32)
+  video_io.write_mp4(silent, video, fps=25)
+  subprocess.run([video_io.ffmpeg_exe(), '-v', 'error', '-i', silent, '-f', 'lavfi', '-i', 'sine=d=5', '-map', '0:v',
+                  '-map', '1:a', '-c:v', 'copy', path], check=True)
+  frames, _ = video_io.read_video(path)
+  np.testing.assert_array_equal(frames, video_io.read_video(silent)[0])

@@ -151,3 +151,10 @@ def test_cached_real_statistics_and_finished_evaluations_follow_the_dataset_and_
   assert batches == [2, 2, 2, 2]
   np.testing.assert_allclose(again['mu'], first['mu'])  # the same clips (synthetic), but computed, not read
   assert pipeline._finished_eval(config, workdir, 3, ('class',)) is None
+
+
+def test_frames_smaller_than_the_ssim_window_are_scored_without_ssim():
+  rng = np.random.default_rng(0)
+  small, large = (rng.integers(0, 256, (2, 3, s, s, 3), dtype=np.uint8) for s in (8, 12))
+  assert protocols._ssim(small, small) == {}  # pylint: disable=protected-access
+  np.testing.assert_allclose(protocols._ssim(large, large, 'copy_last_ssim')['copy_last_ssim'], [1, 1], rtol=1e-5)  # pylint: disable=protected-access

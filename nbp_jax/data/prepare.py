@@ -318,9 +318,8 @@ class _VideoIndex:
     self.by_name: dict[str, str] = {}  # the first of each file name (a list may name a video by its name alone)
     self.by_lower: dict[str, str] = {}
     self.by_stem: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-      dirnames.sort()
-      for f in sorted(filenames):
+    for dirpath, filenames in _walk(root):
+      for f in filenames:
         if f.lower().endswith(video_io.VIDEO_EXTENSIONS):
           path = os.path.join(dirpath, f)
           self.paths.append(path)
@@ -338,13 +337,36 @@ class _VideoIndex:
   def relative(self, path: str) -> str:
     return os.path.relpath(path, self.root)
 
+  def note_unlisted(self, listing: Listing) -> None:
+    """Adds a note to `listing` naming how many videos below the root no split list or CSV names (those named and
+    refused are in listing.problems)."""
+    used = {os.path.realpath(e.path) for entries in listing.splits.values() for e in entries}
+    used |= {os.path.realpath(p) for p in (self.find(name) for _, name, _ in listing.problems) if p}
+    unused = [p for p in self.paths if os.path.realpath(p) not in used]
+    if unused:
+      listing.notes.append(f'{len(unused)} video(s) below data.raw_dir are in no split list or CSV, so not used '
+                           f'(e.g. {self.relative(unused[0])}); list them to use them.')
+
+
+def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
+  """(folder, its file names sorted) below `root`, sorted, following links but each real folder once (a link to a
+  folder above it would otherwise list the same videos again and again)."""
+  visited = set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in visited:
+      dirnames[:] = []
+      continue
+    visited.add(real)
+    dirnames.sort()
+    yield dirpath, sorted(filenames)
+
 
 def _find_files(root: str, predicate: Callable[[str], bool]) -> list[str]:
   """Every file below `root` (at any depth) whose name satisfies `predicate`, shallowest folders first."""
   found = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames.sort()
-    found += [os.path.join(dirpath, f) for f in sorted(filenames) if predicate(f)]
+  for dirpath, filenames in _walk(root):
+    found += [os.path.join(dirpath, f) for f in filenames if predicate(f)]
   return sorted(found, key=lambda path: path.count(os.sep))
 
 
@@ -415,7 +437,7 @@ def list_ucf101(raw_dir: str) -> Listing:
       relative, number = _split_list_line(line)
       folder = relative.split('/')[0] if '/' in relative else ''
       label = class_id.get(folder, class_id_any_case.get(folder.lower()))
-      if label is None and number.isdigit():
+      if label is None and number.isdigit() and 1 <= int(number) <= len(class_names):
         label = int(number) - 1  # the lists count classes from 1
       if label is None:
         listing.problems.append((split, relative, f'class of {relative!r} not in classInd.txt'))
@@ -427,6 +449,7 @@ def list_ucf101(raw_dir: str) -> Listing:
         seen.add(found)
         entries.append(VideoEntry(name=relative, path=found, label=label))
     listing.splits[split] = entries
+  index.note_unlisted(listing)
   return listing
 
 
@@ -510,7 +533,9 @@ def list_k600(raw_dir: str) -> Listing:
     splits[split].append(VideoEntry(name=name, path=found, label=value))
   if numeric and labels:
     class_names = [str(i) for i in range(max(int(l) for l in labels) + 1)]
-  return Listing(splits=dict(splits), class_names=class_names, problems=problems)
+  listing = Listing(splits=dict(splits), class_names=class_names, problems=problems)
+  index.note_unlisted(listing)
+  return listing
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def ffmpeg_exe() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _StreamInfo:
-  duration: float | None  # seconds, from the container header
+  duration: float | None  # seconds, from the container header: its longest stream's (the audio's, if longer)
+  has_audio: bool
   input_fps: float | None
   output_size: tuple[int, int] | None  # (width, height) of the decoded frames
   output_fps: float | None
@@ -69,7 +70,9 @@ def _parse_ffmpeg_log(log: str) -> _StreamInfo:
   m = re.search(r'\b(\d{1,5})x(\d{1,5})\b', out_line)
   if m:
     size = (int(m.group(1)), int(m.group(2)))
-  return _StreamInfo(duration=duration, input_fps=fps_of(in_line), output_size=size, output_fps=fps_of(out_line))
+  has_audio = any('Stream #' in line and 'Audio:' in line for line in input_part.splitlines())
+  return _StreamInfo(duration=duration, has_audio=has_audio, input_fps=fps_of(in_line), output_size=size,
+                     output_fps=fps_of(out_line))
 
 
 def read_video(path: str, *, fps: float | None = None, resolution: int | None = None, threads: int = 0,
@@ -83,15 +86,16 @@ def read_video(path: str, *, fps: float | None = None, resolution: int | None = 
       UCF-101/K600 generation protocols); None keeps the file's size.
     threads: ffmpeg decoding threads (0 = ffmpeg's choice; use 1 when many files decode in parallel).
     strict: reject files in which ffmpeg finds corrupt packets or frames (a truncated AVI has no index, so its
-      header duration cannot reveal the cut; the corrupt last packet does). False keeps what decodes.
+      header duration cannot reveal the cut; the corrupt last packet does), or that decode to much less than the
+      duration their header announces (only for files without audio: the header's duration is the longest
+      stream's, and a soundtrack may outlast the picture). False keeps what decodes.
     timeout: seconds before giving up on one file.
 
   Returns:
     (video uint8 [T, H, W, 3], frames per second of the returned video).
 
   Raises:
-    VideoReadError naming the file: missing, undecodable, no video stream, damaged (strict), or truncated
-    (decodes to much less than the duration its header announces).
+    VideoReadError naming the file: missing, undecodable, no video stream, damaged or truncated (strict).
   """
   if not os.path.isfile(path):
     raise VideoReadError(path, 'no such file.')
@@ -131,7 +135,7 @@ def read_video(path: str, *, fps: float | None = None, resolution: int | None = 
   if damage and strict:
     raise VideoReadError(path, f'damaged or truncated: ffmpeg reports corrupt data ({damage}).')
   out_fps = float(fps) if fps is not None else (info.output_fps or info.input_fps or 0.0)
-  if info.duration and out_fps:
+  if strict and info.duration and out_fps and not info.has_audio:
     expected = info.duration * out_fps
     if num_frames < _TRUNCATED_FRACTION * expected - 2:
       raise VideoReadError(path, f'truncated: decoded {num_frames} frames of the ~{expected:.0f} its header '

@@ -187,9 +187,11 @@ def eval_classifier(config, workdir: str, stats_dir: str | None = None):
 def classifier_references(config, workdir: str, predict) -> dict[str, float]:
   """The classifier's accuracy on real held-out clips (ceiling) and on them with shuffled labels (floor)."""
   split = pipeline.eval_split(config, workdir)
-  batches = list(_real_batches(config, workdir, split, config.eval.num_samples, config.eval.batch_size))
-  labels = np.concatenate([b['label'] for b in batches])
-  predicted = predict(np.concatenate([b['video'] for b in batches]))
+  labels, predicted = [], []
+  for batch in _real_batches(config, workdir, split, config.eval.num_samples, config.eval.batch_size):
+    labels.append(batch['label'])  # batch by batch: the clips of a UCF evaluation are ~8 GB together
+    predicted.append(predict(batch['video']))
+  labels, predicted = np.concatenate(labels), np.concatenate(predicted)
   return {'real_class_acc': classifier_lib.accuracy(predicted, labels),
           'shuffled_class_acc': classifier_lib.accuracy(predicted, classifier_lib.shuffled(labels, config.seed))}
 
@@ -246,13 +248,19 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
     lpips = np.asarray(lpips_fn(pf[:, 0], tf[:, 0]))
     # Sample files show truth | prediction side by side.
     fake.add(i, pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
-             ssim=np.asarray(image_metrics.ssim(pf, tf)), lpips=lpips,
-             copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
-             copy_last_ssim=np.asarray(image_metrics.ssim(copy_last, tf)))
+             lpips=lpips, copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
+             **_ssim(pf, tf), **_ssim(copy_last, tf, 'copy_last_ssim'))
   means, kept, count = fake.result(stats)
   return {'metrics': means,
           'num_samples': count, 'decoding': decoding,
           'real_split': split, 'videos': kept}
+
+
+def _ssim(videos: np.ndarray, truth: np.ndarray, name: str = 'ssim') -> dict[str, np.ndarray]:
+  """{name: SSIM per clip [B]}, or {} for frames smaller than SSIM's window (the table then shows '-')."""
+  if min(videos.shape[-3:-1]) < image_metrics.SSIM_WINDOW:
+    return {}
+  return {name: np.asarray(image_metrics.ssim(videos, truth))}
 
 
 def frame_prediction_decoding(config) -> str:
@@ -281,8 +289,7 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
     recon = generator.decode(generator.encode(truth))
     lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
     fake.add(i, recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
-             ssim=np.asarray(image_metrics.ssim(recon, truth)),
-             lpips=lpips)
+             lpips=lpips, **_ssim(recon, truth))
   means, kept, count = fake.result(stats, fvd_name='rfvd')
   return {'metrics': means,
           'num_samples': count,

@@ -85,7 +85,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: tokenizer_model.Token
     metrics = {'recon_loss': rec, 'perceptual_loss': per, 'nll': nll,
                'psnr': jnp.mean(image_metrics.psnr(shown, x))}
     if not train:
-      if min(x.shape[2:4]) >= 11:  # SSIM's 11x11 window
+      if min(x.shape[2:4]) >= image_metrics.SSIM_WINDOW:
         metrics['ssim'] = jnp.mean(image_metrics.ssim(shown, x))
       return nll, metrics
     if 'step' not in batch:
