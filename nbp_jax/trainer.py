@@ -14,8 +14,8 @@ the next step boundary and raises errors.Preempted (nothing after training runs)
 without saving the bad state.
 
 Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
-config.data.batch_size / jax.process_count()): a grain DatasetIterator / DataLoaderIterator (its state is
-checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoader) or a callable returning one.
+config.data.batch_size / the count of parallel.process_data_shard: jax.process_count() unless hosts share rows): a
+grain DatasetIterator / DataLoaderIterator (its state is checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoader) or a callable returning one.
 `eval_data` is iterated afresh at every evaluation (an iterable, or a callable returning an iterator).
 """
 
@@ -305,7 +305,7 @@ def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int, task: Task)
   sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch)}
   if len(sizes) != 1:
     raise ValueError(f'batch leaves disagree on the batch size: {sorted(sizes)}.')
-  global_batch = sizes.pop() * jax.process_count()
+  global_batch = sizes.pop() * sharding_lib.process_data_shard(setup.batch_sharding)[1]
   shards = sharding_lib.num_batch_shards(setup.mesh, setup.rules)
   if global_batch % (shards * grad_accum_steps):
     raise ValueError(

@@ -94,6 +94,15 @@ def test_tokenize_and_train_on_two_processes_match_the_one_process_run(tiny_pipe
   grid = np.asarray(Image.open(tmp_path / 'nbp' / 'samples' / 'step_2' / 'sample_grid.png'))
   assert grid.ndim == 3 and grid.std() > 0
 
+  # The tensor axis across the hosts, the batch unsplit: both hosts load the whole batch, the one process's clips.
+  # (Each loaded its own half, and the step saw half a batch of other clips.)
+  tensor = (*flags, f'--workdir={tmp_path / "tensor"}', '--config.mesh.shape=(1,1,2)', '--config.train.num_steps=1',
+            '--config.train.sample_every=0')
+  _check(run_processes(_main_command(*tensor, '--mode=train')))
+  (got,) = _metrics(tmp_path / 'tensor')
+  for key in ('loss', 'grad_norm', 'accuracy', 'param_norm'):
+    np.testing.assert_allclose(got[key], ref[0][key], rtol=1e-5, err_msg=key)
+
 
 def _metrics(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]

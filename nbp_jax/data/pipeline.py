@@ -77,7 +77,8 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
     workdir: the run's workdir (the dataset is WORKDIR/data unless config.data.dir is set).
     split: 'train', 'validation', 'test', ... as prepared; 'eval' = eval_split(config, ...).
     seed: shuffle seed; the same seed gives the same batches, byte for byte.
-    shard_index, shard_count: this host's shard; default jax.process_index() / jax.process_count().
+    shard_index, shard_count: this host's shard; default the part of the batch its devices hold on the config's
+      mesh (parallel.process_data_shard: process_index / process_count when the batch axes span the hosts).
     batch_size: global batch over all hosts (default config.data.batch_size); each host gets
       batch_size // shard_count examples per batch.
     shuffle: default True for 'train', False otherwise ('eval' too, whichever split it names).
@@ -97,9 +98,11 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
   if split == 'eval':
     split = eval_split(config, workdir, location)
   if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
+    from nbp_jax import parallel  # pylint: disable=g-import-not-at-top
+    mesh_shard = parallel.process_data_shard(
+        parallel.batch_sharding(parallel.mesh_from_config(config), config.mesh.axis_rules))
+    shard_index = mesh_shard[0] if shard_index is None else shard_index
+    shard_count = mesh_shard[1] if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} must be in [0, shard_count={shard_count}).')
   batch_size = config.data.batch_size if batch_size is None else batch_size

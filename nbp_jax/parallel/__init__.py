@@ -14,4 +14,5 @@ from nbp_jax.parallel.sharding import make_global_batch
 from nbp_jax.parallel.sharding import match_shardings
 from nbp_jax.parallel.sharding import normalize_rules
 from nbp_jax.parallel.sharding import per_device_bytes
+from nbp_jax.parallel.sharding import process_data_shard
 from nbp_jax.parallel.sharding import replicated

@@ -154,10 +154,31 @@ def num_batch_shards(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]) ->
   return _axis_size(mesh, batch_axes(rules))
 
 
+def process_data_shard(sharding: NamedSharding) -> tuple[int, int]:
+  """(index, count): this process feeds part `index` of `count` equal parts of every global batch, the rows its
+  devices hold under `sharding`. Processes whose devices hold the same rows get the same index: where a batch
+  axis stays within hosts and another axis (e.g. 'tensor') spans them, each host loads the same examples, not a
+  share of its own (the data pipeline's `shard_index` / `shard_count`)."""
+  spec = sharding.spec[0] if len(sharding.spec) else None
+  shards = _axis_size(sharding.mesh, spec)
+  rows = sharding.devices_indices_map((shards,))  # device -> the batch shard it holds, as a slice of one row
+  mine = sorted({rows[d][0].indices(shards)[0] for d in sharding.addressable_devices})
+  held = sorted({i for d in sharding.addressable_devices for i in range(*rows[d][0].indices(shards))})
+  n, first = len(held), held[0]
+  if held != list(range(first, first + n)) or first % n or shards % n:
+    raise ValueError(f'this process\'s devices hold batch shards {mine} of {shards}, not one contiguous part of the '
+                     f'batch (mesh {dict(sharding.mesh.shape)}, batch over {spec}); order the mesh so that each '
+                     'host\'s devices are neighbours on the batch axes (mesh.shape).')
+  return first // n, shards // n
+
+
 def make_global_batch(local_batch: Mapping[str, Any], sharding: NamedSharding) -> PyTree:
-  """This host's slice of the batch (numpy, leading dim = global batch / process count) -> global jax.Arrays."""
+  """This host's part of the batch (numpy, leading dim = global batch / process_data_shard's count) -> global
+  jax.Arrays."""
+  _, count = process_data_shard(sharding)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch))
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (len(x) * count, *np.shape(x)[1:])),
+      dict(local_batch))
 
 
 def per_device_bytes(tree: PyTree) -> dict[jax.Device, int]:
