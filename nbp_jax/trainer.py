@@ -15,8 +15,9 @@ without saving the bad state.
 
 Data: `train_data` yields this host's part of each global batch (a dict of numpy arrays whose leading dimension is
 config.data.batch_size / the count of parallel.process_data_shard: jax.process_count() unless hosts share rows): a
-grain DatasetIterator / DataLoaderIterator (its state is checkpointed), an iterable of those (a grain IterDataset, MapDataset or DataLoader) or a callable returning one.
-`eval_data` is iterated afresh at every evaluation (an iterable, or a callable returning an iterator).
+grain DatasetIterator / DataLoaderIterator (its state is checkpointed), an iterable of those (a grain IterDataset,
+MapDataset or DataLoader) or a callable returning one. `eval_data` is iterated afresh at every evaluation (an
+iterable, or a callable returning an iterator).
 """
 
 from __future__ import annotations
