@@ -70,8 +70,10 @@ STRUCTURE_FIELDS = (
     'optim.grad_clip', 'optim.weight_decay', 'optim.grad_accum_steps')
 # Fields that change what the transformer's params compute without changing their shapes: a config that differs
 # from the checkpoint's in one of them is refused even though the params load (nbp.block_shape may differ: the
-# same params sample with other blocks).
-FUNCTION_FIELDS = ('model.num_heads', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout')
+# same params sample with other blocks). The class count and the class prompts too: the vocabulary is padded, so
+# another class count loads, with labels beyond the trained ones on embedding rows that never learned.
+FUNCTION_FIELDS = ('model.num_heads', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout', 'data.num_classes',
+                   'nbp.class_prefix_ids')
 
 # errno values of a storage that failed to answer, as opposed to a file whose content is wrong.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,
@@ -589,6 +591,9 @@ def restore_params(workdir: str, step: int | str | None = None, *, shardings: Py
         raise errors.MissingError(
             f'No checkpoint in {ckpt.directory} has a validation loss (was train.eval_every 0?), so none is the best; '
             f"load 'latest' or a step ({ckpt.all_steps()}).")
+    if step not in (None, 'latest') and not str(step).isdigit():
+      raise errors.UserError(f"checkpoint step {step!r} is unknown; pick 'latest', 'best' or a step number "
+                             f'({ckpt.all_steps()}).')
     step = ckpt.latest_step() if step in (None, 'latest') else int(step)
     if step is None:
       raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first (--mode=train --workdir={workdir}).')

@@ -552,6 +552,17 @@ TOKENIZER_MODES = ('train_tokenizer', 'tokenize', 'train', 'sample', 'eval', 'ex
 TRANSFORMER_MODES = ('train', 'sample', 'eval', 'export', 'import', 'pipeline', 'study')
 
 
+def check_sampling(sample: Mapping[str, Any]) -> None:
+  """Checks sampling settings (config.sample's, or Generator's overrides of them); ConfigError names the field."""
+  _require(sample['temperature'] >= MIN_TEMPERATURE,
+           f'sample.temperature={sample["temperature"]} must be >= {MIN_TEMPERATURE} (1 = the model\'s distribution; '
+           'for the likeliest code use --config.sample.greedy=True).')
+  _require(0 < sample['top_p'] <= 1, f'sample.top_p={sample["top_p"]} must be in (0, 1] (1 = off).')
+  _require(int(sample['top_k']) == sample['top_k'] and sample['top_k'] >= 0,
+           f'sample.top_k={sample["top_k"]} must be a whole number >= 0 (0 = off).')
+  _require(sample['cfg_scale'] >= 0, f'sample.cfg_scale={sample["cfg_scale"]} must be >= 0 (1 = no guidance).')
+
+
 def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   """Checks the config once at start for what `mode` uses; raises ConfigError naming the field and the fix."""
   _require(mode in MODES, f'--mode={mode!r} is unknown; pick one of {", ".join(MODES)}.')
@@ -646,12 +657,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
            f"nbp.first_block={nbp.first_block!r} must be one of {', '.join(map(repr, FIRST_BLOCK_MODES))}.")
   _require(0.0 <= nbp.cond_drop_prob < 1.0, f'nbp.cond_drop_prob={nbp.cond_drop_prob} must be in [0, 1).')
   sample = config.sample
-  _require(sample.temperature >= MIN_TEMPERATURE,
-           f'sample.temperature={sample.temperature} must be >= {MIN_TEMPERATURE} (1 = the model\'s distribution; '
-           'for the likeliest code use --config.sample.greedy=True).')
-  _require(0 < sample.top_p <= 1, f'sample.top_p={sample.top_p} must be in (0, 1] (1 = off).')
-  _require(sample.top_k >= 0, f'sample.top_k={sample.top_k} must be >= 0 (0 = off).')
-  _require(sample.cfg_scale >= 0, f'sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance).')
+  check_sampling(sample)
   for field in ('sample.checkpoint', 'export.checkpoint'):
     section, name = field.split('.')
     which = str(config[section].get(name, 'latest'))

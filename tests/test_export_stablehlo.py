@@ -167,7 +167,7 @@ def test_bfloat16_export_builds(tmp_path):
   export_dir = os.path.dirname(written['params'])
   open(os.path.join(export_dir, 'context_3.mp4'), 'w').close()  # as from an earlier export of a larger batch
   config.export.update(dtype='float32', stablehlo=True, context_frames=5)  # the whole clip given: nothing to make
-  with pytest.raises(ValueError, match='context tokens'):
+  with pytest.raises(stablehlo.ExportError, match=r'export.context_frames=5 gives the whole clip \(2 latent frames\)'):
     bundle.run(config, workdir)
   assert safetensors_io.Reader(written['params'])['head/kernel'].dtype.name == 'bfloat16'
   assert sorted(os.listdir(os.path.dirname(export_dir))).count('export.partial') == 0
@@ -275,6 +275,14 @@ def test_the_runner_refuses_inputs_it_would_misread(tmp_path):
     run_generate.make_inputs(sig, 0, context=frames)  # cast, they would all be 0: black frames
   _, n = run_generate.make_inputs(sig, 0, context=(255 * frames).astype(np.uint8))
   assert n == 2
+  with pytest.raises(SystemExit, match='not class-conditional: it takes no labels'):
+    run_generate.make_inputs(sig, 0, labels=[1], context=(255 * frames).astype(np.uint8))
+  # The key is jax.random.PRNGKey(seed)'s for any 64-bit seed.
+  for seed in (0, 7, -1, 2 ** 40 + 3, -2 ** 63):
+    (key, _), _ = run_generate.make_inputs(sig, seed, context=(255 * frames).astype(np.uint8))
+    np.testing.assert_array_equal(key, jax.random.key_data(jax.random.PRNGKey(seed)))
+  with pytest.raises(SystemExit, match='must fit in 64 bits'):
+    run_generate.make_inputs(sig, 2 ** 64, context=(255 * frames).astype(np.uint8))
   (tmp_path / 'generate.json').write_text(json.dumps(sig))
   with pytest.raises(SystemExit, match='--labels=a must be comma-separated class ids'):
     run_generate.main(['--dir', str(tmp_path), '--labels=a'])

@@ -195,7 +195,9 @@ def test_cli_import_then_export(tmp_path):
                                      capture_output=True, text=True, timeout=300, env=env)
   proc = run('--mode=import', '--config=configs/k600_700m.py', *micro, f'--config.import_.checkpoint={path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Frame prediction: the command to run next gives it frames to continue (the import has no dataset).
   assert 'official_k600' in proc.stdout and '--mode=sample' in proc.stdout
+  assert '--config.sample.context_videos=' in proc.stdout
   saved = checkpoint_lib.load_config(workdir)
   assert (saved.nbp.id_layout, saved.model.emb_dim, saved.nbp.context_frames) == ('official_k600', D, 5)
   proc = run('--mode=export', '--config.export.batch_size=1', '--config.export.dtype=bfloat16')
@@ -359,6 +361,17 @@ def test_tokenizer_bad_key_is_named(tmp_path):
   config.import_.tokenizer_checkpoint = _write(tmp_path, sd, 'magvit2.safetensors')
   with pytest.raises(official.OfficialImportError, match=r"'decoder_layers\.1\.fn\.4\.beta' \(shape \[1, 32, 1"):
     official.run(config, str(tmp_path / 'wd'))
+
+
+def test_an_import_into_a_used_workdir_writes_nothing(tmp_path):
+  # A workdir whose transformer exists, no tokenizer yet: importing both is refused before the tokenizer is written.
+  config = _config('k600')
+  workdir = _import(tmp_path, config, _official_state_dict(64000, prefix_rows=1))
+  sd = _tokenizer_state_dict(tokenizer_model.TokenizerSpec.from_config(config.tokenizer))
+  config.import_.tokenizer_checkpoint = _write(tmp_path, sd, 'magvit2.safetensors')
+  with pytest.raises(official.OfficialImportError, match=r'wd/checkpoints already holds checkpoints \[0\]'):
+    official.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'tokenizer'))
 
 
 def test_torch_ckpt_without_torch_says_how_to_convert(tmp_path):

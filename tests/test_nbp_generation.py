@@ -399,9 +399,11 @@ def test_sample_batches_continue_the_given_videos_in_turn(tmp_path, monkeypatch)
   # Only the given frames are encoded (the 5 first of whole clips); labels without a class and videos shorter than
   # the given frames are refused by name.
   monkeypatch.setattr(generator, 'encode', np.asarray)
-  assert generator.context_codes(np.zeros((1, 17, 8, 8, 3), np.uint8)).shape == (1, 5, 8, 8, 3)
+  assert generator.context_codes(np.zeros((1, 17, 32, 32, 3), np.uint8)).shape == (1, 5, 32, 32, 3)
   with pytest.raises(errors.UserError, match=r'videos of 3 frames are too short'):
-    generator.context_codes(np.zeros((1, 3, 8, 8, 3), np.uint8))
+    generator.context_codes(np.zeros((1, 3, 32, 32, 3), np.uint8))
+  with pytest.raises(errors.UserError, match=r'videos of shape \(1, 17, 16, 16, 3\) .* \[B, T, 32, 32, 3\]'):
+    generator.context_codes(np.zeros((1, 17, 16, 16, 3), np.uint8))  # encoded, they gave codes of another grid
   with pytest.raises(errors.UserError, match=r'labels must be class ids in \[0, 4\) .*; got \[-1, 4, 9\]'):
     generator.codes(jax.random.key(0), labels=[1, 4, 9, -1])
   sources = [synthetic.generate_video(i, i, 24, 48) for i in range(3)]
@@ -446,13 +448,39 @@ def test_generator_codes_are_generate_of_the_context_sequence_with_the_config_sa
                           context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(got, spec.layout.seq_to_grid(z))
   assert generator.sampling({'top_k': 3}) == Sampling.from_config(generator.config.sample).replace(top_k=3)
-  with pytest.raises(ValueError, match='top_kk'):
-    generator.sampling({'top_kk': 3})
   ntp = generator.codes(jax.random.key(3), labels=labels, context_codes=context, block_shape=(1, 1, 1),
                         sampling=Sampling(greedy=True))
   z = generation.generate(spec.with_block_shape((1, 1, 1)), generator.params, jax.random.key(3), Sampling(greedy=True),
                           labels=jnp.asarray(labels), context=generation.context_to_seq(spec, jnp.asarray(context)))
   np.testing.assert_array_equal(ntp, spec.layout.seq_to_grid(z))
+
+
+def test_generator_refuses_inputs_it_would_misread():
+  generator = _micro_generator()  # 4 classes, 16 codes
+  labels, context = np.array([0, 1], np.int32), np.zeros((2, 2, 4, 4), np.int32)
+  codes = functools.partial(generator.codes, jax.random.key(0))
+  # Sampling settings from Python are checked as the config's are (temperature 0 gave code 0 everywhere).
+  for bad, message in (({'temperature': 0.0}, 'sample.temperature=0.0 must be >='),
+                       ({'top_p': 2.0}, r'sample.top_p=2.0 must be in \(0, 1\]'),
+                       ({'top_k': -5}, 'sample.top_k=-5 must be a whole number >= 0'),
+                       (Sampling(cfg_scale=-3.0), 'sample.cfg_scale=-3.0 must be >= 0'),
+                       ({'top_kk': 3}, r"unknown sampling settings \['top_kk'\]")):
+    with pytest.raises(errors.UserError, match=message):
+      codes(labels=labels, context_codes=context, sampling=bad)
+  # A Sampling with a guidance scale guides (it sampled without guidance: use_cfg defaulted to False).
+  assert generator.sampling(Sampling(cfg_scale=5.0)).use_cfg and not generator.sampling(Sampling()).use_cfg
+  # Codes outside the codebook (16 is the begin-of-video id here) or not integers, and labels that are not one
+  # integer class id per clip.
+  for bad, message in ((np.full_like(context, 16), r'context_codes must be codes in \[0, 16\) .* from 16 to 16'),
+                       (np.full_like(context, -1), r'from -1 to -1'),
+                       (context.astype(np.float32), 'context_codes must be integer codes in .*float32')):
+    with pytest.raises(errors.UserError, match=message):
+      codes(labels=labels, context_codes=bad)
+  for bad, message in ((np.array([0, 1, 2], np.int32), '3 labels for 2 context clips'),
+                       (np.array([0.5, 1.0]), r'integer class ids; got float64 \(2,\)'),
+                       (np.zeros((2, 1), np.int32), r'integer class ids; got int32 \(2, 1\)')):
+    with pytest.raises(errors.UserError, match=message):
+      codes(labels=bad, context_codes=context)
 
 
 def test_generator_on_a_mesh_splits_the_batch_and_samples_what_one_device_does():
@@ -476,6 +504,9 @@ def test_generation_speed_counts_generated_frames_and_tokens():
   assert row['block'] == '1x1x4' and row['steps'] == 12 and row['seconds'] > 0
   np.testing.assert_allclose(row['frames_per_s'] * row['seconds'], 24)
   np.testing.assert_allclose(row['tokens_per_s'] * row['seconds'], 96)
+  # A shorter context than the model's: 1 latent frame = 1 video frame given, 16 generated (it counted 12).
+  row = generator.generation_speed({'labels': np.array([0, 1], np.int32), 'context_codes': context[:, :1]}, repeats=1)
+  np.testing.assert_allclose(row['frames_per_s'] * row['seconds'], 32)
 
 
 def test_generator_load_says_what_to_run_first(tmp_path):
@@ -517,6 +548,8 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   other.sample.checkpoint = 'best'
   with pytest.raises(errors.MissingError, match=r'has a validation loss \(was train\.eval_every 0\?\)'):
     generator_lib.Generator.load(workdir, other)
+  with pytest.raises(errors.UserError, match=r"checkpoint step 'newest' is unknown; pick 'latest', 'best' or a step"):
+    generator_lib.Generator.load(workdir, step='newest')
   # Damaged array data: one line naming the checkpoint, not the storage library's traceback.
   damage_checkpoint_arrays(os.path.join(workdir, 'checkpoints', '0'))
   with pytest.raises(checkpoint_lib.CheckpointCorruptError,

@@ -70,6 +70,10 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tm
   assert sample.returncode == 0, sample.stderr[-3000:]
   grids = list((workdir / 'nbp' / 'samples').glob('step_*/sample_grid.png'))
   assert grids, sample.stdout
+  # A --config instead of the run's own has no path to the pipeline's tokenizer: the error names the run's.
+  other = run_main('--config=configs/smoke.py', f'--workdir={workdir / "nbp"}', '--mode=sample')
+  assert other.returncode == 2 and (f"trained with tokenizer.checkpoint='{workdir / 'tokenizer'}': drop --config"
+                                    in other.stderr), other.stderr[-2000:]
 
 
 def test_the_summary_names_what_its_decoding_timed():

@@ -127,6 +127,10 @@ def make_inputs(sig: dict, seed: int, labels=None, context=None) -> tuple[list, 
   Fewer labels or context clips than the batch B are padded to B (repeating them); the caller keeps the first N.
   """
   specs = [spec for spec in sig['inputs'] if 'file' not in spec]
+  if labels is not None and not any(spec['name'] == 'labels' for spec in specs):
+    raise SystemExit('this export is not class-conditional: it takes no labels; drop --labels.')
+  if not -2 ** 63 <= seed < 2 ** 63:
+    raise SystemExit(f'--seed={seed} must fit in 64 bits (as jax.random.PRNGKey takes it).')
   b = int(sig['batch_size'])
   given = [len(x) for x in (labels, context) if x is not None]
   n = max(given) if given else b
@@ -140,7 +144,8 @@ def make_inputs(sig: dict, seed: int, labels=None, context=None) -> tuple[list, 
   for spec in specs:
     name, shape, dtype = spec['name'], tuple(spec['shape']), np.dtype(spec['dtype'])
     if name == 'key':
-      x = np.array([0, seed], np.uint32)  # = jax.random.PRNGKey(seed) (threefry)
+      # = jax.random.PRNGKey(seed) (threefry, 64-bit types off, as nbp-jax runs): the seed's low 32 bits.
+      x = np.array([0, seed % 2 ** 32], np.uint32)
     elif name == 'labels':
       x = np.arange(shape[0]) % sig['num_classes'] if labels is None else pad(labels)
       if np.any((x < 0) | (x >= sig['num_classes'])):

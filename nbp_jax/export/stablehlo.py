@@ -101,15 +101,18 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
   ft = config_lib.temporal_factor(config.tokenizer)
   t_ctx = 0 if context_frames <= 0 else 1 + (context_frames - 1) // ft
   cond = vocab.prefix_len > 0
+  if t_ctx and (context_frames - 1) % ft:
+    raise ExportError(f'export.context_frames={context_frames} is not 1 + a multiple of {ft}: the tokenizer '
+                      f'encodes 1 + {ft}k frames; use e.g. {1 + ft}.')
+  if t_ctx >= t:
+    raise ExportError(f'export.context_frames={context_frames} gives the whole clip ({t} latent frames): nothing is '
+                      f'left to generate; give fewer frames (at most {1 + ft * (t - 2)}).')
   plan = layout.decode_plan(t_ctx * h * w)  # raises (naming the fix) when the start is impossible
 
   inputs = [_spec_entry('key', (2,), np.uint32)]
   if cond:
     inputs.append(_spec_entry('labels', (batch_size,), np.int32))
   if t_ctx and tokenizer is not None:
-    if (context_frames - 1) % ft:
-      raise ExportError(f'export.context_frames={context_frames} is not 1 + a multiple of {ft}: the tokenizer '
-                        'encodes 1 + 4k frames; use e.g. 5.')
     res = config.data.resolution
     inputs.append(_spec_entry('context_video', (batch_size, context_frames, res, res, 3), np.uint8))
   elif t_ctx:

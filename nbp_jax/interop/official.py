@@ -404,13 +404,24 @@ def class_prefix_ids(config: ml_collections.ConfigDict) -> list[list[int]]:
 # Writing workdirs.
 
 
-def save_workdir(workdir: str, params: PyTree, config: ml_collections.ConfigDict) -> str:
-  """Params as checkpoint 0 of WORKDIR/checkpoints (what `checkpoint.restore_params` reads) + WORKDIR/config.json."""
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep_best=False, async_save=False)
+def refuse_a_used_workdir(workdir: str) -> None:
+  """Raises OfficialImportError when WORKDIR/checkpoints already holds a checkpoint (an import writes step 0)."""
+  if not os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)):
+    return
+  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     if ckpt.all_steps():
       raise OfficialImportError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; import into a '
                                 'fresh --workdir (or delete it first).')
+  finally:
+    ckpt.close()
+
+
+def save_workdir(workdir: str, params: PyTree, config: ml_collections.ConfigDict) -> str:
+  """Params as checkpoint 0 of WORKDIR/checkpoints (what `checkpoint.restore_params` reads) + WORKDIR/config.json."""
+  refuse_a_used_workdir(workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep_best=False, async_save=False)
+  try:
     ckpt.save(0, params, {'step': np.zeros((), np.int32)}, config=config)
   finally:
     ckpt.close()
@@ -467,8 +478,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             '--config.import_.tokenizer_checkpoint=magvit2_*.pt to import it.', flush=True)
 
   written = []
+  tdir = os.path.join(workdir, checkpoint_lib.TOKENIZER_SUBDIR)
+  for target, what in ((tdir, tok_params), (workdir, params)):  # both checked before either is written
+    if what is not None:
+      refuse_a_used_workdir(target)
   if tok_params is not None:
-    tdir = os.path.join(workdir, checkpoint_lib.TOKENIZER_SUBDIR)
     save_workdir(tdir, tok_params, config)
     written.append(f'tokenizer   {tdir}')
     del tok_params
@@ -483,5 +497,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if len(written) == 1 and not config.tokenizer.checkpoint:
       print('No tokenizer imported: sampling needs one to decode videos. Add '
             '--config.import_.tokenizer_checkpoint=magvit2_*.pt (or set tokenizer.checkpoint).', flush=True)
-    print(f'Next: python -m nbp_jax.main --mode=sample --workdir={workdir}   (or --mode=eval / --mode=export)',
-          flush=True)
+    # A frame-prediction model continues given frames: a folder of videos, as an import has no dataset.
+    frames = ' --config.sample.context_videos=YOUR_VIDEOS/' if saved.nbp.context_frames > 0 else ''
+    print(f'Next: python -m nbp_jax.main --mode=sample --workdir={workdir}{frames}   (or --mode=eval / '
+          '--mode=export)', flush=True)

@@ -1,6 +1,6 @@
 r"""`--mode=sample`: generate videos with a trained (or imported) NBP model and its tokenizer.
 
-  python -m nbp_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=sample
+  python -m nbp_jax.main --workdir=workdirs/demo/nbp --mode=sample   # a model the demo's pipeline trained
 
 Class-conditional models cycle through the classes; frame-prediction models (nbp.context_frames > 0) continue
 held-out clips from their first frames; unconditional ones start from nothing. Writes
@@ -128,6 +128,10 @@ class Generator:
     """The codes of the given context frames: uint8 videos [B, T, H, W, 3] (T >= the frames the context needs, e.g.
     whole clips) -> [B, t_ctx, h, w] from their first nbp.context_frames frames."""
     frames = config_lib.context_video_frames(self.config)
+    size = self.config.data.resolution
+    if videos.ndim != 5 or videos.shape[2:] != (size, size, 3):
+      raise errors.UserError(f'videos of shape {tuple(videos.shape)} to continue: this model takes uint8 [B, T, '
+                             f'{size}, {size}, 3] clips (data.resolution={size}); resize them (read_clips does).')
     if videos.shape[1] < frames:
       raise errors.UserError(f'videos of {videos.shape[1]} frames are too short to continue: this model is given '
                              f'its first {self.config.nbp.context_frames} frames (it encodes {frames}).')
@@ -159,10 +163,13 @@ class Generator:
     arguments, split over the mesh; batch_size only when neither labels nor context is given."""
     context = None
     if context_codes is not None:
+      _check_codes(spec, context_codes)
       context = self._split(generation.context_to_seq(spec, self._split(context_codes, jnp.int32)))
     if labels is not None:
       _check_labels(spec, labels)
       labels = self._split(np.asarray(labels) if isinstance(labels, (list, tuple)) else labels, jnp.int32)
+      if context is not None and len(labels) != len(context):
+        raise errors.UserError(f'{len(labels)} labels for {len(context)} context clips: give one label per clip.')
     if labels is not None or context is not None:
       return labels, context, None
     batch_size = batch_size or self.config.sample.batch_size
@@ -171,14 +178,20 @@ class Generator:
     return labels, context, batch_size
 
   def sampling(self, overrides: Sampling | Mapping[str, Any] | None = None) -> Sampling:
-    """config.sample's sampling settings, with `overrides` (a Sampling replaces them all)."""
+    """config.sample's sampling settings, with `overrides` (a Sampling replaces them all), checked as the config's
+    are (config_lib.check_sampling); guidance is on wherever cfg_scale != 1, a Sampling's too."""
     if isinstance(overrides, Sampling):
-      return overrides
+      values = {f: getattr(overrides, f) for f in _SAMPLING_FIELDS}
+      if any(isinstance(v, jax.core.Tracer) for v in values.values()):
+        return overrides  # traced settings (jax.export): the caller's to check
+      overrides = values
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(_SAMPLING_FIELDS))
     if unknown:
-      raise ValueError(f'unknown sampling settings {unknown}; pick from {_SAMPLING_FIELDS}.')
-    return Sampling.from_config(ml_collections.ConfigDict({**self.config.sample.to_dict(), **overrides}))
+      raise errors.UserError(f'unknown sampling settings {unknown}; pick from {_SAMPLING_FIELDS}.')
+    merged = ml_collections.ConfigDict({**self.config.sample.to_dict(), **overrides})
+    config_lib.check_sampling(merged)
+    return Sampling.from_config(merged)
 
   def decode(self, codes) -> np.ndarray:
     """int32 codes [B, t, h, w] -> uint8 videos [B, 1 + ft (t - 1), H, W, 3] (on the host), ft the tokenizer's
@@ -281,7 +294,9 @@ class Generator:
     batch = (len(context) if context is not None else len(labels) if labels is not None else
              inputs.get('batch_size') or self.config.sample.batch_size)
     n_ctx = 0 if context is None else int(np.prod(context.shape[1:]))
-    given = self.config.nbp.context_frames if context is not None else 0
+    # The video frames of the given latent frames (1 + ft (t_ctx - 1)), as many as the context passed holds.
+    ft = config_lib.temporal_factor(self.config.tokenizer)
+    given = 0 if context is None else 1 + ft * (context.shape[1] - 1)
     rng, calls = jax.random.key(0), itertools.count()
     seconds = timing.best_of(lambda: self.codes(jax.random.fold_in(rng, next(calls)), block_shape=block_shape,
                                                **inputs), repeats)
@@ -353,9 +368,25 @@ def _check_labels(spec: Spec, labels) -> None:
     raise errors.UserError('this model is unconditional (nbp.condition=none): it takes no labels; pass '
                            'context_codes or batch_size instead.')
   values = np.asarray(labels)
+  if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.size == 0):
+    raise errors.UserError(f'labels must be a [B] array of integer class ids; got {values.dtype} {values.shape}.')
   if values.size and (values.min() < 0 or values.max() >= n):
     wrong = sorted({int(v) for v in values.ravel() if not 0 <= v < n})
     raise errors.UserError(f'labels must be class ids in [0, {n}) for this {n}-class model; got {wrong[:8]}.')
+
+
+def _check_codes(spec: Spec, codes) -> None:
+  """Refuses context codes outside the codebook (the model would read them as other tokens: code C is the
+  begin-of-video id in the native layout) or of a non-integer dtype. Traced codes are the caller's to check."""
+  if isinstance(codes, jax.core.Tracer):
+    return
+  values = np.asarray(codes)
+  c = spec.vocab.codebook_size
+  if not np.issubdtype(values.dtype, np.integer):
+    raise errors.UserError(f'context_codes must be integer codes in [0, {c}); got dtype {values.dtype}.')
+  if values.size and (values.min() < 0 or values.max() >= c):
+    raise errors.UserError(f'context_codes must be codes in [0, {c}) of this tokenizer; got values from '
+                           f'{values.min()} to {values.max()}.')
 
 
 def given_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray | None:

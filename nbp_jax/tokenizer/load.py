@@ -56,6 +56,16 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | 
   try:
     params, step = checkpoint_lib.restore_params(tdir, step)
   except FileNotFoundError as e:
+    # The run's own config may name its tokenizer (a pipeline's nbp/ and ntp/ runs use the pipeline's): a --config
+    # given instead of it lost that path.
+    try:
+      saved = checkpoint_lib.load_config(workdir).tokenizer.get('checkpoint', '')
+    except (FileNotFoundError, ValueError):
+      saved = ''
+    if saved and saved != tdir:
+      raise errors.MissingError(
+          f'No trained tokenizer in {tdir}; the run in {workdir} was trained with tokenizer.checkpoint={saved!r}: '
+          f'drop --config (the run\'s own config is used) or pass --config.tokenizer.checkpoint={saved}.') from e
     raise errors.MissingError(
         f'No trained tokenizer in {tdir}: run --mode=train_tokenizer with this --workdir first, or point '
         '--config.tokenizer.checkpoint at a tokenizer workdir.') from e
