@@ -612,8 +612,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              f'tokenizer.batch_size={tok.batch_size} must be a positive multiple of tokenizer.grad_accum_steps={accum} '
              '(each optimizer step averages that many equal micro-batches).')
   mesh = tuple(config.mesh.shape)
-  _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1,
-           f'mesh.shape={mesh} must give 3 sizes for {MESH_AXES} with at most one -1.')
+  _require(len(mesh) == len(MESH_AXES) and sum(1 for x in mesh if x == -1) <= 1
+           and all(x == -1 or x > 0 for x in mesh),
+           f'mesh.shape={mesh} must give 3 positive sizes for {MESH_AXES} with at most one -1.')
+  for rule in config.mesh.get('axis_rules', DEFAULT_AXIS_RULES):
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    unknown = [t for t in targets if t is not None and t not in MESH_AXES]
+    _require(not unknown, f'mesh.axis_rules maps {rule[0]!r} to {unknown[0] if unknown else ""!r}, which is not a '
+             f'mesh axis; use {", ".join(MESH_AXES)} or None.')
   if mode not in TRANSFORMER_MODES:
     return
 
@@ -686,8 +692,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")
   if mode in ('train', 'pipeline', 'study'):
     _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
-    _require(int(config.optim.grad_accum_steps) >= 1,
-             f'optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1 (1 = no accumulation).')
+    accum = int(config.optim.grad_accum_steps)
+    _require(accum >= 1, f'optim.grad_accum_steps={accum} must be >= 1 (1 = no accumulation).')
+    _require(d.batch_size % accum == 0,
+             f'data.batch_size={d.batch_size} must be a multiple of optim.grad_accum_steps={accum} (each optimizer '
+             'step averages that many equal micro-batches).')
     _require(config.train.num_steps >= 1, f'train.num_steps={config.train.num_steps} must be >= 1.')
   ctx = context_latent_frames(config)
   _require(ctx < grid[0], f'nbp.context_frames={nbp.context_frames} leaves no latent frame to generate '

@@ -48,6 +48,7 @@ import PIL.Image
 import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
+from nbp_jax import config_lib
 from nbp_jax import errors
 from nbp_jax import metric_logger
 from nbp_jax import parallel
@@ -307,13 +308,19 @@ def _check_batch(batch: PyTree, setup: Setup, grad_accum_steps: int, task: Task)
   if len(sizes) != 1:
     raise ValueError(f'batch leaves disagree on the batch size: {sorted(sizes)}.')
   global_batch = sizes.pop() * sharding_lib.process_data_shard(setup.batch_sharding)[1]
+  _check_global_batch(global_batch, setup, grad_accum_steps, task)
+  return global_batch
+
+
+def _check_global_batch(global_batch: int, setup: Setup, grad_accum_steps: int, task: Task) -> None:
+  """ConfigError naming the task's batch fields and the mesh when `global_batch` does not split into
+  accumulation steps over the batch shards."""
   shards = sharding_lib.num_batch_shards(setup.mesh, setup.rules)
   if global_batch % (shards * grad_accum_steps):
-    raise ValueError(
+    raise config_lib.ConfigError(
         f'global batch {global_batch} ({task.batch_fields[0]}) is not divisible by the {shards} batch shards of the '
         f'mesh (mesh.shape={tuple(setup.mesh.shape.values())}, batch over {sharding_lib.batch_axes(setup.rules)}) '
         f'x {task.batch_fields[1]}={grad_accum_steps}; change one of them.')
-  return global_batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,6 +593,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   accum = int(config.optim.grad_accum_steps)
   primary = parallel.is_primary()
   setup = make_setup(config, task, mesh)
+  _check_global_batch(int(config.data.batch_size), setup, accum, task)  # before anything is built or read
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                                      keep_best=eval_data is not None)
   train_iter = _as_iterator(train_data)

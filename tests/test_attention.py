@@ -230,8 +230,11 @@ def test_cudnn_and_splash_refuse_the_wrong_backend(monkeypatch):
     attention_lib.attention(q, k, v, ids, ids, impl='flash')
   # Splash runs on TPU, and off it in Pallas's interpret mode (the tests above), except on a GPU, which has cudnn.
   monkeypatch.setattr(attention_lib.jax, 'default_backend', lambda: 'gpu')
-  with pytest.raises(ValueError, match='TPU kernel.*attention=cudnn'):
+  with pytest.raises(config_lib.ConfigError, match='TPU kernel.*attention=cudnn'):
     attention_lib.attention(q, k, v, ids, ids, impl='splash')
+  # cuDNN's fused attention takes half-precision inputs only (JAX raised NotImplementedError inside the step).
+  with pytest.raises(config_lib.ConfigError, match="'cudnn' computes in bfloat16 or float16, not float32"):
+    attention_lib.attention(q, k, v, ids, ids, impl='cudnn')
 
 
 def test_splash_in_a_sharded_train_step_matches_xla():

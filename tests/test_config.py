@@ -87,6 +87,9 @@ def _demo():
     ('eval.num_samples', 1, 'eval.num_samples=1: an FVD needs at least 2 clips a set'),
     ('eval.batch_size', 0, 'eval.batch_size=0 must be >= 1'),
     ('optim.grad_accum_steps', 0, 'optim.grad_accum_steps=0 must be >= 1'),
+    ('optim.grad_accum_steps', 3, 'data.batch_size=4 must be a multiple of optim.grad_accum_steps=3'),
+    ('mesh.shape', (0, 1, 1), 'mesh.shape=(0, 1, 1) must give 3 positive sizes'),
+    ('mesh.axis_rules', (('embed', 'model'),), "mesh.axis_rules maps 'embed' to 'model', which is not a mesh axis"),
     ('tokenizer.grad_accum_steps', 3, 'tokenizer.batch_size=8 must be a positive multiple of '
                                       'tokenizer.grad_accum_steps=3'),
     ('model.param_dtype', 'fp32', "model.param_dtype='fp32' is unknown"),

@@ -133,8 +133,13 @@ def test_an_update_that_overflows_the_params_stops_before_it_is_saved(tmp_path):
 
 def test_batch_that_cannot_be_split_names_the_fields(tmp_path):
   cfg = toy.config(num_steps=1)
-  with pytest.raises(ValueError, match='data.batch_size.*optim.grad_accum_steps'):
+  with pytest.raises(config_lib.ConfigError, match='data.batch_size.*optim.grad_accum_steps'):
     trainer.train(cfg, str(tmp_path), toy.make_task(), toy.dataset(12))
+  # The config's own batch is checked before anything is built (it failed after the state's initialisation).
+  cfg.data.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match=r'global batch 12 \(data.batch_size\)'):
+    trainer.train(cfg, str(tmp_path / 'early'), toy.make_task(), lambda: 1 / 0)
+  assert not os.path.exists(tmp_path / 'early')
   # A task with its own fields (the tokenizer's) is told about those, not the transformer's.
   task = dataclasses.replace(toy.make_task(), batch_fields=('tokenizer.batch_size', 'tokenizer.grad_accum_steps'))
   with pytest.raises(ValueError, match=r'global batch 12 \(tokenizer.batch_size\).*x tokenizer.grad_accum_steps=1'):

@@ -66,16 +66,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_block: jax.Array, k_bl
     return _xla_attention(q, k, v, block_mask(q_block, k_block))
   if impl == 'cudnn':
     if jax.default_backend() != 'gpu':
-      raise ValueError(f"model.attention='cudnn' needs a GPU (backend is {jax.default_backend()!r}); "
-                       "use --config.model.attention=xla.")
+      raise config_lib.ConfigError(f"model.attention='cudnn' needs a GPU (backend is {jax.default_backend()!r}); "
+                                   'use --config.model.attention=xla.')
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise config_lib.ConfigError(f"model.attention='cudnn' computes in bfloat16 or float16, not {q.dtype}; use "
+                                   '--config.model.dtype=bfloat16 (or auto), or --config.model.attention=xla.')
     return fused_attention(q, k, v, block_mask(q_block, k_block), implementation='cudnn')
   if impl == 'splash':
     if jax.default_backend() == 'gpu':
-      raise ValueError("model.attention='splash' is a TPU kernel; on GPU use --config.model.attention=cudnn.")
+      raise config_lib.ConfigError("model.attention='splash' is a TPU kernel; on GPU use "
+                                   '--config.model.attention=cudnn.')
     if q.shape[2] < SPLASH_MIN_QUERIES or not is_static(q_block) or not is_static(k_block):
       return _xla_attention(q, k, v, block_mask(q_block, k_block))
     return splash_attention(q, k, v, q_block, k_block, interpret=jax.default_backend() != 'tpu')
-  raise ValueError(f'model.attention={impl!r} is unknown; pick one of {config_lib.ATTENTION_IMPLS}.')
+  raise config_lib.ConfigError(f'model.attention={impl!r} is unknown; pick one of {config_lib.ATTENTION_IMPLS}.')
 
 
 def cache_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, q_block: jax.Array, k_block: jax.Array, *,

@@ -13,19 +13,21 @@ from nbp_jax import config_lib
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills the one -1 in `shape` so that the sizes multiply to `num_devices`; errors name mesh.shape."""
+  """Fills the one -1 in `shape` so that the sizes multiply to `num_devices`; ConfigErrors name mesh.shape."""
   shape = tuple(int(s) for s in shape)
   if sum(1 for s in shape if s == -1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'mesh.shape={shape}: give positive sizes with at most one -1 ("the remaining devices").')
+    raise config_lib.ConfigError(f'mesh.shape={shape}: give positive sizes with at most one -1 ("the remaining '
+                                 'devices").')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f'mesh.shape={shape} needs a multiple of {known} devices, but there are {num_devices}; '
-                       f'change --config.mesh.shape.')
+      raise config_lib.ConfigError(f'mesh.shape={shape} needs a multiple of {known} devices, but there are '
+                                   f'{num_devices}; change --config.mesh.shape.')
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ValueError(f'mesh.shape={shape} uses {math.prod(shape)} devices, but there are {num_devices}; '
-                     f'use -1 for one axis (e.g. (-1, 1, 1)) or set the sizes to multiply to {num_devices}.')
+    raise config_lib.ConfigError(f'mesh.shape={shape} uses {math.prod(shape)} devices, but there are {num_devices}; '
+                                 f'use -1 for one axis (e.g. (-1, 1, 1)) or set the sizes to multiply to '
+                                 f'{num_devices}.')
   return shape
 
 
