@@ -283,6 +283,10 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
   c = default_config()
   c.name = f'{task}_{size}'
   c.model = model_config(size)
+  if size == '3b':
+    # FSDP over every device: 3B params with fp32 Adam state are ~45 GB, a whole copy per device with data
+    # parallelism alone. The same on one device; batches still split over all of them.
+    c.mesh.shape = (1, -1, 1)
   if task == 'ucf101':
     # Class-conditional generation; official hybrid start (first row token by token): 95 steps per clip.
     c.data.source = 'ucf101'
@@ -291,6 +295,8 @@ def task_config(task: str, size: str) -> ml_collections.ConfigDict:
     c.data.batch_size = 256
     c.nbp.condition = 'class'
     c.nbp.first_block = 'hybrid'
+    # nbp-jax's choice, not the release's: its null-class embedding is an untrained buffer and the paper reports no
+    # guidance; 10% dropped prefixes train one, so that --config.sample.cfg_scale works (sampling default 1 = off).
     c.nbp.cond_drop_prob = 0.1
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 5_000
