@@ -558,6 +558,10 @@ TOKENIZER_MODES = ('train_tokenizer', 'tokenize', 'train', 'sample', 'eval', 'ex
 TRANSFORMER_MODES = ('train', 'sample', 'eval', 'export', 'import', 'pipeline', 'study')
 
 
+# I3D reduces time 8-fold before a 2-frame pooling: an FVD needs clips of at least this many frames.
+I3D_MIN_FRAMES = 9
+
+
 def check_sampling(sample: Mapping[str, Any]) -> None:
   """Checks sampling settings (config.sample's, or Generator's overrides of them); ConfigError names the field."""
   _require(sample['temperature'] >= MIN_TEMPERATURE,
@@ -690,9 +694,15 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   if mode in ('eval', 'pipeline', 'study'):
     ev = config.eval
     _require(ev.batch_size >= 1, f'eval.batch_size={ev.batch_size} must be >= 1.')
-    _require(ev.fvd_num_frames <= d.num_frames,
-             f'eval.fvd_num_frames={ev.fvd_num_frames} is more than a clip has (data.num_frames={d.num_frames}); '
-             f'use --config.eval.fvd_num_frames={d.num_frames} or fewer.')
+    _require(ev.num_samples >= 1, f'eval.num_samples={ev.num_samples} must be >= 1.')
+    _require(ev.get('num_video_files', 0) >= 0, f'eval.num_video_files={ev.num_video_files} must be >= 0.')
+    if ev.get('fvd_protocols', 'all'):
+      _require(I3D_MIN_FRAMES <= ev.fvd_num_frames <= d.num_frames,
+               f'eval.fvd_num_frames={ev.fvd_num_frames} must be from {I3D_MIN_FRAMES} (I3D pools 8 frames into one, '
+               f'then two) to the {d.num_frames} frames of a clip (data.num_frames); '
+               + (f'use --config.eval.fvd_num_frames={min(16, d.num_frames)}.' if d.num_frames >= I3D_MIN_FRAMES else
+                  "these clips are too short for an FVD: score none with --config.eval.fvd_protocols=''."))
+      _require(ev.fvd_resize >= 0, f'eval.fvd_resize={ev.fvd_resize} must be >= 0 (0 = no resize before I3D).')
     _require(ev.num_samples >= 2 or not ev.get('fvd_protocols', 'all'),
              f'eval.num_samples={ev.num_samples}: an FVD needs at least 2 clips a set (thousands to compare with '
              "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")

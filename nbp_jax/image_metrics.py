@@ -41,8 +41,8 @@ PSNR_MAX_DB = float(-10.0 * np.log10(_MSE_FLOOR))  # 58.9 dB
 def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
   """PSNR in dB per video: frames [..., T, H, W, 3] -> [...]; per-frame PSNR (data range 1) averaged over T.
 
-  Identical frames would give +inf. Their MSE is floored at the noise of 8-bit quantisation, 1 / (12 * 255^2)
-  (PSNR_MAX_DB = 58.9 dB): two equal uint8 frames agree only to the precision of their pixels, and a higher cap
+  Identical frames would give +inf. The MSE is floored at the noise of 8-bit quantisation, 1 / (12 * 255^2)
+  (PSNR_MAX_DB = 58.9 dB; any frame closer than that scores it too): two equal uint8 frames agree only to the precision of their pixels, and a higher cap
   lets a few exact repeats dominate the mean (the demo's copy-last baseline repeats 24 of its 768 predicted frames
   exactly; it scores 19.58 dB with a 1e-10 floor, 18.30 with this one, 16.99 without those frames).
   """
@@ -58,6 +58,7 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 
 
 SSIM_WINDOW = 11  # pixels: frames smaller than this have no SSIM
+LPIPS_MIN_SIZE = 16  # pixels: VGG's four poolings leave nothing of smaller frames (LPIPS is NaN there)
 
 
 @functools.partial(jax.jit, static_argnames=('window', 'sigma'))

@@ -74,7 +74,11 @@ def _demo():
     ('data.resolution', 36, 'data.resolution'),
     ('data.resolution', 0, 'data.resolution=0 is not a positive multiple'),
     ('data.fps', 0, 'data.fps=0 must be > 0'),
-    ('eval.fvd_num_frames', 18, 'eval.fvd_num_frames=18 is more than a clip has (data.num_frames=17)'),
+    ('eval.fvd_num_frames', 18, 'eval.fvd_num_frames=18 must be from 9 (I3D pools 8 frames into one, then two) to '
+                                'the 17 frames of a clip (data.num_frames); use --config.eval.fvd_num_frames=16.'),
+    ('eval.fvd_num_frames', 8, 'eval.fvd_num_frames=8 must be from 9'),  # I3D's features were NaN
+    ('eval.fvd_resize', -8, 'eval.fvd_resize=-8 must be >= 0'),
+    ('eval.num_video_files', -1, 'eval.num_video_files=-1 must be >= 0'),
     ('nbp.first_block', 'middle', 'nbp.first_block'),
     ('model.attention', 'flash3', 'model.attention'),
     ('model.pos_emb_init', 'sincos', 'model.pos_emb_init'),

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import pipeline
 from nbp_jax.data import builder
 from nbp_jax.data import prepare
@@ -115,6 +116,14 @@ def test_stats_cache_round_trip(tmp_path):
   np.testing.assert_array_equal(first['sigma'], second['sigma'])
   other = fvd.stats_cache_path(str(tmp_path), dataset='synthetic', split='train', resolution=64, frames=16)
   assert other != path
+  # Non-finite features (I3D of too few frames gave NaN) are refused, not cached for every later evaluation.
+  with pytest.raises(FloatingPointError, match='not finite; nothing was written'):
+    fvd.cached_real_stats(other, lambda: np.full((20, 5), np.nan))
+  assert not os.path.exists(other)
+  with open(other, 'wb') as f:
+    f.write(b'garbage')
+  with pytest.raises(errors.UserError, match='is unreadable .* delete it to recompute'):
+    fvd.cached_real_stats(other, compute)
 
 
 def test_cached_real_statistics_and_finished_evaluations_follow_the_dataset_and_the_settings(tmp_path):
@@ -139,7 +148,8 @@ def test_cached_real_statistics_and_finished_evaluations_follow_the_dataset_and_
   with open(os.path.join(workdir, 'eval', 'results_step3.json'), 'w') as f:
     json.dump({'settings': settings, 'protocols': {'class': {'fvd': 1.0}}}, f)
   assert pipeline._finished_eval(config, workdir, 3, ('class',))['protocols'] == {'class': {'fvd': 1.0}}
-  for field, value in (('sample.top_k', 7), ('sample.temperature', 0.5), ('eval.fvd_resize', 8), ('seed', 1)):
+  for field, value in (('sample.top_k', 7), ('sample.temperature', 0.5), ('eval.fvd_resize', 8), ('seed', 1),
+                       ('data.eval_split', 'train'), ('nbp.context_frames', 1)):
     changed = config.copy_and_resolve_references()
     section, _, name = field.rpartition('.')
     (changed[section] if section else changed)[name] = value
@@ -153,8 +163,9 @@ def test_cached_real_statistics_and_finished_evaluations_follow_the_dataset_and_
   assert pipeline._finished_eval(config, workdir, 3, ('class',)) is None
 
 
-def test_frames_smaller_than_the_ssim_window_are_scored_without_ssim():
+def test_frames_smaller_than_the_ssim_window_are_scored_without_ssim_or_lpips():
   rng = np.random.default_rng(0)
   small, large = (rng.integers(0, 256, (2, 3, s, s, 3), dtype=np.uint8) for s in (8, 12))
   assert protocols._ssim(small, small) == {}  # pylint: disable=protected-access
+  assert protocols._lpips(None, large, large) == {}  # pylint: disable=protected-access  (NaN under 16 pixels)
   np.testing.assert_allclose(protocols._ssim(large, large, 'copy_last_ssim')['copy_last_ssim'], [1, 1], rtol=1e-5)  # pylint: disable=protected-access

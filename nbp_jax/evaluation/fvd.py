@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nbp_jax import cpu_convolutions
+from nbp_jax import errors
 from nbp_jax import parallel
 
 I3D_SIZE = 224
@@ -180,8 +181,11 @@ def cached_real_stats(path: str, compute: Callable[[], np.ndarray]) -> dict[str,
       with np.load(path) as data:
         return {k: data[k] for k in ('mu', 'sigma', 'count')}
     except (OSError, ValueError, KeyError) as e:
-      raise RuntimeError(f'FVD statistics cache {path} is unreadable ({e}); delete it to recompute.') from e
-  stats = feature_stats(compute())
+      raise errors.UserError(f'FVD statistics cache {path} is unreadable ({e}); delete it to recompute.') from e
+  features = compute()
+  if not np.all(np.isfinite(features)):  # never cached: every later evaluation would reuse it
+    raise FloatingPointError(f'I3D features of the real clips are not finite; nothing was written to {path}.')
+  stats = feature_stats(features)
   if not parallel.is_primary():
     return stats
   os.makedirs(os.path.dirname(path), exist_ok=True)

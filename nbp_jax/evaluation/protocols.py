@@ -89,7 +89,8 @@ def evaluation_settings(config, workdir: str) -> dict[str, Any]:
               'block_shape': list(config.nbp.block_shape), 'num_samples': ev.num_samples,
               'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'fvd_stats': fvd.STATS_VERSION,
               'fvd_protocols': list(fvd_protocols(config)), 'frame_prediction': frame_prediction_decoding(config),
-              'classifier_steps': ev.classifier_steps, **_dataset_key(config, workdir)}
+              'classifier_steps': ev.classifier_steps, 'eval_split': pipeline.eval_split(config, workdir),
+              'context_frames': config.nbp.context_frames, **_dataset_key(config, workdir)}
   return json.loads(json.dumps(settings, default=float))  # as read back from the report
 
 
@@ -245,15 +246,23 @@ def evaluate_frame_prediction(config, workdir: str, generator: generator_lib.Gen
     pf, tf = pred[:, given:], truth[:, given:]
     copy_last = copy_last_prediction(truth, given)[:, given:]
     # LPIPS of the first predicted frame, as in the release's protocol; PSNR and SSIM of all of them.
-    lpips = np.asarray(lpips_fn(pf[:, 0], tf[:, 0]))
     # Sample files show truth | prediction side by side.
     fake.add(i, pred, np.concatenate([truth, pred], axis=3), psnr=np.asarray(image_metrics.psnr(pf, tf)),
-             lpips=lpips, copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)),
+             copy_last_psnr=np.asarray(image_metrics.psnr(copy_last, tf)), **_lpips(lpips_fn, pf[:, :1], tf[:, :1]),
              **_ssim(pf, tf), **_ssim(copy_last, tf, 'copy_last_ssim'))
   means, kept, count = fake.result(stats)
   return {'metrics': means,
           'num_samples': count, 'decoding': decoding,
           'real_split': split, 'videos': kept}
+
+
+def _lpips(lpips_fn, videos: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+  """{'lpips': LPIPS per clip [B], the mean over its frames}, or {} for frames smaller than VGG's receptive
+  field needs (image_metrics.LPIPS_MIN_SIZE; LPIPS is NaN there)."""
+  if min(videos.shape[-3:-1]) < image_metrics.LPIPS_MIN_SIZE:
+    return {}
+  per_frame = [np.asarray(lpips_fn(videos[:, t], truth[:, t])) for t in range(videos.shape[1])]
+  return {'lpips': np.stack(per_frame, 1).mean(1)}
 
 
 def _ssim(videos: np.ndarray, truth: np.ndarray, name: str = 'ssim') -> dict[str, np.ndarray]:
@@ -287,13 +296,25 @@ def evaluate_reconstruction(config, workdir: str, generator: generator_lib.Gener
   for i, batch in _shared_real_batches(config, workdir, split, ev.num_samples, ev.batch_size, 'reconstruction'):
     truth = batch['video']
     recon = generator.decode(generator.encode(truth))
-    lpips = np.stack([np.asarray(lpips_fn(recon[:, t], truth[:, t])) for t in range(truth.shape[1])], 1).mean(1)
     fake.add(i, recon, np.concatenate([truth, recon], axis=3), psnr=np.asarray(image_metrics.psnr(recon, truth)),
-             lpips=lpips, **_ssim(recon, truth))
+             **_lpips(lpips_fn, recon, truth), **_ssim(recon, truth))
   means, kept, count = fake.result(stats, fvd_name='rfvd')
   return {'metrics': means,
           'num_samples': count,
           'real_split': split, 'videos': kept}
+
+
+def _note_repeated_clips(config, workdir: str, protocols: Sequence[str]) -> None:
+  """Says where eval.num_samples is more real clips than a split the protocols read holds: its clips then repeat
+  (pipeline.first_clips cycles through them), so some weigh twice in the real statistics and the means."""
+  # The class protocol's real set is the train split; its classifier's ceiling, and the other protocols, the eval split.
+  splits = {pipeline.eval_split(config, workdir)} | ({'train'} if 'class' in protocols else set())
+  for split in sorted(splits):
+    count = pipeline.num_examples(config, workdir, split)
+    if config.eval.num_samples > count and parallel.is_primary():
+      print(f'Note: eval.num_samples={config.eval.num_samples} is more than the {count} clips of split {split!r}: '
+            'its clips repeat in the real set (some count twice); lower eval.num_samples to score each once.',
+            flush=True)
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -322,6 +343,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   rng = jax.random.key(config.seed + 1)
   keep = int(ev.get('num_video_files', 4))
   with_fvd = fvd_protocols(config)
+  _note_repeated_clips(config, workdir, protocols)
   results: dict[str, dict] = {}
   for name in protocols:
     start = time.perf_counter()
@@ -342,8 +364,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, generator: generat
   tag = f'step{generator.step}'
   files = {}
   for name, r in results.items():
-    files[name] = generator_lib.write_samples(r.pop('videos'), out_dir, config.data.fps, num_files=keep,
-                                              name=f'{tag}_{name}')
+    videos = r.pop('videos')
+    if videos is not None:  # eval.num_video_files=0 keeps none
+      files[name] = generator_lib.write_samples(videos, out_dir, config.data.fps, num_files=keep,
+                                                name=f'{tag}_{name}')
   report = {
       'config': config.name, 'checkpoint_step': generator.step, 'block_shape': list(generator.spec.layout.block_shape),
       'fvd_num_frames': ev.fvd_num_frames, 'fvd_resize': ev.fvd_resize, 'num_samples_requested': ev.num_samples,

@@ -6,8 +6,9 @@ r"""`--mode=train_tokenizer`: trains the video tokenizer with the shared trainer
 Reads the prepared clips of WORKDIR/data and writes everything under WORKDIR/tokenizer (or
 config.tokenizer.checkpoint): checkpoints, config.json, metrics.jsonl, TensorBoard events, samples/. The
 transformer's own checkpoints in WORKDIR/checkpoints are never touched. Rerunning resumes. At the end it prints the
-reconstruction PSNR/SSIM over the whole held-out split (per frame of the uint8 reconstruction, as --mode=eval
-computes them) and writes them to WORKDIR/tokenizer/eval.json.
+reconstruction PSNR/SSIM over the held-out split in whole batches of tokenizer.batch_size (its last partial batch
+left out; eval.json's eval_clips says how many clips; per frame of the uint8 reconstruction, as --mode=eval computes
+them) and writes them to WORKDIR/tokenizer/eval.json.
 
 Steps and batch come from config.tokenizer (num_steps, batch_size); logging, evaluation, checkpoint and sample
 intervals from config.train.
@@ -142,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     print(f'tokenizer at step {step}: held-out psnr={result["psnr"]:.4g} (evaluated before, {eval_path})', flush=True)
     return result
 
-  # The whole held-out split, once, with the trained parameters.
+  # The held-out split's whole batches, once, with the trained parameters.
   setup = trainer.make_setup(tconfig, task)
   metrics = trainer.evaluate(trainer.make_eval_step(task, setup), state.params, eval_data, setup, num_batches=0)
   result = {k[len('val_'):]: v for k, v in metrics.items() if k in ('val_psnr', 'val_ssim', 'val_recon_loss')}
