@@ -42,9 +42,10 @@ def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
   """PSNR in dB per video: frames [..., T, H, W, 3] -> [...]; per-frame PSNR (data range 1) averaged over T.
 
   Identical frames would give +inf. The MSE is floored at the noise of 8-bit quantisation, 1 / (12 * 255^2)
-  (PSNR_MAX_DB = 58.9 dB; any frame closer than that scores it too): two equal uint8 frames agree only to the precision of their pixels, and a higher cap
-  lets a few exact repeats dominate the mean (the demo's copy-last baseline repeats 24 of its 768 predicted frames
-  exactly; it scores 19.58 dB with a 1e-10 floor, 18.30 with this one, 16.99 without those frames).
+  (PSNR_MAX_DB = 58.9 dB; any frame closer than that scores it too): two equal uint8 frames agree only to the
+  precision of their pixels, and a higher cap lets a few exact repeats dominate the mean (the demo's copy-last
+  baseline repeats 24 of its 768 predicted frames exactly; it scores 19.58 dB with a 1e-10 floor, 18.30 with this
+  one, 16.99 without those frames).
   """
   _check_pair(a, b, 'psnr')
   mse = jnp.mean((to_unit(a) - to_unit(b)) ** 2, axis=(-3, -2, -1))
