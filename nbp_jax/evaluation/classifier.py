@@ -129,6 +129,11 @@ def make_predict_fn(params, num_classes: int, batch_size: int = 64) -> Callable[
   return predict
 
 
+# The classifier's architecture and training recipe: raise it when either changes, so that no cached classifier of
+# the old one is reused (its params could load into the new tree, or fail to).
+CLASSIFIER_VERSION = 1
+
+
 def cached_classifier(cache_dir: str, key: dict, clips_fn: Callable[[], Clips], num_classes: int, num_frames: int,
                       steps: int) -> Callable[[np.ndarray], np.ndarray]:
   """The predict function of the classifier described by `key`, trained on `clips_fn()` once and cached.
@@ -136,7 +141,8 @@ def cached_classifier(cache_dir: str, key: dict, clips_fn: Callable[[], Clips], 
   key: what identifies the training data (dataset name, split, clip count); classes, frames and steps are added.
   clips_fn: () -> the training Clips (of num_frames frames); called only when nothing is cached.
   """
-  key = {**key, 'num_classes': int(num_classes), 'num_frames': int(num_frames), 'steps': int(steps)}
+  key = {**key, 'num_classes': int(num_classes), 'num_frames': int(num_frames), 'steps': int(steps),
+         'version': CLASSIFIER_VERSION}
   digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, 'eval_classifier', f'{digest}.msgpack')
   if os.path.exists(path):
