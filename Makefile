@@ -35,4 +35,4 @@ lint: venv
 	$(VENV)/bin/ruff check nbp_jax tests
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs build dist

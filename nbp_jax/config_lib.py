@@ -745,3 +745,35 @@ def _divisors_near(width: int, heads: int) -> str:
   divs = [h for h in range(1, width + 1) if width % h == 0 and h <= 4 * max(heads, 1)]
   divs.sort(key=lambda h: abs(h - heads))
   return ', '.join(str(h) for h in sorted(divs[:3]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command lines' --config flag (nbp_jax.main and nbp_jax.bench).
+
+
+def config_flag_index(argv: list[str]) -> int | None:
+  """Index in argv of the --config value (`--config=X` or `--config X`), or None when --config is not given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return i
+    if arg == '--config' and i + 1 < len(argv):
+      return i + 1
+  return None
+
+
+def with_config_file(argv: list[str]) -> list[str]:
+  """argv with the --config value as a path (config_file: a bundled config by name, e.g. `k600:3b`); ConfigError
+  when it names nothing."""
+  i = config_flag_index(argv)
+  if i is None:
+    return argv
+  prefix = '--config=' if argv[i].startswith('--config=') else ''
+  return [*argv[:i], prefix + config_file(argv[i].removeprefix('--config=')), *argv[i + 1:]]
+
+
+def last_overrides_only(argv: list[str]) -> list[str]:
+  """argv with each --config.x=y given once, the last value (config_flags appends a tuple field's repeats, so
+  `--config.nbp.block_shape=(1,1,2) --config.nbp.block_shape=(1,1,1)` became a 6-tuple; scalars keep the last)."""
+  last = {arg.split('=', 1)[0]: i for i, arg in enumerate(argv) if arg.startswith('--config.') and '=' in arg}
+  return [arg for i, arg in enumerate(argv)
+          if not (arg.startswith('--config.') and '=' in arg) or last[arg.split('=', 1)[0]] == i]

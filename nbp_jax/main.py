@@ -227,38 +227,11 @@ def _prepare_workdir(workdir: str) -> str | None:
 # Flag parsing: --config may name a bundled config; an unknown --config.x key is named with the nearest valid ones.
 
 
-def _config_index(argv: list[str]) -> int | None:
-  """Index in argv of the --config value (`--config=X` or `--config X`), or None when --config is not given."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return i
-    if arg == '--config' and i + 1 < len(argv):
-      return i + 1
-  return None
-
-
-def _last_overrides_only(argv: list[str]) -> list[str]:
-  """argv with each --config.x=y given once, the last value (config_flags appends a tuple field's repeats, so
-  `--config.nbp.block_shape=(1,1,2) --config.nbp.block_shape=(1,1,1)` became a 6-tuple; scalars keep the last)."""
-  last = {arg.split('=', 1)[0]: i for i, arg in enumerate(argv) if arg.startswith('--config.') and '=' in arg}
-  return [arg for i, arg in enumerate(argv)
-          if not (arg.startswith('--config.') and '=' in arg) or last[arg.split('=', 1)[0]] == i]
-
-
 def _config_path(argv: list[str]) -> str:
-  i = _config_index(argv)
+  i = config_lib.config_flag_index(argv)
   if i is None:
     return _DEFAULT_CONFIG
   return argv[i].removeprefix('--config=')
-
-
-def _with_config_file(argv: list[str]) -> list[str]:
-  """argv with the --config value as a path (config_lib.config_file: a bundled config by name)."""
-  i = _config_index(argv)
-  if i is None:
-    return argv
-  prefix = '--config=' if argv[i].startswith('--config=') else ''
-  return [*argv[:i], prefix + config_lib.config_file(_config_path(argv)), *argv[i + 1:]]
 
 
 def _load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -315,7 +288,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with --config a bundled config by name too, and a wrong --config (no such file, an
   unknown size in `k600.py:5b`) or an unknown --config.x key reported in one line (exit 2) instead of a traceback."""
   try:
-    argv = _last_overrides_only(_with_config_file(argv))
+    argv = config_lib.last_overrides_only(config_lib.with_config_file(argv))
   except config_lib.ConfigError as e:
     _fail(e)
   if _DEFAULT_CONFIG_ERROR is not None:

@@ -386,6 +386,16 @@ def test_bundled_configs_by_name_outside_the_checkout(tmp_path):
   assert _flags_config(cwd=tmp_path)['name'] == 'demo_tiny'  # the default
   with pytest.raises(config_lib.ConfigError, match=r'nope\.py is not a file.*k600, k600_1b'):
     config_lib.config_file('nope.py')
+  # The benchmarks' command line too (it read configs/bench_cpu.py relative to the folder it ran in). An unknown
+  # benchmark's usage line comes once the config has loaded.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  bench = lambda config: subprocess.run([sys.executable, '-m', 'nbp_jax.bench', 'nope', f'--config={config}'],
+                                        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+  for config in ('configs/bench_cpu.py', 'smoke'):
+    out = bench(config)
+    assert out.returncode == 1 and 'usage: python -m nbp_jax.bench {generate|' in out.stderr, out.stderr[-2000:]
+  out = bench('nope')
+  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith('Config error: --config=nope: nope is')
 
 
 def test_apply_overrides_resizes_in_python():

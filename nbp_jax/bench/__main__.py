@@ -16,6 +16,16 @@ _CONFIG = config_flags.DEFINE_config_file('config', config_lib.config_file('demo
                                           lock_config=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with --config a bundled config by name too (`--config=bench_cpu`, `configs/demo.py`
+  from any folder), as nbp_jax.main takes it."""
+  try:
+    argv = config_lib.last_overrides_only(config_lib.with_config_file(argv))
+  except config_lib.ConfigError as e:
+    raise SystemExit(f'Config error: {e}') from None
+  return flags.FLAGS(argv)
+
+
 def main(argv: list[str]) -> None:
   name = bench.ALIASES.get(argv[1], argv[1]) if len(argv) == 2 else None
   if name not in bench.BENCHMARKS:
@@ -27,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -51,7 +51,8 @@ def _torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('the PyTorch reference needs torch: pip install -r requirements-torch.txt') from e
+    raise ImportError("the PyTorch reference needs torch: pip install 'nbp-jax[torch]' (or -r requirements-torch.txt "
+                      'in a checkout)') from e
   return torch
 
 

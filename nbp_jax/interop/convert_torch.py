@@ -152,8 +152,9 @@ def main(argv=None) -> int:
   parser.add_argument('--allow-pickle', action='store_true', help='torch.load(weights_only=False); trusted files only')
   args = parser.parse_args(argv)
   if importlib.util.find_spec('torch') is None:
-    print('convert_torch needs PyTorch: pip install -r requirements-torch.txt (CPU wheel), or run it in any '
-          'environment that has torch and safetensors.', file=sys.stderr)
+    print("convert_torch needs PyTorch: pip install 'nbp-jax[torch]' (in a checkout: pip install -r "
+          'requirements-torch.txt, the CPU wheel), or run it in any environment that has torch and safetensors.',
+          file=sys.stderr)
     return 2
   try:
     n = convert(args.src, args.dst, args.allow_pickle)

@@ -126,8 +126,9 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> StateDict:
     stem = os.path.splitext(path)[0]
     raise OfficialImportError(
         f'reading {path} needs PyTorch, which is not installed here. Either install the CPU wheel '
-        '(pip install -r requirements-torch.txt), or convert the file where torch is installed: '
-        f'`python -m nbp_jax.interop.convert_torch {path} {stem}.safetensors`, then pass the .safetensors file.'
+        "(pip install 'nbp-jax[torch]', or -r requirements-torch.txt in a checkout), or convert the file where torch "
+        f'is installed: `python -m nbp_jax.interop.convert_torch {path} {stem}.safetensors`, then pass the '
+        '.safetensors file.'
     ) from None
   try:
     tensors = convert_torch.torch_load(path, allow_pickle)
@@ -325,9 +326,9 @@ def tokenize_prompts(prompts: Sequence[str], model_path: str, length: int = layo
   try:
     import sentencepiece  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise OfficialImportError('the UCF-101 class prompts need the sentencepiece package (pip install '
-                              'sentencepiece==0.2.3, listed in requirements-torch.txt), or pass precomputed ids '
-                              'with --config.import_.class_ids=ids.json.') from None
+    raise OfficialImportError("the UCF-101 class prompts need the sentencepiece package (pip install "
+                              "'nbp-jax[torch]'), or pass precomputed ids with --config.import_.class_ids=ids.json."
+                              ) from None
   if not os.path.exists(model_path):
     raise errors.MissingError(f'import_.llama_tokenizer={model_path!r} does not exist; pass the LLaMA-2 '
                               'tokenizer.model.')
