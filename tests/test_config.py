@@ -124,6 +124,15 @@ def test_max_positions_is_checked_against_the_exact_input_length_of_each_layout_
   with pytest.raises(config_lib.ConfigError, match=f'{seq_len} input positions do not fit model.max_positions='):
     spec_lib.check_layouts(c, 'train')
   spec_lib.check_layouts(c, 'prepare_data')  # a mode that builds no transformer does not ask
+  # The same model decoding other blocks (Generator.codes(block_shape=...)): its positions were clamped to the last.
+  c.model.max_positions = seq_len
+  with pytest.raises(config_lib.ConfigError, match=rf'{ntp_len} input positions \(decoding with block_shape=\(1, '
+                                                    r'1, 1\)\) do not fit model.max_positions='):
+    spec_from_config(c).with_block_shape((1, 1, 1))
+  # A block of the whole grid, never predicted: no target at all (the loss was the mean of nothing, NaN).
+  c.nbp.block_shape = config_lib.latent_shape(c)
+  with pytest.raises(config_lib.ConfigError, match=r"is the whole latent grid and nbp.first_block='none'"):
+    spec_from_config(c)
 
 
 def test_context_videos_need_a_frame_prediction_model_and_old_runs_read_back_with_the_field(tmp_path):

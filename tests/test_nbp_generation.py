@@ -492,7 +492,7 @@ def test_generator_on_a_mesh_splits_the_batch_and_samples_what_one_device_does()
   codes = split.codes(jax.random.key(0), **inputs)
   assert sorted(s.data.shape[0] for s in codes.addressable_shards) == [1, 1]  # one sample per device
   np.testing.assert_array_equal(codes, one.codes(jax.random.key(0), **inputs))
-  with pytest.raises(ValueError, match='does not split over 2 devices'):
+  with pytest.raises(errors.UserError, match='does not split over 2 devices'):
     split.codes(jax.random.key(0), batch_size=3)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import run_main
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import image_metrics
 from nbp_jax import trainer
 from nbp_jax.data import video_io
@@ -101,6 +102,13 @@ def test_the_stream_yields_the_batch_path_frames(generator, context):
   # The first frame alone after the first latent frame, then 4 per latent frame (5 given frames first).
   assert [f.shape[1] for f in frames] == ([5, 4, 4, 4] if context else [1, 4, 4, 4, 4])
   np.testing.assert_array_equal(np.concatenate(frames, axis=1), generator.decode(codes))
+
+
+def test_rollout_arguments_are_user_errors(generator):
+  with pytest.raises(errors.UserError, match=r'num_frames=34 is not 1 \+ a multiple of 4'):
+    generator.rollout(jax.random.key(0), 34, labels=np.array([0], np.int32))
+  with pytest.raises(errors.UserError, match=r'window_context=5 latent frames .* must leave room in a window of 5'):
+    generator.rollout(jax.random.key(0), 33, labels=np.array([0], np.int32), window_context=5)
 
 
 def test_rollout_lengths_and_windows_are_checked():

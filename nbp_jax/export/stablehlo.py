@@ -104,6 +104,11 @@ def build(config: ml_collections.ConfigDict, params: Mapping[str, np.ndarray], *
   if t_ctx and (context_frames - 1) % ft:
     raise ExportError(f'export.context_frames={context_frames} is not 1 + a multiple of {ft}: the tokenizer '
                       f'encodes 1 + {ft}k frames; use e.g. {1 + ft}.')
+  if t_ctx % layout.block_shape[0]:
+    bt = layout.block_shape[0]
+    raise ExportError(f'export.context_frames={context_frames} gives {t_ctx} latent frames, not whole layers of '
+                      f'blocks {bt} latent frames deep; give a multiple of {bt} latent frames (e.g. '
+                      f'--config.export.context_frames={1 + ft * (bt - 1)}).')
   if t_ctx >= t:
     raise ExportError(f'export.context_frames={context_frames} gives the whole clip ({t} latent frames): nothing is '
                       f'left to generate; give fewer frames (at most {1 + ft * (t - 2)}).')

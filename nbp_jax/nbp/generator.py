@@ -118,7 +118,7 @@ class Generator:
   def _check_batch(self, batch: int) -> None:
     n = sharding_lib.num_batch_shards(self.mesh, config_lib.DEFAULT_AXIS_RULES)
     if batch % n:
-      raise ValueError(f'a batch of {batch} does not split over {n} devices: use a multiple of {n} samples.')
+      raise errors.UserError(f'a batch of {batch} does not split over {n} devices: use a multiple of {n} samples.')
 
   def encode(self, videos) -> jax.Array:
     """uint8 [B, T, H, W, 3] -> int32 codes [B, t, h, w]."""
@@ -226,13 +226,13 @@ class Generator:
     """
     ft = config_lib.temporal_factor(self.config.tokenizer)
     if num_frames < 1 or (num_frames - 1) % ft:
-      raise ValueError(f'num_frames={num_frames} is not 1 + a multiple of {ft} (sample.num_frames).')
+      raise errors.UserError(f'num_frames={num_frames} is not 1 + a multiple of {ft} (sample.num_frames).')
     total, window = 1 + (num_frames - 1) // ft, self.spec.layout.latent_shape[0]
     keep = window_context or config_lib.window_context_frames(self.config)
     depth = self.spec.layout.block_shape[0]
     if not 0 < keep < window or keep % depth:
-      raise ValueError(f'window_context={keep} latent frames (sample.window_context_frames) must leave room in a '
-                       f'window of {window} and be whole blocks of block_shape[0]={depth}.')
+      raise errors.UserError(f'window_context={keep} latent frames (sample.window_context_frames) must leave room '
+                             f'in a window of {window} and be whole blocks of block_shape[0]={depth}.')
     pieces = [self.codes(jax.random.fold_in(rng, 0), labels=labels, context_codes=context_codes,
                          batch_size=batch_size, sampling=sampling)]
     have = window

@@ -90,6 +90,10 @@ class Vocab:
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
       raise LayoutError(f'special ids {bad[:4]} are outside [0, vocab_size={self.vocab_size}).')
+    video = [i for i in ids if self.video_offset <= i < self.video_offset + self.codebook_size]
+    if video:  # they would read as video codes (e.g. an official_ucf class prompt id of 32000 or more)
+      raise LayoutError(f'special ids {video[:4]} fall among the video ids [{self.video_offset}, '
+                        f'{self.video_offset + self.codebook_size}); check nbp.class_prefix_ids.')
 
   @property
   def prefix_len(self) -> int:

@@ -23,8 +23,11 @@ class Spec:
   vocab: Vocab
 
   def with_block_shape(self, block_shape: Sequence[int]) -> Spec:
-    """Same model and ids, another block shape (e.g. (1, 1, 1) to decode token by token)."""
-    return dataclasses.replace(self, layout=dataclasses.replace(self.layout, block_shape=tuple(block_shape)))
+    """Same model and ids, another block shape (e.g. (1, 1, 1) to decode token by token); ConfigError where its
+    sequence is longer than the model's positions (they would be clamped to the last one)."""
+    layout = dataclasses.replace(self.layout, block_shape=tuple(block_shape))
+    _check_positions(layout, self.model.max_positions, f' (decoding with block_shape={tuple(block_shape)})')
+    return dataclasses.replace(self, layout=layout)
 
   @property
   def num_params(self) -> int:
@@ -33,6 +36,12 @@ class Spec:
     d, f = m.emb_dim, m.mlp_ratio * m.emb_dim
     per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
     return m.num_layers * per_layer + 2 * m.vocab_size * d + m.max_positions * d + 2 * d + m.prefix_len * d
+
+
+def _check_positions(layout: BlockLayout, max_positions: int, where: str = '') -> None:
+  if layout.seq_len > max_positions:
+    raise config_lib.ConfigError(f'{layout.seq_len} input positions{where} do not fit model.max_positions='
+                                 f'{max_positions}; raise it or use shorter clips.')
 
 
 def check_layouts(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -82,9 +91,11 @@ def spec_from_config(config: ml_collections.ConfigDict, *, dtype: str | None = N
 
   layout = BlockLayout(config_lib.latent_shape(config), block_shape, prefix_len=vocab.prefix_len,
                        first_block=nbp.first_block)
-  if layout.seq_len > m.max_positions:
-    raise config_lib.ConfigError(f'{layout.seq_len} input positions do not fit model.max_positions='
-                                 f'{m.max_positions}; raise it or use shorter clips.')
+  _check_positions(layout, m.max_positions)
+  if layout.num_targets == 0:
+    raise config_lib.ConfigError(f"nbp.block_shape={block_shape} is the whole latent grid and nbp.first_block="
+                                 f"'{nbp.first_block}' predicts no first block: nothing is left to learn; use "
+                                 "smaller blocks or nbp.first_block='bov'.")
   model = TransformerConfig(
       vocab_size=vocab.vocab_size, num_layers=m.num_layers, num_heads=m.num_heads, emb_dim=m.emb_dim,
       mlp_ratio=m.mlp_ratio, max_positions=m.max_positions, prefix_len=vocab.prefix_len, dropout=m.dropout,
