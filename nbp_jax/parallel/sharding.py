@@ -17,6 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from nbp_jax import config_lib
+
 PyTree = Any
 Rules = tuple[tuple[str, Any], ...]
 
@@ -166,9 +168,10 @@ def process_data_shard(sharding: NamedSharding) -> tuple[int, int]:
   held = sorted({i for d in sharding.addressable_devices for i in range(*rows[d][0].indices(shards))})
   n, first = len(held), held[0]
   if held != list(range(first, first + n)) or first % n or shards % n:
-    raise ValueError(f'this process\'s devices hold batch shards {mine} of {shards}, not one contiguous part of the '
-                     f'batch (mesh {dict(sharding.mesh.shape)}, batch over {spec}); order the mesh so that each '
-                     'host\'s devices are neighbours on the batch axes (mesh.shape).')
+    raise config_lib.ConfigError(
+        f'this process\'s devices hold batch shards {mine} of {shards}, not one contiguous part of the batch (mesh '
+        f'{dict(sharding.mesh.shape)}, batch over {spec}); order the mesh so that each host\'s devices are '
+        'neighbours on the batch axes (mesh.shape).')
   return first // n, shards // n
 
 
