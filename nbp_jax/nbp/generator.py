@@ -367,6 +367,8 @@ def _check_labels(spec: Spec, labels) -> None:
   if not n:
     raise errors.UserError('this model is unconditional (nbp.condition=none): it takes no labels; pass '
                            'context_codes or batch_size instead.')
+  if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
+    return  # spread over several hosts: the caller's to check
   values = np.asarray(labels)
   if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.size == 0):
     raise errors.UserError(f'labels must be a [B] array of integer class ids; got {values.dtype} {values.shape}.')
@@ -377,8 +379,9 @@ def _check_labels(spec: Spec, labels) -> None:
 
 def _check_codes(spec: Spec, codes) -> None:
   """Refuses context codes outside the codebook (the model would read them as other tokens: code C is the
-  begin-of-video id in the native layout) or of a non-integer dtype. Traced codes are the caller's to check."""
-  if isinstance(codes, jax.core.Tracer):
+  begin-of-video id in the native layout) or of a non-integer dtype. Traced codes, and codes spread over several
+  hosts (encoded on a multi-host mesh), are the caller's to check."""
+  if isinstance(codes, jax.core.Tracer) or (isinstance(codes, jax.Array) and not codes.is_fully_addressable):
     return
   values = np.asarray(codes)
   c = spec.vocab.codebook_size
