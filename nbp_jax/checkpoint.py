@@ -72,8 +72,8 @@ STRUCTURE_FIELDS = (
 # from the checkpoint's in one of them is refused even though the params load (nbp.block_shape may differ: the
 # same params sample with other blocks). The class count and the class prompts too: the vocabulary is padded, so
 # another class count loads, with labels beyond the trained ones on embedding rows that never learned.
-FUNCTION_FIELDS = ('model.num_heads', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout', 'data.num_classes',
-                   'nbp.class_prefix_ids')
+CLASS_FIELDS = ('data.num_classes', 'nbp.class_prefix_ids')
+FUNCTION_FIELDS = ('model.num_heads', 'nbp.condition', 'nbp.first_block', 'nbp.id_layout', *CLASS_FIELDS)
 
 # errno values of a storage that failed to answer, as opposed to a file whose content is wrong.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,
@@ -460,6 +460,8 @@ class Checkpointer:
                               verb: str, alternative: str = '') -> None:
     """Raises CheckpointMismatchError when `config` differs from checkpoint `step`'s in one of `fields`: params that
     load (the same shapes) but would compute another function. No fields (a tokenizer's resume): nothing is read."""
+    if config is not None and config.nbp.get('condition') != 'class':
+      fields = [f for f in fields if f not in CLASS_FIELDS]  # an unconditional model has no classes to differ in
     if not fields:
       return
     same_shapes = CheckpointMismatchError('the same parameter shapes, computing another function')

@@ -601,6 +601,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
   if mode not in TOKENIZER_MODES:
     return
 
+  _require(len(tok.fsq_levels) > 0 and all(int(l) >= 2 for l in tok.fsq_levels),
+           f'tokenizer.fsq_levels={tuple(tok.fsq_levels)} must be levels of at least 2 (a level of 1 divides by 0).')
+  _require(int(tok.get('tokenize_batch_size', 1)) >= 1,
+           f'tokenizer.tokenize_batch_size={tok.get("tokenize_batch_size")} must be >= 1.')
   _require(tok.get('norm', 'group') in ('group', 'none'),
            f"tokenizer.norm={tok.get('norm')!r} is unknown; pick 'group' (the release) or 'none'.")
   blocks = tok.num_res_blocks
@@ -708,6 +712,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
              "published ones); raise it, or score no FVD with --config.eval.fvd_protocols=''.")
   if mode in ('train', 'pipeline', 'study'):
     _require(config.optim.lr > 0, f'optim.lr={config.optim.lr} must be > 0.')
+    o, t = config.optim, config.train
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f'optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1).')
+    for field in ('optim.weight_decay', 'optim.grad_clip', 'optim.warmup_steps', 'train.eval_every',
+                  'train.checkpoint_every', 'train.sample_every', 'train.num_eval_batches', 'train.log_every'):
+      section, name = field.split('.')
+      value = config[section].get(name, 0)
+      _require(value >= 0, f'{field}={value} must be >= 0 (0 = off).')
+    _require(t.get('keep_checkpoints', 1) >= 1, f'train.keep_checkpoints={t.get("keep_checkpoints")} must be >= 1.')
     accum = int(config.optim.grad_accum_steps)
     _require(accum >= 1, f'optim.grad_accum_steps={accum} must be >= 1 (1 = no accumulation).')
     _require(d.batch_size % accum == 0,

@@ -393,12 +393,15 @@ def step_actions(step: int, num_steps: int, tc: ml_collections.ConfigDict, *, ha
                  preempted: bool) -> StepActions:
   """What is due after `step` optimizer steps, by the intervals of config.train (0 = never).
 
-  The last step always saves, and evaluates when there is eval data; a preempted step saves and stops.
+  The last step always saves, and evaluates when there is eval data and train.eval_every > 0; a preempted step
+  saves and stops, nothing else.
   """
+  # A preempted step only saves: its evaluation or samples would eat into the signal's grace period.
   return StepActions(
-      evaluate=has_eval and bool(tc.eval_every) and (step % tc.eval_every == 0 or step == num_steps),
+      evaluate=(has_eval and bool(tc.eval_every) and (step % tc.eval_every == 0 or step == num_steps)
+                and not preempted),
       save=preempted or step == num_steps or bool(tc.checkpoint_every and step % tc.checkpoint_every == 0),
-      sample=has_samples and bool(tc.sample_every and step % tc.sample_every == 0),
+      sample=has_samples and bool(tc.sample_every and step % tc.sample_every == 0) and not preempted,
       stop=preempted)
 
 
@@ -641,6 +644,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
       if due.save or due.sample or due.evaluate:
         logger.flush()  # never save (or sample from) a state whose loss was not checked
       if due.save:
+        writer.flush()  # TensorBoard's buffer: a killed run resumes after this step and never writes it again
         _save(ckpt, step, state, train_iter, config, val)
       if due.sample:
         _write_samples(task, state.params, step, workdir, writer)
@@ -661,8 +665,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_dat
   finally:
     profiler.stop()
     logger.close()
+    ckpt.close()  # waits for a save in flight while a signal still only asks to stop, not kills
     preemption.close()
-    ckpt.close()
     writer.close()
   return state
 

@@ -92,6 +92,11 @@ def _demo():
     ('eval.batch_size', 0, 'eval.batch_size=0 must be >= 1'),
     ('optim.grad_accum_steps', 0, 'optim.grad_accum_steps=0 must be >= 1'),
     ('optim.grad_accum_steps', 3, 'data.batch_size=4 must be a multiple of optim.grad_accum_steps=3'),
+    ('optim.b1', 1.0, 'optim.b1=1.0 and optim.b2=0.95 must be in [0, 1)'),  # b1=1 stopped at step 1 as non-finite
+    ('train.eval_every', -3, 'train.eval_every=-3 must be >= 0'),
+    ('tokenizer.fsq_levels', (1, 5, 5), 'tokenizer.fsq_levels=(1, 5, 5) must be levels of at least 2'),
+    ('tokenizer.tokenize_batch_size', 0, 'tokenizer.tokenize_batch_size=0 must be >= 1'),
+    ('train.keep_checkpoints', 0, 'train.keep_checkpoints=0 must be >= 1'),
     ('mesh.shape', (0, 1, 1), 'mesh.shape=(0, 1, 1) must give 3 positive sizes'),
     ('mesh.axis_rules', (('embed', 'model'),), "mesh.axis_rules maps 'embed' to 'model', which is not a mesh axis"),
     ('tokenizer.grad_accum_steps', 3, 'tokenizer.batch_size=8 must be a positive multiple of '

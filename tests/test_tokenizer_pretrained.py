@@ -58,8 +58,13 @@ def test_loading_a_tokenizer_says_which_architecture_fields_of_the_config_it_doe
   with caplog.at_level(logging.WARNING):
     model, _, _ = load.load_tokenizer(config, 'unused')
   assert 'another architecture' not in caplog.text
-  config.tokenizer.fsq_levels = (4, 4)
+  config.tokenizer.channels = 2 * config.tokenizer.channels
   with caplog.at_level(logging.WARNING):
     again, _, _ = load.load_tokenizer(config, 'unused')
-  assert "this config's tokenizer.fsq_levels=(4, 4) are not used" in caplog.text
+  assert f"this config's tokenizer.channels={config.tokenizer.channels} are not used" in caplog.text
   assert again.spec == model.spec  # the checkpoint's architecture all the same
+  # Except the codebook and the grid: the transformer is built from the config's (it trained on codes beyond its
+  # codebook, NaN).
+  config.tokenizer.fsq_levels = (4, 4)
+  with pytest.raises(config_lib.ConfigError, match=r'makes codes of 1000 values .* this config asks for 16 values'):
+    load.load_tokenizer(config, 'unused')

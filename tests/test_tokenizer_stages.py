@@ -100,6 +100,13 @@ def test_tokenize_writes_the_codes_of_every_clip(trained, capsys):
   capsys.readouterr()
   tokenize.run(config, workdir)
   assert 'Reusing' in capsys.readouterr().out
+  # What tokenize (and --mode=train, which read codes tokenize refused) compares: the same tokenizer, step, grid and
+  # FSQ levels (codes of (8,5,5,5) were reused for a (5,5,5) tokenizer of the same path and step).
+  expected = tokenize.codes_metadata(config, workdir, step, model.spec)
+  tokenize.check_codes(location, expected, 'clips')
+  for change in ({'tokenizer_step': 3}, {'fsq_levels': [5, 5, 5]}, {'latent_shape': [2, 4, 4]}):
+    with pytest.raises(errors.UserError, match=r'were written by the tokenizer .* delete that folder to re-tokenize'):
+      tokenize.check_codes(location, {**expected, **change}, 'clips')
   # The clips prepared again (say from another folder): the codes of the earlier ones are not reused.
   metadata_path = os.path.join(builder.video_location(config, workdir).path, 'metadata.json')
   with open(metadata_path) as f:

@@ -250,6 +250,10 @@ def test_step_actions_follow_the_intervals():
       evaluate=False, save=True, sample=False, stop=False)
   assert trainer.step_actions(7, 10, tc, has_eval=True, has_samples=True, preempted=True) == trainer.StepActions(
       evaluate=False, save=True, sample=False, stop=True)
+  # Also where the step was due to evaluate and sample (they ran before the save, in the signal's grace period).
+  for step in (8, 10):
+    assert trainer.step_actions(step, 10, tc, has_eval=True, has_samples=True, preempted=True) == (
+        trainer.StepActions(evaluate=False, save=True, sample=False, stop=True))
   off = toy.config(num_steps=10, eval_every=0, checkpoint_every=0, sample_every=0).train
   busy = [s for s in range(1, 11)
           if trainer.step_actions(s, 10, off, has_eval=True, has_samples=True, preempted=False) != trainer.StepActions(

@@ -144,8 +144,9 @@ def make_dataset(config, workdir: str, split: str, *, seed: int, shard_index: in
 def make_iterator(dataset: grain.MapDataset, *, worker_count: int = 0) -> grain.DatasetIterator:
   """An iterator over `dataset` with get_state()/set_state() (a small dict) for checkpoints.
 
-  worker_count > 0 reads and decodes in that many worker processes (grain mp_prefetch); the state is the same
-  kind of dict and restores the same position.
+  worker_count > 0 reads and decodes in that many worker processes (grain mp_prefetch); its state (per worker)
+  restores the same position into an iterator of the same worker_count only (the trainer restarts the data under
+  another data.worker_count: checkpoint.DATA_LAYOUT_FIELDS).
   """
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES))
   if worker_count > 0:

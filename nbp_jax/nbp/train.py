@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import optax
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
 from nbp_jax import errors
+from nbp_jax import parallel
 from nbp_jax import trainer
 from nbp_jax.data import builder
 from nbp_jax.data import pipeline
@@ -81,7 +83,9 @@ def logits_fn(spec: Spec, params, batch, rng: jax.Array | None = None, train: bo
 
 
 def loss_fn(spec: Spec, params, batch, rng: jax.Array, train: bool = True, cond_drop_prob: float = 0.0):
-  """-> (mean cross-entropy over video targets, {'loss', 'accuracy', 'top5_accuracy', 'perplexity'})."""
+  """-> (mean cross-entropy over video targets, {'loss', 'accuracy', 'top5_accuracy'}). No perplexity: the trainer
+  averages metrics over micro-batches and eval batches, and a mean of exp(loss) is not exp of the mean loss
+  (exp(val_loss) is the perplexity)."""
   logits, targets = logits_fn(spec, params, batch, rng, train, cond_drop_prob)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   loss = ce.mean()
@@ -96,7 +100,6 @@ def loss_fn(spec: Spec, params, batch, rng: jax.Array, train: bool = True, cond_
       'loss': loss,
       'accuracy': (rank == 0).mean(),
       'top5_accuracy': (rank < 5).mean(),
-      'perplexity': jnp.exp(loss),
   }
   return loss, metrics
 
@@ -122,7 +125,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
 
   return Task(name='nbp', init_params=lambda rng: init_params(spec, rng), loss_fn=task_loss,
               flops_per_example=flops_per_example(spec), tokens_per_example=spec.layout.num_targets,
-              function_fields=checkpoint_lib.FUNCTION_FIELDS)
+              # A resume also keeps the objective: another block shape trains another model from these params.
+              function_fields=(*checkpoint_lib.FUNCTION_FIELDS, 'nbp.block_shape'))
 
 
 def _sample_writer(config: ml_collections.ConfigDict, spec: Spec, tok_model, tok_params):
@@ -174,6 +178,31 @@ def _require_the_datasets_classes(config: ml_collections.ConfigDict, workdir: st
         f'{location.path}); label them in the data folder, or train without classes: --config.nbp.condition=none.')
 
 
+TRAINING_DATA_FILE = 'training_data.json'
+
+
+def _check_training_data(workdir: str, data: dict) -> None:
+  """Refuses to resume (or call trained) a run on other codes than it trained on: its clips' preparation and the
+  tokenizer step that encoded them, recorded in WORKDIR/training_data.json when training starts (a pipeline rerun
+  after the tokenizer or the clips changed reused models trained on the old codes)."""
+  path = os.path.join(workdir, TRAINING_DATA_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != data:
+      raise errors.UserError(
+          f'{workdir} was trained on other codes ({saved}; now {data}: the clips were prepared again or another '
+          f'tokenizer encoded them). Train into a fresh --workdir, or delete {workdir} to train it again.')
+
+
+def _record_training_data(workdir: str, data: dict) -> None:
+  """Writes what _check_training_data compares, once the run has a checkpoint (a refused start writes nothing)."""
+  path = os.path.join(workdir, TRAINING_DATA_FILE)
+  if (parallel.is_primary() and not os.path.exists(path)
+      and os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR))):
+    checkpoint_lib.write_json(path, data)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
   """`--mode=train`: trains the transformer on pre-tokenized codes (data.use_tokenized) or on clips encoded on the
   fly by the trained tokenizer; checkpoints, metrics and samples go to WORKDIR."""
@@ -192,21 +221,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
         + (' (or --mode=pipeline, which runs every stage).' if config.data.source == 'synthetic' else '.')
         + (' Or encode clips on the fly with --config.data.use_tokenized=False.' if config.data.use_tokenized else ''))
   try:
-    tok_model, tok_params, _ = tokenizer_load.load_tokenizer(config, workdir)
+    tok_model, tok_params, tok_step = tokenizer_load.load_tokenizer(config, workdir)
   except FileNotFoundError:
     if not config.data.use_tokenized:
       raise
-    tok_model = tok_params = None  # training on stored codes needs no tokenizer; samples do
+    tok_model = tok_params = tok_step = None  # training on stored codes needs no tokenizer; samples do
   if config.data.use_tokenized:
     location = tokenize.tokens_location(config, workdir)
+    if tok_model is not None:  # the codes the tokenize stage would refuse are refused here too
+      tokenize.check_codes(location, tokenize.codes_metadata(config, workdir, tok_step, tok_model.spec),
+                           builder.video_location(config, workdir).path)
+    codes = builder.load_info(location).metadata
+    data = {'clips': codes.get('source_id'), 'tokenizer_step': codes.get('tokenizer_step')}
   else:
+    data = {'clips': builder.dataset_id(builder.video_location(config, workdir)), 'tokenizer_step': tok_step}
     location = None
     encode = functools.partial(tokenizer_model.encode, model=tok_model)
     task = dataclasses.replace(task, prepare_batch=lambda b: {**b, 'codes': encode(tok_params, b['video'])})
+  _check_training_data(workdir, data)
   if tok_model is not None and config.train.sample_every:
     task = dataclasses.replace(task, write_samples=_sample_writer(config, spec, tok_model, tok_params))
   train_data = pipeline.make_iterator(pipeline.make_dataset(config, workdir, 'train', seed=config.seed,
                                                             location=location),
                                       worker_count=config.data.worker_count)
   eval_data = pipeline.make_dataset(config, workdir, 'eval', seed=0, location=location)
-  return trainer.train(config, workdir, task, train_data, eval_data)
+  try:
+    return trainer.train(config, workdir, task, train_data, eval_data)
+  finally:
+    _record_training_data(workdir, data)

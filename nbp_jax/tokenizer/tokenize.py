@@ -149,33 +149,47 @@ def tokenizer_reference(tokenizer_dir: str, workdir: str) -> str:
   return tokenizer_dir
 
 
+def codes_metadata(config: ml_collections.ConfigDict, workdir: str, step: int, spec) -> dict:
+  """What codes made now by the tokenizer at `step` (its TokenizerSpec `spec`) would record: the tokenizer (as
+  tokenizer_reference names it) and step, the clips' dataset and preparation, the latent grid, the FSQ levels."""
+  ft, fs = spec.temporal_factor, spec.spatial_factor
+  grid = (1 + (config.data.num_frames - 1) // ft, config.data.resolution // fs, config.data.resolution // fs)
+  video_location = builder.video_location(config, workdir)
+  # Which preparation of the clips: a dataset deleted and prepared again (from another folder) is another one.
+  clips_id = builder.dataset_id(video_location) if video_location.exists() else None
+  return {'tokenizer': tokenizer_reference(load.tokenizer_workdir(config, workdir), workdir),
+          'tokenizer_step': int(step), 'source': builder.video_dataset_name(config), 'source_id': clips_id,
+          'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels),
+          'codes_dtype': codes_dtype(spec.fsq_levels).name}
+
+
+def check_codes(location: builder.Location, expected: dict, clips_path: str) -> None:
+  """Refuses the codes at `location` where they are not what `expected` (codes_metadata) describes: another
+  tokenizer, step, grid or FSQ levels, or clips prepared since; --mode=tokenize and --mode=train alike."""
+  old = dict(builder.load_info(location).metadata)
+  keys = ('tokenizer', 'tokenizer_step', 'latent_shape', 'fsq_levels')
+  if any(k in old and old[k] != expected[k] for k in keys):
+    raise errors.UserError(
+        f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
+        f'{old.get("tokenizer_step")} (grid {old.get("latent_shape")}, FSQ levels {old.get("fsq_levels")}), not '
+        f'{expected["tokenizer"]} at step {expected["tokenizer_step"]} (grid {expected["latent_shape"]}, levels '
+        f'{expected["fsq_levels"]}); delete that folder to re-tokenize.')
+  if expected['source_id'] and old.get('source_id') and old['source_id'] != expected['source_id']:
+    raise errors.UserError(
+        f'The codes at {location.path} are of clips prepared before the ones now at {clips_path} (that dataset was '
+        'prepared again); delete the codes folder to re-tokenize.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   location = tokens_location(config, workdir)
   if not location.exists():  # the clips first: with neither them nor a tokenizer, prepare_data is the step to name
     builder.require_prepared(builder.video_location(config, workdir))
   model, params, step = load.load_tokenizer(config, workdir)
-  spec = model.spec
-  tdir = tokenizer_reference(load.tokenizer_workdir(config, workdir), workdir)
-  ft, fs = spec.temporal_factor, spec.spatial_factor
-  grid = (1 + (config.data.num_frames - 1) // ft, config.data.resolution // fs, config.data.resolution // fs)
-  dtype = codes_dtype(spec.fsq_levels)
+  metadata = codes_metadata(config, workdir, step, model.spec)
+  tdir, grid, dtype = metadata['tokenizer'], tuple(metadata['latent_shape']), np.dtype(metadata['codes_dtype'])
   video_location = builder.video_location(config, workdir)
-  # Which preparation of the clips: a dataset deleted and prepared again (from another folder) is another one.
-  clips_id = builder.dataset_id(video_location) if video_location.exists() else None
-  metadata = {'tokenizer': tdir, 'tokenizer_step': int(step), 'source': builder.video_dataset_name(config),
-              'source_id': clips_id, 'latent_shape': list(grid), 'fsq_levels': list(spec.fsq_levels),
-              'codes_dtype': dtype.name}
   if location.exists():
-    old = dict(builder.load_info(location).metadata)
-    if {k: old.get(k) for k in ('tokenizer', 'tokenizer_step')} != {k: metadata[k] for k in ('tokenizer',
-                                                                                            'tokenizer_step')}:
-      raise errors.UserError(
-          f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
-          f'{old.get("tokenizer_step")}, not {tdir} at step {step}; delete that folder to re-tokenize.')
-    if clips_id and old.get('source_id') and old['source_id'] != clips_id:
-      raise errors.UserError(
-          f'The codes at {location.path} are of clips prepared before the ones now at {video_location.path} (that '
-          'dataset was prepared again); delete the codes folder to re-tokenize.')
+    check_codes(location, metadata, video_location.path)
     if parallel.is_primary():
       print(f'Reusing the tokenized dataset at {location.path} (delete that folder to re-tokenize).')
     return location
@@ -184,7 +198,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> builder.Location:
   batch_size = int(config.tokenizer.tokenize_batch_size)
   work = os.path.join(location.data_dir, WORK_SUBDIR, location.name)
   stamp = os.path.join(work, 'tokenizer.json')
-  work_metadata = {**metadata, 'work_format': 2}  # 2: work files hold the clips' places (earlier ones start over)
+  # 2: work files hold the clips' places (earlier ones start over). A batch file's name counts batches of this
+  # size on this many hosts: another size or host count starts over (a resume skipped or repeated clips).
+  work_metadata = {**metadata, 'work_format': 2, 'batch_size': batch_size, 'process_count': jax.process_count()}
 
   def start():
     os.makedirs(work, exist_ok=True)
