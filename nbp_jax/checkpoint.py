@@ -452,7 +452,7 @@ class Checkpointer:
     return CheckpointMismatchError(
         f'checkpoint {self.step_dir(step)} was written by another config: this config has '
         f'{", ".join(f"{k}={a!r}" for k, a, _ in fields)}, the checkpoint '
-        f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(error, "detail", error)}) {verb} the config '
+        f'{", ".join(f"{k}={b!r}" for k, _, b in fields)} ({getattr(error, "detail", error)}). {verb} the config '
         f'it was trained with ({config_json}, or {" ".join(f"--config.{k}={b!r}" for k, _, b in fields)})'
         f'{alternative}.')
 

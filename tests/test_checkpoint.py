@@ -332,7 +332,7 @@ def test_refused_resume_leaves_the_workdir_unchanged_and_names_the_field(tmp_pat
   other = _nbp_run_config()
   other.model.num_heads = 1
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r'this config has model\.num_heads=1, the checkpoint '
-                     r'model\.num_heads=2 \(the same parameter shapes, computing another function\) Resume with'):
+                     r'model\.num_heads=2 \(the same parameter shapes, computing another function\)\. Resume with'):
     _train_nbp(other, workdir)
   after = _snapshot(workdir)
   assert sorted(after) == sorted(before)  # no file added (config.json, TensorBoard events) or removed

@@ -520,6 +520,21 @@ def test_generator_load_refuses_a_checkpoint_the_config_does_not_build_or_cannot
   micro = _micro_generator()
   workdir = str(tmp_path / 'run')
   official.save_workdir(workdir, micro.params, micro.config)
+  # Another class count loads onto the same (padded) vocabulary, with labels on rows that never learned: refused.
+  classes = micro.config.copy_and_resolve_references()
+  classes.data.num_classes = 8
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match=r'data\.num_classes=8, the checkpoint '
+                                                                    r'data\.num_classes=4 \(the same parameter'):
+    generator_lib.Generator.load(workdir, classes)
+  # An unconditional model has no classes: its data.num_classes is not compared.
+  uncond = micro.config.copy_and_resolve_references()
+  uncond.nbp.condition = 'none'
+  spec = spec_from_config(uncond)
+  official.save_workdir(str(tmp_path / 'other' / 'uncond'), nn.meta.unbox(_params(spec)), uncond)
+  uncond.data.num_classes = 8
+  _, step = checkpoint_lib.restore_params(str(tmp_path / 'other' / 'uncond'), config=uncond,
+                                          expected=jax.eval_shape(lambda: nn.meta.unbox(_params(spec))))
+  assert step == 0
   # An architecture override of the run's config (or another run's config) builds other params: named, not sampled.
   deeper = micro.config.copy_and_resolve_references()
   deeper.model.num_layers = micro.config.model.num_layers + 1

@@ -70,6 +70,12 @@ def test_pipeline_end_to_end_then_sample_and_eval_from_workdir(tiny_pipeline, tm
   assert sample.returncode == 0, sample.stderr[-3000:]
   grids = list((workdir / 'nbp' / 'samples').glob('step_*/sample_grid.png'))
   assert grids, sample.stdout
+  # Codes made again (another tokenizer step here) are not trained on by the models of the old ones: refused.
+  record = workdir / 'nbp' / 'training_data.json'
+  assert json.loads(record.read_text())['tokenizer_step'] == 2
+  record.write_text(json.dumps({**json.loads(record.read_text()), 'tokenizer_step': 1}))
+  stale = run_main(*TINY_PIPELINE_FLAGS, f'--workdir={workdir}', '--mode=pipeline')
+  assert stale.returncode == 2 and 'was trained on other codes' in stale.stderr, stale.stderr[-2000:]
   # A --config instead of the run's own has no path to the pipeline's tokenizer: the error names the run's.
   other = run_main('--config=configs/smoke.py', f'--workdir={workdir / "nbp"}', '--mode=sample')
   assert other.returncode == 2 and (f"trained with tokenizer.checkpoint='{workdir / 'tokenizer'}': drop --config"
