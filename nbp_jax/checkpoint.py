@@ -116,11 +116,12 @@ def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
 DATA_LAYOUT_FIELDS = ('data.batch_size', 'data.worker_count')
 
 
-def config_differences(saved: Any, config: ml_collections.ConfigDict, fields: Sequence[str] = STRUCTURE_FIELDS
-                       ) -> list[tuple[str, Any, Any]]:
-  """(field, value in `config`, value in `saved`) for every entry of `fields` where the two differ."""
+def config_differences(saved: Any, config: ml_collections.ConfigDict,
+                       fields: Sequence[str] | None = STRUCTURE_FIELDS) -> list[tuple[str, Any, Any]]:
+  """(field, value in `config`, value in `saved`) for every entry of `fields` (None: every field) where the two
+  differ; a field one of them lacks (added since a run saved its config) is not compared."""
   a, b = _flat(config), _flat(saved)
-  return [(k, a[k], b[k]) for k in fields if k in a and k in b and a[k] != b[k]]
+  return [(k, a[k], b[k]) for k in (sorted(a) if fields is None else fields) if k in a and k in b and a[k] != b[k]]
 
 
 class _IteratorState:

@@ -662,8 +662,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train') -> None:
     _require('study' in config, '--mode=study needs a config.study section; use --config=configs/study.py.')
     _require(len(config.study.seeds) > 0 and len(config.study.block_shapes) > 0,
              'study.block_shapes and study.seeds must each name at least one entry.')
+    shapes, seeds = [tuple(s) for s in config.study.block_shapes], list(config.study.seeds)
+    _require(len(set(shapes)) == len(shapes) and len(set(seeds)) == len(seeds),
+             f'study.block_shapes={tuple(shapes)} and study.seeds={tuple(seeds)} must not repeat an entry (a repeat '
+             'is one run counted twice).')
     for shape in config.study.block_shapes:
-      _require(len(shape) == 3 and all(g % b == 0 for g, b in zip(grid, shape)),
+      _require(len(shape) == 3 and all(b > 0 for b in shape) and all(g % b == 0 for g, b in zip(grid, shape)),
                f'study.block_shapes has {tuple(shape)}, which does not tile the latent grid {grid}; each of '
                '(t, h, w) must divide the grid.')
   _require(nbp.condition in ('class', 'none'), f"nbp.condition={nbp.condition!r} must be 'class' or 'none'.")

@@ -162,9 +162,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary_path = os.path.join(workdir, 'summary.json')
   previous = _load_json(summary_path)
   train_steps = {n: _latest_step(os.path.join(workdir, n)) for n in variants}
+  # What the decode timings depend on besides the checkpoints (a rerun with other blocks reported the old ones).
+  timed_with = {'blocks': blocks, 'batch_size': int(config.sample.batch_size),
+                'context_frames': int(config.nbp.context_frames)}
   # The same checkpoints as the recorded run: keep its record (the stage times of the work actually done, its decode
   # timings); this run's times, mostly spent reusing finished stages, are kept beside it.
-  reuse = previous.get('train_steps') == train_steps
+  reuse = previous.get('train_steps') == train_steps and previous.get('timed_with') == timed_with
   for name, c in variants.items():
     clock.start(f'eval_{name}', f'5/5 evaluate {name}')
     # Tokenizer reconstruction is the same for both models: evaluate it once.
@@ -173,11 +176,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vdir = os.path.join(workdir, name)
     rows[name], report = evaluate_model(c, vdir, names, stats_dir=workdir,
                                         recorded=previous.get('models', {}).get(name) if reuse else None)
+    # The grids beside this run's evaluation (a report reused from a moved workdir names the old place).
     grids.extend((f'{name} ({blocks[name]} blocks): {_grid_title(c, vdir, protocol, report["protocols"][protocol])}',
-                  path)
+                  os.path.join(vdir, 'eval', os.path.basename(path)))
                  for protocol, path in report['grids'].items())
   clock.stop()
-  summary = {'config': config.name, 'models': rows, 'train_steps': train_steps,
+  summary = {'config': config.name, 'models': rows, 'train_steps': train_steps, 'timed_with': timed_with,
              'stage_seconds': previous.get('stage_seconds', clock.seconds) if reuse else clock.seconds}
   if reuse:
     summary['last_rerun_stage_seconds'] = clock.seconds

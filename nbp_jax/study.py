@@ -17,6 +17,7 @@ the one that was interrupted (from its latest checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from nbp_jax import checkpoint as checkpoint_lib
 from nbp_jax import config_lib
+from nbp_jax import errors
 from nbp_jax import metric_logger
 from nbp_jax import parallel
 from nbp_jax import pipeline
@@ -67,10 +69,11 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: 
   name = run_name(block_shape, seed)
   vdir = os.path.join(workdir, 'runs', name)
   path = os.path.join(vdir, RESULT_FILE)
+  c = pipeline.model_config(config, workdir, name, block_shape, seed)
   if os.path.exists(path):
+    _refuse_other_settings(c, vdir)
     with open(path) as f:
       return json.load(f)
-  c = pipeline.model_config(config, workdir, name, block_shape, seed)
   start = time.perf_counter()
   nbp_train.run(c, vdir)
   train_seconds = time.perf_counter() - start
@@ -80,6 +83,32 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, block_shape, seed: 
              eval_seconds=round(time.perf_counter() - start - train_seconds, 1))
   _save_json(path, row)
   return row
+
+
+# Fields that say where things are or how a run is watched, not what it computes: a finished run is reused whatever
+# they are (the study's own section lists the runs; a new seed or shape leaves the others valid).
+_NOT_RESULT_FIELDS = ('name', 'data.dir', 'data.raw_dir', 'data.tokenized_dir', 'data.worker_count',
+                      'data.prepare_workers', 'tokenizer.checkpoint', 'tokenizer.pretrained', 'train.log_every',
+                      'train.keep_checkpoints', 'train.profile_steps', 'study.', 'export.', 'import_.')
+
+
+def _refuse_other_settings(c: ml_collections.ConfigDict, vdir: str) -> None:
+  """UserError when the finished run in `vdir` was made with other settings than `c` (a rerun with more steps or
+  other evaluation settings reused its result and labelled it with the new ones)."""
+  saved = checkpoint_lib.load_config(vdir)
+  differ = [(k, a, b) for k, a, b in checkpoint_lib.config_differences(saved, c, fields=None)
+            if not k.startswith(_NOT_RESULT_FIELDS)]
+  if differ:
+    raise errors.UserError(
+        f'{vdir} was made with {", ".join(f"{k}={b!r}" for k, _, b in differ[:4])}, this study asks for '
+        f'{", ".join(f"{k}={a!r}" for k, a, _ in differ[:4])}: rerun with those settings, use another --workdir, '
+        f'or delete {os.path.join(vdir, RESULT_FILE)} (and its checkpoints, to retrain) to redo it.')
+
+
+def _result_digest(vdir: str) -> str:
+  """A fingerprint of a run's result file: its decode timing is kept only for the result it was measured with."""
+  with open(os.path.join(vdir, RESULT_FILE), 'rb') as f:
+    return hashlib.sha1(f.read()).hexdigest()[:12]
 
 
 def _save_json(path: str, value) -> None:
@@ -96,18 +125,20 @@ def time_all_runs(config: ml_collections.ConfigDict, workdir: str, todo) -> dict
   """
   path = os.path.join(workdir, TIMING_FILE)
   names = [run_name(b, s) for b, s in todo]
+  results = {n: _result_digest(os.path.join(workdir, 'runs', n)) for n in names}
   if os.path.exists(path):
     with open(path) as f:
       timings = json.load(f)
-    if all(n in timings for n in names):
+    if all(timings.get(n, {}).get('result') == results[n] for n in names):
       return timings
   timings = {}
   for (block, seed), name in zip(todo, tqdm(names, desc='decode timing', unit='run')):
     vdir = os.path.join(workdir, 'runs', name)
     c = pipeline.model_config(config, workdir, name, block, seed)
     generator = generator_lib.Generator.load(vdir, c)
-    timings[name] = pipeline.time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator,
-                                                                                  c.sample.batch_size))
+    timings[name] = {**pipeline.time_decoding(generator, generator_lib.sample_inputs(c, vdir, generator,
+                                                                                     c.sample.batch_size)),
+                     'result': results[name]}
   _save_json(path, timings)
   return timings
 
@@ -201,7 +232,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock.stop()
   for row, (block, seed) in zip(runs, todo):
     row['frames_per_s_at_eval'] = row['frames_per_s']
-    row.update(timings[run_name(block, seed)])
+    row.update({k: v for k, v in timings[run_name(block, seed)].items() if k != 'result'})
   entries = aggregate(runs)
   table = format_table(entries)
   report = {'config': config.name, 'runs': runs, 'aggregate': entries, 'stage_seconds': clock.seconds,

@@ -170,6 +170,12 @@ def test_block_shape_error_suggests_tiling_shapes():
   study.study.block_shapes = ((1, 1, 1), (1, 1, 3))
   with pytest.raises(config_lib.ConfigError, match=r'study.block_shapes has \(1, 1, 3\), which does not tile'):
     config_lib.validate(study, 'study')
+  study.study.block_shapes = ((1, 1, 0),)  # a ZeroDivisionError's traceback
+  with pytest.raises(config_lib.ConfigError, match=r'study.block_shapes has \(1, 1, 0\), which does not tile'):
+    config_lib.validate(study, 'study')
+  study.study.block_shapes, study.study.seeds = ((1, 1, 1),), (0, 0)  # one run counted as two seeds
+  with pytest.raises(config_lib.ConfigError, match=r'study.seeds=\(0, 0\) must not repeat an entry'):
+    config_lib.validate(study, 'study')
 
 
 def test_unknown_mode():

@@ -59,6 +59,10 @@ def test_study_end_to_end_then_rerun_skips_finished_runs(tiny_pipeline, tmp_path
   assert again.returncode == 0, again.stderr[-3000:]
   assert {p: p.read_text() for p in logs} == logs
   assert (workdir / 'study.md').read_text().splitlines() == table
+  # A rerun with other settings does not pass the finished runs off as theirs (it labelled them with the new ones).
+  other = run_main(*STUDY_FLAGS, f'--workdir={workdir}', '--mode=study', '--config.train.num_steps=3')
+  assert other.returncode == 2 and 'was made with train.num_steps=2, this study asks for train.num_steps=3' in (
+      other.stderr), other.stderr[-2000:]
 
 
 def test_aggregate_means_and_spreads_against_hand_computed_values():

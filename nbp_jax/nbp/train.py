@@ -230,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
     location = tokenize.tokens_location(config, workdir)
     if tok_model is not None:  # the codes the tokenize stage would refuse are refused here too
       tokenize.check_codes(location, tokenize.codes_metadata(config, workdir, tok_step, tok_model.spec),
-                           builder.video_location(config, workdir).path)
+                           builder.video_location(config, workdir).path, same_workdir=False)
     codes = builder.load_info(location).metadata
     data = {'clips': codes.get('source_id'), 'tokenizer_step': codes.get('tokenizer_step')}
   else:

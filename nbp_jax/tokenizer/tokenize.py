@@ -163,11 +163,14 @@ def codes_metadata(config: ml_collections.ConfigDict, workdir: str, step: int, s
           'codes_dtype': codes_dtype(spec.fsq_levels).name}
 
 
-def check_codes(location: builder.Location, expected: dict, clips_path: str) -> None:
+def check_codes(location: builder.Location, expected: dict, clips_path: str, *, same_workdir: bool = True) -> None:
   """Refuses the codes at `location` where they are not what `expected` (codes_metadata) describes: another
-  tokenizer, step, grid or FSQ levels, or clips prepared since; --mode=tokenize and --mode=train alike."""
+  tokenizer, step, grid or FSQ levels, or clips prepared since; --mode=tokenize and --mode=train alike.
+  `same_workdir`: `expected` was made for the workdir the codes were written from, so that the tokenizer's
+  reference (relative to it, tokenizer_reference) compares too; a run elsewhere (a pipeline's nbp/) compares the
+  rest."""
   old = dict(builder.load_info(location).metadata)
-  keys = ('tokenizer', 'tokenizer_step', 'latent_shape', 'fsq_levels')
+  keys = ('tokenizer',) * same_workdir + ('tokenizer_step', 'latent_shape', 'fsq_levels')
   if any(k in old and old[k] != expected[k] for k in keys):
     raise errors.UserError(
         f'The codes at {location.path} were written by the tokenizer {old.get("tokenizer")} at step '
