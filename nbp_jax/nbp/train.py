@@ -246,6 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> trainer.TrainState:
                                       worker_count=config.data.worker_count)
   eval_data = pipeline.make_dataset(config, workdir, 'eval', seed=0, location=location)
   try:
-    return trainer.train(config, workdir, task, train_data, eval_data)
-  finally:
+    state = trainer.train(config, workdir, task, train_data, eval_data)
+  except errors.Preempted:  # saved: the checkpoint is of these codes (a refused start records nothing)
     _record_training_data(workdir, data)
+    raise
+  _record_training_data(workdir, data)
+  return state
