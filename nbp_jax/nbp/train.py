@@ -183,8 +183,9 @@ TRAINING_DATA_FILE = 'training_data.json'
 
 def _check_training_data(workdir: str, data: dict) -> None:
   """Refuses to resume (or call trained) a run on other codes than it trained on: its clips' preparation and the
-  tokenizer step that encoded them, recorded in WORKDIR/training_data.json when training starts (a pipeline rerun
-  after the tokenizer or the clips changed reused models trained on the old codes)."""
+  tokenizer step that encoded them, recorded in WORKDIR/training_data.json once it has a checkpoint
+  (_record_training_data; a pipeline rerun after the tokenizer or the clips changed reused models trained on the old
+  codes)."""
   path = os.path.join(workdir, TRAINING_DATA_FILE)
   if os.path.exists(path):
     with open(path) as f:

@@ -7,6 +7,7 @@ maps those names to mesh axes. Changing the parallelism is a config change, not 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import functools
 import math
 from typing import Any
 
@@ -156,6 +157,7 @@ def num_batch_shards(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]]) ->
   return _axis_size(mesh, batch_axes(rules))
 
 
+@functools.lru_cache(maxsize=64)  # make_global_batch asks at every step, for the same sharding
 def process_data_shard(sharding: NamedSharding) -> tuple[int, int]:
   """(index, count): this process feeds part `index` of `count` equal parts of every global batch, the rows its
   devices hold under `sharding`. Processes whose devices hold the same rows get the same index: where a batch
@@ -163,13 +165,12 @@ def process_data_shard(sharding: NamedSharding) -> tuple[int, int]:
   share of its own (the data pipeline's `shard_index` / `shard_count`)."""
   spec = sharding.spec[0] if len(sharding.spec) else None
   shards = _axis_size(sharding.mesh, spec)
-  rows = sharding.devices_indices_map((shards,))  # device -> the batch shard it holds, as a slice of one row
-  mine = sorted({rows[d][0].indices(shards)[0] for d in sharding.addressable_devices})
+  rows = sharding.devices_indices_map((shards,))  # device -> the batch shards it holds, as a slice of one row each
   held = sorted({i for d in sharding.addressable_devices for i in range(*rows[d][0].indices(shards))})
   n, first = len(held), held[0]
   if held != list(range(first, first + n)) or first % n or shards % n:
     raise config_lib.ConfigError(
-        f'this process\'s devices hold batch shards {mine} of {shards}, not one contiguous part of the batch (mesh '
+        f'this process\'s devices hold batch shards {held} of {shards}, not one contiguous part of the batch (mesh '
         f'{dict(sharding.mesh.shape)}, batch over {spec}); order the mesh so that each host\'s devices are '
         'neighbours on the batch axes (mesh.shape).')
   return first // n, shards // n

@@ -48,13 +48,13 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | 
   tok = tokenizer_config(config, workdir).copy_and_resolve_references()
   # The transformer is built from config.tokenizer's codebook and grid: those must be the checkpoint's.
   grid = lambda t: (config_lib.codebook_size(t), config_lib.temporal_factor(t), config_lib.spatial_factor(t))
-  if grid(config.tokenizer) != grid(tok):
+  (codes, ft, fs), asked = grid(tok), grid(config.tokenizer)
+  if asked != (codes, ft, fs):
     raise config_lib.ConfigError(
-        f'The tokenizer in {tdir} makes codes of {grid(tok)[0]} values on a grid {grid(tok)[1]}x / {grid(tok)[2]}x '
-        f'smaller than the clips (tokenizer.fsq_levels={tuple(tok.fsq_levels)}, temporal_downsample='
-        f'{tuple(tok.temporal_downsample)}); this config asks for {grid(config.tokenizer)[0]} values, '
-        f'{grid(config.tokenizer)[1]}x / {grid(config.tokenizer)[2]}x: drop its tokenizer.* overrides, or train a '
-        'tokenizer for them.')
+        f'The tokenizer in {tdir} makes codes of {codes} values on a grid {ft}x / {fs}x smaller than the clips '
+        f'(tokenizer.fsq_levels={tuple(tok.fsq_levels)}, temporal_downsample={tuple(tok.temporal_downsample)}); '
+        f'this config asks for {asked[0]} values, {asked[1]}x / {asked[2]}x: drop its tokenizer.* overrides, or '
+        'train a tokenizer for them.')
   differ = [f'{k}={config.tokenizer.get(k)!r}' for k in ARCHITECTURE_FIELDS
             if k in config.tokenizer and k in tok and config.tokenizer[k] != tok[k]]
   if differ:  # said, not silently dropped: e.g. a --config.tokenizer.size override next to a trained tokenizer
